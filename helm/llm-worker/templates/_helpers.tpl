@@ -1,0 +1,187 @@
+{{/* Chart name, truncated to the 63 characters a label value allows. */}}
+{{- define "llm-worker.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Fully qualified app name: release-chart unless the release name already holds it. */}}
+{{- define "llm-worker.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "llm-worker.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels on every object. */}}
+{{- define "llm-worker.labels" -}}
+helm.sh/chart: {{ include "llm-worker.chart" . }}
+{{ include "llm-worker.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: llm-worker
+{{- end }}
+
+{{- define "llm-worker.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "llm-worker.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Worker pods only (the embedded Redis shares name and instance). */}}
+{{- define "llm-worker.workerSelectorLabels" -}}
+{{ include "llm-worker.selectorLabels" . }}
+app.kubernetes.io/component: worker
+{{- end }}
+
+{{- define "llm-worker.redisSelectorLabels" -}}
+{{ include "llm-worker.selectorLabels" . }}
+app.kubernetes.io/component: redis
+{{- end }}
+
+{{- define "llm-worker.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "llm-worker.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "llm-worker.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* Settings the chart reads from `config`, with the application's defaults. */}}
+{{- define "llm-worker.jobDeadline" -}}
+{{- index .Values.config "LLM_WORKER_JOB_DEADLINE_S" | default "900" }}
+{{- end }}
+
+{{- define "llm-worker.queue" -}}
+{{- index .Values.config "LLM_WORKER_QUEUE" | default "llmw" }}
+{{- end }}
+
+{{- define "llm-worker.metricsPort" -}}
+{{- index .Values.config "LLM_WORKER_METRICS_PORT" | default "9464" }}
+{{- end }}
+
+{{/* The Secret the chart creates for the API key and the Redis URL. */}}
+{{- define "llm-worker.secretName" -}}
+{{- include "llm-worker.fullname" . }}
+{{- end }}
+
+{{- define "llm-worker.apiKeySecretName" -}}
+{{- default (include "llm-worker.secretName" .) .Values.apiKey.existingSecret }}
+{{- end }}
+
+{{- define "llm-worker.apiKeySecretKey" -}}
+{{- if .Values.apiKey.existingSecret }}{{ .Values.apiKey.key }}{{ else }}api-key{{ end }}
+{{- end }}
+
+{{- define "llm-worker.redisSecretName" -}}
+{{- default (include "llm-worker.secretName" .) .Values.redis.existingSecret }}
+{{- end }}
+
+{{- define "llm-worker.redisSecretKey" -}}
+{{- if .Values.redis.existingSecret }}{{ .Values.redis.key }}{{ else }}redis-url{{ end }}
+{{- end }}
+
+{{- define "llm-worker.redisHost" -}}
+{{- printf "%s-redis" (include "llm-worker.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The Redis URL stored in the chart's Secret (empty when an existing Secret holds it). */}}
+{{- define "llm-worker.redisUrl" -}}
+{{- if .Values.redis.embedded.enabled }}
+{{- printf "redis://%s:6379/0" (include "llm-worker.redisHost" .) }}
+{{- else if not .Values.redis.existingSecret }}
+{{- .Values.redis.url }}
+{{- end }}
+{{- end }}
+
+{{/* Whether the chart must create its own Secret. */}}
+{{- define "llm-worker.createSecret" -}}
+{{- if or (not .Values.apiKey.existingSecret) (not .Values.redis.existingSecret) }}true{{ end }}
+{{- end }}
+
+{{/* host:port for KEDA's redis trigger. */}}
+{{- define "llm-worker.kedaAddress" -}}
+{{- $k := .Values.autoscaling.keda.redis }}
+{{- if $k.address }}
+{{- $k.address }}
+{{- else if .Values.redis.embedded.enabled }}
+{{- printf "%s:6379" (include "llm-worker.redisHost" .) }}
+{{- else if and .Values.redis.url (not .Values.redis.existingSecret) }}
+{{- $u := urlParse .Values.redis.url }}
+{{- if contains ":" $u.host }}{{ $u.host }}{{ else }}{{ printf "%s:6379" $u.host }}{{ end }}
+{{- end }}
+{{- end }}
+
+{{- define "llm-worker.kedaDatabaseIndex" -}}
+{{- $k := .Values.autoscaling.keda.redis }}
+{{- if not (kindIs "invalid" $k.databaseIndex) }}
+{{- $k.databaseIndex }}
+{{- else if and .Values.redis.url (not .Values.redis.existingSecret) (not .Values.redis.embedded.enabled) }}
+{{- $path := trimPrefix "/" (urlParse .Values.redis.url).path }}
+{{- default "0" $path }}
+{{- else }}0{{ end }}
+{{- end }}
+
+{{/*
+Checks that the schema cannot express; each failure names the values to change.
+*/}}
+{{- define "llm-worker.validate" -}}
+{{- $deadline := include "llm-worker.jobDeadline" . | float64 }}
+{{- if le (float64 .Values.terminationGracePeriodSeconds) $deadline }}
+{{- fail (printf "terminationGracePeriodSeconds (%v) must be greater than config.LLM_WORKER_JOB_DEADLINE_S (%v): SIGTERM starts a warm shutdown that lets running jobs finish" .Values.terminationGracePeriodSeconds (include "llm-worker.jobDeadline" .)) }}
+{{- end }}
+{{- with index .Values.config "LLM_WORKER_VISIBILITY_TIMEOUT_S" }}
+{{- if le (float64 .) $deadline }}
+{{- fail (printf "config.LLM_WORKER_VISIBILITY_TIMEOUT_S (%v) must be greater than config.LLM_WORKER_JOB_DEADLINE_S (%v), or a running job is delivered to a second worker" . $deadline) }}
+{{- end }}
+{{- end }}
+{{- if hasKey .Values.config "LLM_WORKER_API_KEY" }}
+{{- fail "config.LLM_WORKER_API_KEY is not allowed (a ConfigMap is not secret): set apiKey.value or apiKey.existingSecret" }}
+{{- end }}
+{{- if hasKey .Values.config "LLM_WORKER_REDIS_URL" }}
+{{- fail "config.LLM_WORKER_REDIS_URL is not allowed: set redis.url, redis.existingSecret or redis.embedded.enabled" }}
+{{- end }}
+{{- if and .Values.redis.existingSecret .Values.redis.embedded.enabled }}
+{{- fail "redis.existingSecret and redis.embedded.enabled are mutually exclusive: enable at most one" }}
+{{- end }}
+{{- if not (or .Values.redis.url .Values.redis.existingSecret .Values.redis.embedded.enabled) }}
+{{- fail "no Redis configured: set redis.url, redis.existingSecret or redis.embedded.enabled" }}
+{{- end }}
+{{- if and .Values.autoscaling.hpa.enabled .Values.autoscaling.keda.enabled }}
+{{- fail "autoscaling.hpa.enabled and autoscaling.keda.enabled are mutually exclusive: enable at most one (KEDA creates its own HPA)" }}
+{{- end }}
+{{- if and .Values.podDisruptionBudget.enabled (not (kindIs "invalid" .Values.podDisruptionBudget.minAvailable)) (not (kindIs "invalid" .Values.podDisruptionBudget.maxUnavailable)) }}
+{{- fail "podDisruptionBudget: set either minAvailable or maxUnavailable, not both (set the other to null)" }}
+{{- end }}
+{{- if .Values.autoscaling.hpa.enabled }}
+{{- if gt (int .Values.autoscaling.hpa.minReplicas) (int .Values.autoscaling.hpa.maxReplicas) }}
+{{- fail "autoscaling.hpa.minReplicas must not exceed autoscaling.hpa.maxReplicas" }}
+{{- end }}
+{{- end }}
+{{- if .Values.autoscaling.keda.enabled }}
+{{- $keda := .Values.autoscaling.keda }}
+{{- if gt (int $keda.minReplicaCount) (int $keda.maxReplicaCount) }}
+{{- fail "autoscaling.keda.minReplicaCount must not exceed autoscaling.keda.maxReplicaCount" }}
+{{- end }}
+{{- if lt (float64 $keda.cooldownPeriod) $deadline }}
+{{- fail (printf "autoscaling.keda.cooldownPeriod (%v) must be at least config.LLM_WORKER_JOB_DEADLINE_S (%v): KEDA cannot see jobs in progress, so a shorter cooldown scales busy workers away" $keda.cooldownPeriod (include "llm-worker.jobDeadline" .)) }}
+{{- end }}
+{{- if and (not (include "llm-worker.kedaAddress" .)) (not $keda.redis.authSecret.addressKey) }}
+{{- fail "autoscaling.keda.redis.address is required when the Redis URL comes from redis.existingSecret (or set autoscaling.keda.redis.authSecret.addressKey)" }}
+{{- end }}
+{{- if and .Values.redis.url (not .Values.redis.existingSecret) (not .Values.redis.embedded.enabled) (urlParse .Values.redis.url).userinfo (not $keda.redis.authSecret.passwordKey) }}
+{{- fail "redis.url carries a password that KEDA cannot read: set autoscaling.keda.redis.authSecret.name and .passwordKey" }}
+{{- end }}
+{{- end }}
+{{- end }}

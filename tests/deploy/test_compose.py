@@ -1,0 +1,229 @@
+"""docker-compose.yml: validated by docker-compose itself (no engine needed) and cross-checked."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = REPO / "docker-compose.yml"
+CLI_SUBCOMMANDS = {"run", "simulate"}  # the `llm-worker` words the stack uses
+
+
+def compose_command() -> list[str] | None:
+    """docker-compose (v1) or the `docker compose` plugin (v2), whichever is installed."""
+    if exe := shutil.which("docker-compose"):
+        return [exe]
+    docker = shutil.which("docker")
+    if docker:
+        probe = subprocess.run(
+            [docker, "compose", "version"], capture_output=True, text=True, check=False
+        )
+        if probe.returncode == 0:
+            return [docker, "compose"]
+    return None
+
+
+COMPOSE = compose_command()
+pytestmark = pytest.mark.skipif(
+    COMPOSE is None,
+    reason="docker-compose not found (apt-get install docker-compose, or the compose plugin)",
+)
+
+
+def compose_config(*args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `docker-compose -f docker-compose.yml [args] config` and parse its output."""
+    assert COMPOSE is not None
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_WORKER_", "GF_"))}
+    clean.update(env or {})
+    proc = subprocess.run(
+        [*COMPOSE, "-f", str(COMPOSE_FILE), *args, "config"],
+        cwd=REPO,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    config: dict[str, Any] = yaml.safe_load(proc.stdout)
+    return config
+
+
+@pytest.fixture(scope="module")
+def config() -> dict[str, Any]:
+    """The default configuration as docker-compose resolves it."""
+    return compose_config()
+
+
+@pytest.fixture(scope="module")
+def sim_config() -> dict[str, Any]:
+    """The documented simulator setup: --profile sim with the worker pointed at it."""
+    return compose_config(
+        "--profile",
+        "sim",
+        env={"LLM_WORKER_API_BASE_URL": "http://simulator:8080", "LLM_WORKER_API_KEY": "sim"},
+    )
+
+
+def host_paths(service: dict[str, Any]) -> list[tuple[Path, str]]:
+    """Bind-mounted host paths of a service with their container targets."""
+    mounts = []
+    for volume in service.get("volumes", []):
+        if isinstance(volume, dict):
+            if volume.get("type") == "bind":
+                mounts.append((Path(volume["source"]), volume["target"]))
+            continue
+        source, target = volume.split(":")[:2]
+        if source.startswith(("/", ".")):
+            mounts.append(((REPO / source).resolve(), target))
+    return mounts
+
+
+def command_words(service: dict[str, Any]) -> list[str]:
+    """A service's command as a list of words."""
+    command = service.get("command", [])
+    return command.split() if isinstance(command, str) else list(command)
+
+
+def test_config_validates(config: dict[str, Any]) -> None:
+    """docker-compose config accepts the file and sees every service."""
+    assert {"redis", "worker", "prometheus", "grafana"} <= set(config["services"])
+
+
+def test_config_validates_with_sim_profile(sim_config: dict[str, Any]) -> None:
+    """The simulator sits behind the `sim` profile, and the profile validates."""
+    simulator = sim_config["services"]["simulator"]
+    assert simulator["profiles"] == ["sim"]
+    assert "profiles" not in sim_config["services"]["worker"]
+
+
+def test_build_contexts_exist(config: dict[str, Any]) -> None:
+    """Every build context is in the repository and holds a Dockerfile."""
+    built = {name: s for name, s in config["services"].items() if "build" in s}
+    assert {"worker", "simulator"} <= set(built)
+    for name, service in built.items():
+        build = service["build"]
+        context = Path(build["context"] if isinstance(build, dict) else build).resolve()
+        dockerfile = build.get("dockerfile", "Dockerfile") if isinstance(build, dict) else ""
+        assert context == REPO, f"{name} builds from {context}"
+        assert (context / (dockerfile or "Dockerfile")).is_file()
+    assert built["worker"]["image"] == built["simulator"]["image"]
+
+
+def test_mounted_host_paths_exist(config: dict[str, Any]) -> None:
+    """Every bind-mounted host path exists in the repository."""
+    seen = {}
+    for name, service in config["services"].items():
+        for path, target in host_paths(service):
+            assert path.exists(), f"{name} mounts missing {path}"
+            assert REPO in path.parents or path == REPO, f"{name} mounts {path} outside the repo"
+            seen[target] = path
+    assert seen["/etc/prometheus"] == REPO / "deploy" / "prometheus"
+    assert seen["/etc/grafana/provisioning"] == REPO / "deploy" / "grafana" / "provisioning"
+    assert seen["/var/lib/grafana/dashboards"] == REPO / "deploy" / "grafana" / "dashboards"
+
+
+def test_prometheus_config_and_rules_are_mounted(config: dict[str, Any]) -> None:
+    """Prometheus reads deploy/prometheus/prometheus.yml, whose rules and target exist."""
+    prometheus = config["services"]["prometheus"]
+    flags = dict(w.split("=", 1) for w in command_words(prometheus) if "=" in w)
+    assert flags["--config.file"] == "/etc/prometheus/prometheus.yml"
+    prom_dir = REPO / "deploy" / "prometheus"
+    prom_config = yaml.safe_load((prom_dir / "prometheus.yml").read_text())
+    for rule_file in prom_config.get("rule_files", []):
+        relative = rule_file.removeprefix("/etc/prometheus/")
+        assert (prom_dir / relative).is_file(), rule_file
+    targets = [
+        target
+        for job in prom_config["scrape_configs"]
+        for static in job.get("static_configs", [])
+        for target in static["targets"]
+    ]
+    assert "worker:9464" in targets
+
+
+def test_worker_runs_llm_worker_subcommands(sim_config: dict[str, Any]) -> None:
+    """The worker runs `llm-worker run` and the simulator `llm-worker simulate` on 8080."""
+    services = sim_config["services"]
+    worker = command_words(services["worker"])
+    simulator = command_words(services["simulator"])
+    assert worker[0] == "run"
+    assert simulator[:5] == ["simulate", "--host", "0.0.0.0", "--port", "8080"]
+    assert {worker[0], simulator[0]} <= CLI_SUBCOMMANDS
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert re.search(r'^ENTRYPOINT \["llm-worker"\]', dockerfile, re.M)
+
+
+def test_sim_profile_wires_the_worker_to_the_simulator(sim_config: dict[str, Any]) -> None:
+    """With the documented variables the worker calls the simulator with the key it accepts."""
+    services = sim_config["services"]
+    env = services["worker"]["environment"]
+    assert env["LLM_WORKER_API_BASE_URL"] == "http://simulator:8080"
+    simulator = command_words(services["simulator"])
+    assert simulator[simulator.index("--api-key") + 1] == env["LLM_WORKER_API_KEY"] == "sim"
+    assert "8080" in [str(p) for p in services["simulator"].get("expose", [])]
+
+
+def test_worker_settings(config: dict[str, Any]) -> None:
+    """The worker uses gevent, the compose Redis, and a concurrency overridable from env."""
+    worker = config["services"]["worker"]
+    env = worker["environment"]
+    assert env["LLM_WORKER_POOL"] == "gevent"
+    assert env["LLM_WORKER_REDIS_URL"] == "redis://redis:6379/0"
+    assert int(env["LLM_WORKER_CONCURRENCY"]) > 0
+    assert "LLM_WORKER_API_KEY" in env
+    overridden = compose_config(env={"LLM_WORKER_CONCURRENCY": "37", "LLM_WORKER_API_KEY": "k"})
+    assert overridden["services"]["worker"]["environment"]["LLM_WORKER_CONCURRENCY"] == "37"
+    assert overridden["services"]["worker"]["environment"]["LLM_WORKER_API_KEY"] == "k"
+    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_worker_scales(config: dict[str, Any]) -> None:
+    """The worker has no container_name and publishes no host port, so --scale works."""
+    worker = config["services"]["worker"]
+    assert "container_name" not in worker
+    assert "ports" not in worker
+
+
+def test_worker_grace_period_covers_job_deadline(config: dict[str, Any]) -> None:
+    """stop_grace_period exceeds LLM_WORKER_JOB_DEADLINE_S (SIGTERM is a warm shutdown)."""
+    worker = config["services"]["worker"]
+    grace = worker["stop_grace_period"]
+    match = re.fullmatch(r"(?:(\d+)m)?(\d+)s", grace)
+    assert match, grace
+    seconds = int(match.group(1) or 0) * 60 + int(match.group(2))
+    assert seconds > float(worker["environment"]["LLM_WORKER_JOB_DEADLINE_S"])
+
+
+def test_redis_is_durable_and_never_evicts(config: dict[str, Any]) -> None:
+    """Redis 7 runs with appendonly yes, maxmemory-policy noeviction and a data volume."""
+    redis = config["services"]["redis"]
+    assert redis["image"].startswith("redis:7")
+    command = " ".join(command_words(redis))
+    assert "--appendonly yes" in command
+    assert "--maxmemory-policy noeviction" in command
+    data = [v for v in redis["volumes"] if isinstance(v, str) and ":/data" in v]
+    assert data, redis["volumes"]
+    assert data[0].split(":")[0] in config["volumes"]
+
+
+def test_every_long_running_service_has_a_healthcheck(sim_config: dict[str, Any]) -> None:
+    """Redis, worker, simulator, Prometheus and Grafana each declare a healthcheck."""
+    for name in ("redis", "worker", "simulator", "prometheus", "grafana"):
+        test = sim_config["services"][name]["healthcheck"]["test"]
+        assert test[0] in {"CMD", "CMD-SHELL"}, name
+    worker_check = " ".join(sim_config["services"]["worker"]["healthcheck"]["test"])
+    assert "/healthz" in worker_check
+    assert "9464" in worker_check
+    grafana = sim_config["services"]["grafana"]
+    assert grafana["depends_on"]["prometheus"]["condition"] == "service_healthy"
+    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"

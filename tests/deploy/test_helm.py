@@ -1,0 +1,507 @@
+"""The Helm chart: lint, render with Helm's own engine, and check what reaches the cluster."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "helm" / "llm-worker"
+ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
+CHART_ALERTS = CHART / "files" / "alerts.yml"
+
+STANDARD_LABELS = (
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/version",
+    "app.kubernetes.io/managed-by",
+    "helm.sh/chart",
+)
+
+# Every optional part on: monitoring, PDB, KEDA with a TriggerAuthentication, embedded Redis,
+# the API key from an existing Secret, a non-default queue and deadline.
+ALL_ON: dict[str, Any] = {
+    "apiKey": {"existingSecret": "llm-api", "key": "token"},
+    "redis": {"embedded": {"enabled": True}},
+    "serviceMonitor": {"enabled": True, "labels": {"release": "kps"}},
+    "prometheusRule": {"enabled": True, "labels": {"release": "kps"}},
+    "podDisruptionBudget": {"enabled": True, "maxUnavailable": None, "minAvailable": 1},
+    "autoscaling": {
+        "keda": {
+            "enabled": True,
+            "redis": {"authSecret": {"name": "redis-auth", "passwordKey": "password"}},
+        }
+    },
+    "config": {"LLM_WORKER_QUEUE": "jobs-high", "LLM_WORKER_JOB_DEADLINE_S": "600"},
+}
+
+# The other way to wire secrets: both from existing Secrets, with a CPU HPA.
+EXISTING_SECRETS: dict[str, Any] = {
+    "apiKey": {"existingSecret": "llm-api", "key": "token"},
+    "redis": {"existingSecret": "redis-conn", "key": "url"},
+    "autoscaling": {"hpa": {"enabled": True}},
+    "serviceMonitor": {"enabled": True},
+    "prometheusRule": {"enabled": True},
+}
+
+INLINE: dict[str, Any] = {
+    "apiKey": {"value": "sk-inline-secret-value"},
+    "redis": {"url": "redis://redis.example.internal:6380/3"},
+    "autoscaling": {"keda": {"enabled": True, "listLength": 25}},
+    "config": {"LLM_WORKER_QUEUE": "batch", "LLM_WORKER_JOB_DEADLINE_S": "1800"},
+    "terminationGracePeriodSeconds": 1900,
+}
+INLINE["autoscaling"]["keda"]["cooldownPeriod"] = 1800
+
+VALUE_SETS = {"defaults": None, "all-on": ALL_ON, "existing-secrets": EXISTING_SECRETS}
+VALUE_SETS["inline"] = INLINE
+
+
+def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Render the chart offline and parse every manifest into objects."""
+    with helm.Chart.load(CHART) as chart:
+        manifests = chart.render(values=values, name="rel", namespace="ns")
+    objects: list[dict[str, Any]] = []
+    for path, text in sorted(manifests.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return objects
+
+
+def only(objects: list[dict[str, Any]], kind: str, component: str | None = None) -> dict[str, Any]:
+    """The single object of a kind (and component label), failing on none or several."""
+    found = [
+        o
+        for o in objects
+        if o["kind"] == kind
+        and (
+            component is None
+            or o["metadata"]["labels"].get("app.kubernetes.io/component") == component
+        )
+    ]
+    assert len(found) == 1, f"expected one {kind} ({component}), got {len(found)}"
+    return found[0]
+
+
+def worker_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """The worker container of the worker Deployment."""
+    spec = only(objects, "Deployment", "worker")["spec"]["template"]["spec"]
+    (container,) = [c for c in spec["containers"] if c["name"] == "worker"]
+    return container
+
+
+def config_data(objects: list[dict[str, Any]]) -> dict[str, str]:
+    """The worker ConfigMap's data."""
+    return only(objects, "ConfigMap")["data"]
+
+
+def env_by_name(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The container's env entries keyed by name."""
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict[str, Any]]]:
+    """Each named value set rendered once for the module."""
+    return {name: render(values) for name, values in VALUE_SETS.items()}
+
+
+def test_lint_strict_passes() -> None:
+    """helm lint --strict reports no warning or error with the default values."""
+    report = helm.lint(CHART, strict=True)
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("name", ["all-on", "existing-secrets", "inline"])
+def test_lint_strict_passes_with_optional_parts(name: str) -> None:
+    """helm lint --strict also passes with every optional part switched on."""
+    report = helm.lint(CHART, VALUE_SETS[name], strict=True)
+    assert report["errors"] == []
+
+
+def test_default_render_objects(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The defaults render the worker, its config, Secret, ServiceAccount, Service and PDB."""
+    kinds = sorted(o["kind"] for o in rendered["defaults"])
+    assert kinds == sorted(
+        ["ConfigMap", "Deployment", "PodDisruptionBudget", "Secret", "Service", "ServiceAccount"]
+    )
+
+
+def test_all_on_render_objects(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """With everything on the chart adds monitoring, KEDA and the embedded Redis."""
+    kinds = sorted(o["kind"] for o in rendered["all-on"])
+    assert kinds == sorted(
+        [
+            "ConfigMap",
+            "Deployment",
+            "Deployment",
+            "PodDisruptionBudget",
+            "PrometheusRule",
+            "ScaledObject",
+            "Secret",
+            "Service",
+            "Service",
+            "ServiceAccount",
+            "ServiceMonitor",
+            "TriggerAuthentication",
+        ]
+    )
+    assert "HorizontalPodAutoscaler" in {o["kind"] for o in rendered["existing-secrets"]}
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_every_object_has_standard_labels(
+    rendered: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    """Every rendered object carries the standard Kubernetes and Helm labels."""
+    for obj in rendered[name]:
+        labels = obj["metadata"].get("labels", {})
+        missing = [label for label in STANDARD_LABELS if not labels.get(label)]
+        assert not missing, f"{obj['kind']}/{obj['metadata']['name']} lacks {missing}"
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert labels["app.kubernetes.io/instance"] == "rel"
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_probes_hit_health_endpoints_on_metrics_port(
+    rendered: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    """Liveness checks /healthz, readiness /readyz, both on the port named metrics (9464)."""
+    container = worker_container(rendered[name])
+    assert container["command"] == ["llm-worker"]
+    assert container["args"] == ["run"]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"metrics": 9464}
+    service = only(rendered[name], "Service", "worker")
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+    deployment = only(rendered[name], "Deployment", "worker")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_security_context_is_locked_down(
+    rendered: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    """The worker runs as UID 10001, read-only, unprivileged, with /tmp on an emptyDir."""
+    deployment = only(rendered[name], "Deployment", "worker")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    ctx = worker_container(rendered[name])["securityContext"]
+    assert ctx["runAsNonRoot"] is True
+    assert ctx["runAsUser"] == 10001
+    assert ctx["readOnlyRootFilesystem"] is True
+    assert ctx["allowPrivilegeEscalation"] is False
+    assert ctx["capabilities"]["drop"] == ["ALL"]
+    assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}
+    mounts = {m["mountPath"]: m["name"] for m in worker_container(rendered[name])["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_config_is_loaded_with_env_from(
+    rendered: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    """The ConfigMap holds only LLM_WORKER_* strings and the worker loads it with envFrom."""
+    objects = rendered[name]
+    configmap = only(objects, "ConfigMap")
+    assert all(key.startswith("LLM_WORKER_") for key in configmap["data"])
+    assert all(isinstance(value, str) for value in configmap["data"].values())
+    assert "LLM_WORKER_API_KEY" not in configmap["data"]
+    assert "LLM_WORKER_REDIS_URL" not in configmap["data"]
+    env_from = worker_container(objects)["envFrom"]
+    assert {"configMapRef": {"name": configmap["metadata"]["name"]}} in env_from
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_api_key_and_redis_url_come_from_secrets(
+    rendered: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    """LLM_WORKER_API_KEY and LLM_WORKER_REDIS_URL use secretKeyRef, never a literal value."""
+    env = env_by_name(worker_container(rendered[name]))
+    for var in ("LLM_WORKER_API_KEY", "LLM_WORKER_REDIS_URL"):
+        assert "value" not in env[var]
+        ref = env[var]["valueFrom"]["secretKeyRef"]
+        assert ref["name"]
+        assert ref["key"]
+    texts = yaml.safe_dump_all(
+        [o for o in rendered[name] if o["kind"] not in {"Secret"}], sort_keys=True
+    )
+    assert "sk-inline-secret-value" not in texts
+
+
+def test_inline_secrets_go_into_the_chart_secret(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """apiKey.value and redis.url are stored base64 in the chart's Secret and referenced."""
+    objects = rendered["inline"]
+    secret = only(objects, "Secret")
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert data == {
+        "api-key": "sk-inline-secret-value",
+        "redis-url": "redis://redis.example.internal:6380/3",
+    }
+    env = env_by_name(worker_container(objects))
+    assert env["LLM_WORKER_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": secret["metadata"]["name"],
+        "key": "api-key",
+    }
+    assert env["LLM_WORKER_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": secret["metadata"]["name"],
+        "key": "redis-url",
+    }
+
+
+def test_existing_secrets_are_referenced(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """With existing Secrets the chart creates none and references the given names and keys."""
+    objects = rendered["existing-secrets"]
+    assert "Secret" not in {o["kind"] for o in objects}
+    env = env_by_name(worker_container(objects))
+    assert env["LLM_WORKER_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "llm-api",
+        "key": "token",
+    }
+    assert env["LLM_WORKER_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "redis-conn",
+        "key": "url",
+    }
+
+
+def test_embedded_redis_is_wired_to_the_workers(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """The embedded Redis runs AOF with noeviction, and the workers' URL points at its Service."""
+    objects = rendered["all-on"]
+    redis = only(objects, "Deployment", "redis")
+    (container,) = redis["spec"]["template"]["spec"]["containers"]
+    args = " ".join(container["command"] + container["args"])
+    assert "--appendonly yes" in args
+    assert "--maxmemory-policy noeviction" in args
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    service = only(objects, "Service", "redis")
+    secret = only(objects, "Secret")
+    url = base64.b64decode(secret["data"]["redis-url"]).decode()
+    assert url == f"redis://{service['metadata']['name']}:6379/0"
+    assert "api-key" not in secret["data"]  # the API key comes from the existing Secret
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_grace_period_exceeds_job_deadline(
+    rendered: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    """terminationGracePeriodSeconds is above LLM_WORKER_JOB_DEADLINE_S from the ConfigMap."""
+    objects = rendered[name]
+    deadline = float(config_data(objects).get("LLM_WORKER_JOB_DEADLINE_S", "900"))
+    grace = only(objects, "Deployment", "worker")["spec"]["template"]["spec"][
+        "terminationGracePeriodSeconds"
+    ]
+    assert grace > deadline
+
+
+@pytest.mark.parametrize("name", ["all-on", "inline"])
+def test_keda_watches_the_configured_queue(
+    rendered: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    """The KEDA redis trigger's listName is LLM_WORKER_QUEUE and its cooldown covers a job."""
+    objects = rendered[name]
+    scaled = only(objects, "ScaledObject")
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "redis"
+    config = config_data(objects)
+    assert trigger["metadata"]["listName"] == config["LLM_WORKER_QUEUE"]
+    assert all(isinstance(v, str) for v in trigger["metadata"].values())
+    assert scaled["spec"]["minReplicaCount"] >= 1
+    assert scaled["spec"]["cooldownPeriod"] >= float(config["LLM_WORKER_JOB_DEADLINE_S"])
+    deployment = only(objects, "Deployment", "worker")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert "replicas" not in deployment["spec"]
+
+
+def test_keda_address_follows_redis_url(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """KEDA's address and database come from redis.url, or from the embedded Redis Service."""
+    inline = only(rendered["inline"], "ScaledObject")["spec"]["triggers"][0]["metadata"]
+    assert inline["address"] == "redis.example.internal:6380"
+    assert inline["databaseIndex"] == "3"
+    assert inline["listLength"] == "25"
+    all_on = rendered["all-on"]
+    trigger = only(all_on, "ScaledObject")["spec"]["triggers"][0]
+    redis_service = only(all_on, "Service", "redis")["metadata"]["name"]
+    assert trigger["metadata"]["address"] == f"{redis_service}:6379"
+    auth = only(all_on, "TriggerAuthentication")
+    assert trigger["authenticationRef"] == {"name": auth["metadata"]["name"]}
+    assert auth["spec"]["secretTargetRef"] == [
+        {"parameter": "password", "name": "redis-auth", "key": "password"}
+    ]
+
+
+def test_hpa_replaces_fixed_replicas(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """With the HPA on, the Deployment leaves replicas to it; by default replicas is fixed."""
+    objects = rendered["existing-secrets"]
+    hpa = only(objects, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    assert "replicas" not in only(objects, "Deployment", "worker")["spec"]
+    assert only(rendered["defaults"], "Deployment", "worker")["spec"]["replicas"] == 2
+
+
+def test_chart_alerts_are_a_copy_of_deploy_alerts() -> None:
+    """helm/llm-worker/files/alerts.yml is byte-for-byte deploy/prometheus/alerts.yml."""
+    assert ALERTS.exists(), f"{ALERTS} is missing"
+    assert CHART_ALERTS.read_bytes() == ALERTS.read_bytes(), (
+        "copy it: cp deploy/prometheus/alerts.yml helm/llm-worker/files/alerts.yml"
+    )
+
+
+@pytest.mark.parametrize("name", ["all-on", "existing-secrets"])
+def test_prometheus_rule_has_the_deploy_alerts(
+    rendered: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    """The PrometheusRule's groups equal the groups of deploy/prometheus/alerts.yml."""
+    rule = only(rendered[name], "PrometheusRule")
+    expected = yaml.safe_load(ALERTS.read_text())["groups"]
+    assert rule["spec"]["groups"] == expected
+    assert rule["metadata"]["labels"].get("release") == ("kps" if name == "all-on" else None)
+
+
+def test_service_monitor_scrapes_the_metrics_port(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """The ServiceMonitor selects the metrics Service and names the job as the alerts expect."""
+    objects = rendered["all-on"]
+    monitor = only(objects, "ServiceMonitor")
+    service = only(objects, "Service", "worker")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= (
+        service["metadata"]["labels"].items()
+    )
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == "metrics"
+    assert endpoint["path"] == "/metrics"
+    assert {"action": "replace", "targetLabel": "job", "replacement": "llm-worker"} in endpoint[
+        "relabelings"
+    ]
+    assert 'job="llm-worker"' in ALERTS.read_text()
+
+
+def test_pod_disruption_budget_selects_workers(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The PDB selects the worker pods only, with maxUnavailable 1 by default."""
+    for name, field, value in (("defaults", "maxUnavailable", 1), ("all-on", "minAvailable", 1)):
+        objects = rendered[name]
+        pdb = only(objects, "PodDisruptionBudget")
+        assert pdb["spec"][field] == value
+        selector = only(objects, "Deployment", "worker")["spec"]["selector"]
+        assert pdb["spec"]["selector"] == selector
+
+
+def test_config_checksum_rolls_pods_on_change() -> None:
+    """Changing a config value changes the pod template's checksum annotation."""
+
+    def checksum(values: dict[str, Any] | None) -> str:
+        deployment = only(render(values), "Deployment", "worker")
+        return deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+
+    assert checksum(None) != checksum({"config": {"LLM_WORKER_CONCURRENCY": "300"}})
+
+
+BAD_VALUES = [
+    pytest.param({"replicaCount": "three"}, ["/replicaCount", "want integer"], id="wrong-type"),
+    pytest.param({"replicas": 3}, ["additional properties 'replicas'"], id="unknown-top-key"),
+    pytest.param(
+        {"autoscaling": {"mode": "keda"}},
+        ["/autoscaling", "additional properties 'mode'"],
+        id="unknown-autoscaling-mode",
+    ),
+    pytest.param(
+        {"config": {"LLM_WORKER_POOL": "fork"}},
+        ["/config/LLM_WORKER_POOL", "gevent"],
+        id="unknown-pool",
+    ),
+    pytest.param({"config": {"queue": "x"}}, ["'queue'", "LLM_WORKER_"], id="config-key"),
+    pytest.param(
+        {"config": {"LLM_WORKER_CONCURRENCY": "many"}},
+        ["/config/LLM_WORKER_CONCURRENCY"],
+        id="config-not-a-number",
+    ),
+    pytest.param(
+        {"autoscaling": {"keda": {"minReplicaCount": 0}}},
+        ["/autoscaling/keda/minReplicaCount", "minimum"],
+        id="keda-min-zero",
+    ),
+    pytest.param(
+        {"autoscaling": {"keda": {"enabled": True}, "hpa": {"enabled": True}}},
+        ["autoscaling.hpa.enabled and autoscaling.keda.enabled are mutually exclusive"],
+        id="keda-and-hpa",
+    ),
+    pytest.param(
+        {"terminationGracePeriodSeconds": 900},
+        ["terminationGracePeriodSeconds (900) must be greater than", "JOB_DEADLINE_S (900)"],
+        id="grace-equals-deadline",
+    ),
+    pytest.param(
+        {"config": {"LLM_WORKER_JOB_DEADLINE_S": "1000"}},
+        ["terminationGracePeriodSeconds (960) must be greater than", "JOB_DEADLINE_S (1000)"],
+        id="deadline-above-grace",
+    ),
+    pytest.param(
+        {
+            "config": {"LLM_WORKER_JOB_DEADLINE_S": "900"},
+            "autoscaling": {"keda": {"enabled": True, "cooldownPeriod": 300}},
+        },
+        ["autoscaling.keda.cooldownPeriod (300) must be at least"],
+        id="keda-cooldown-below-deadline",
+    ),
+    pytest.param(
+        {"config": {"LLM_WORKER_API_KEY": "sk-oops"}},
+        ["config.LLM_WORKER_API_KEY is not allowed"],
+        id="api-key-in-config",
+    ),
+    pytest.param(
+        {"config": {"LLM_WORKER_VISIBILITY_TIMEOUT_S": "600"}},
+        ["LLM_WORKER_VISIBILITY_TIMEOUT_S (600) must be greater than"],
+        id="visibility-below-deadline",
+    ),
+    pytest.param(
+        {"redis": {"existingSecret": "r", "embedded": {"enabled": True}}},
+        ["redis.existingSecret and redis.embedded.enabled are mutually exclusive"],
+        id="redis-secret-and-embedded",
+    ),
+    pytest.param(
+        {"redis": {"url": ""}},
+        ["no Redis configured"],
+        id="no-redis",
+    ),
+    pytest.param(
+        {"redis": {"existingSecret": "r"}, "autoscaling": {"keda": {"enabled": True}}},
+        ["autoscaling.keda.redis.address is required"],
+        id="keda-without-address",
+    ),
+    pytest.param(
+        {"redis": {"url": "redis://:pw@r:6379/0"}, "autoscaling": {"keda": {"enabled": True}}},
+        ["redis.url carries a password"],
+        id="keda-without-password",
+    ),
+    pytest.param(
+        {"podDisruptionBudget": {"minAvailable": 1}},
+        ["podDisruptionBudget: set either minAvailable or maxUnavailable"],
+        id="pdb-both",
+    ),
+]
+
+
+@pytest.mark.parametrize(("values", "fragments"), BAD_VALUES)
+def test_bad_values_fail_with_a_clear_message(values: dict[str, Any], fragments: list[str]) -> None:
+    """A bad values file fails to render with a message naming the problem."""
+    with pytest.raises(helm.HelmError) as excinfo:
+        render(values)
+    message = str(excinfo.value)
+    for fragment in fragments:
+        assert fragment in message, message

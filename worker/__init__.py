@@ -1,0 +1,60 @@
+"""llm-worker: a Celery worker service for Anthropic-style ``/messages`` calls on Redis.
+
+Producers use :class:`Client`; workers run ``llm-worker run`` (or
+``celery -A worker.celery_app worker``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from worker.errors import (
+    JobCancelled,
+    JobConflict,
+    JobExpired,
+    JobFailed,
+    JobNotFound,
+    LLMWorkerError,
+    PermanentUpstreamError,
+    RequestInvalid,
+    SettingsError,
+    TransientUpstreamError,
+    UpstreamError,
+)
+
+if TYPE_CHECKING:
+    from worker.client import Client, Job
+    from worker.settings import Settings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client",
+    "Job",
+    "JobCancelled",
+    "JobConflict",
+    "JobExpired",
+    "JobFailed",
+    "JobNotFound",
+    "LLMWorkerError",
+    "PermanentUpstreamError",
+    "RequestInvalid",
+    "Settings",
+    "SettingsError",
+    "TransientUpstreamError",
+    "UpstreamError",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # The client pulls in redis and pydantic models; keep ``import worker`` (and so the CLI's
+    # and Celery's start) light until they are used.
+    if name in {"Client", "Job"}:
+        from worker import client
+
+        return getattr(client, name)
+    if name == "Settings":
+        from worker.settings import Settings
+
+        return Settings
+    raise AttributeError(f"module 'worker' has no attribute {name!r}")

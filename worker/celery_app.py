@@ -1,0 +1,85 @@
+"""The Celery app (``celery -A worker.celery_app worker -P gevent -c 500``).
+
+Its configuration is built from :class:`~worker.settings.Settings` when Celery first reads it,
+not at import, so importing this module touches neither the environment nor the network.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.worker.consumer import Consumer as _CeleryConsumer
+
+from worker.settings import Settings, load_settings
+
+TASK_NAME = "llmw.run_job"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The runtime defaults: late acks, prefetch 1, JSON only, our own results in Redis."""
+    visibility_s = settings.effective_visibility_timeout_s
+    return {
+        "broker_url": settings.effective_broker_url,
+        "broker_connection_retry_on_startup": True,
+        # Every greenlet acks its own message; a pool smaller than the concurrency fails
+        # acks with MaxConnectionsError, and unacked jobs come back as duplicates.
+        "broker_transport_options": {
+            "visibility_timeout": visibility_s,
+            "max_connections": settings.concurrency + 32,
+            "socket_keepalive": True,
+            "health_check_interval": 25,
+        },
+        "broker_pool_limit": 10,
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": settings.queue,
+        "task_default_exchange": settings.queue,
+        "task_default_routing_key": settings.queue,
+        "task_create_missing_queues": True,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "worker_send_task_events": False,
+        "worker_consumer": "worker.celery_app:Consumer",
+        "worker_concurrency": settings.concurrency,
+        "worker_pool": settings.pool,
+        "include": ["worker.tasks"],
+        "enable_utc": True,
+    }
+
+
+class LLMWorkerCelery(Celery):  # type: ignore[misc]
+    settings: Settings | None = None
+
+    def on_configure(self) -> None:  # the pre-4.0 hook, still called when a method
+        settings = self.settings or load_settings()
+        self.settings = settings
+        self.config_from_object(celery_config(settings))
+
+    def use_settings(self, settings: Settings) -> None:
+        """Reconfigure with explicit settings (tests and the CLI)."""
+        self.settings = settings
+        self.config_from_object(celery_config(settings), force=True)
+
+
+class Consumer(_CeleryConsumer):  # type: ignore[misc]
+    """Celery's consumer, but a message it cannot decode ends its job ``failed`` and is
+    dead-lettered, instead of being only logged and dropped."""
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        from worker.tasks import reject_undecodable
+
+        try:
+            reject_undecodable(message, exc)
+        finally:
+            super().on_decode_error(message, exc)
+
+
+app = LLMWorkerCelery("llm-worker")
+celery = app

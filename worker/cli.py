@@ -1,0 +1,317 @@
+"""``llm-worker``: run a worker, submit and follow jobs, run the simulator or the local stack.
+
+Imports stay inside the commands: ``run`` must patch gevent before anything opens a socket,
+and ``--help`` should not pay for Celery.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+def _settings(**overrides: Any) -> Any:
+    from worker.settings import load_settings
+
+    return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+# -- run ---------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = _settings(pool=args.pool, concurrency=args.concurrency, queue=args.queue,
+                         log_level=args.loglevel)
+    if settings.api_key is None:
+        _console(stderr=True).print(
+            "llm-worker run: LLM_WORKER_API_KEY is not set. A production worker needs the "
+            "upstream's API key; for a local stack with the simulator use `llm-worker dev`."
+        )
+        return EXIT_USAGE
+    if settings.pool in {"gevent", "eventlet"}:
+        from celery import maybe_patch_concurrency
+
+        maybe_patch_concurrency(["celery", "worker", "-P", settings.pool])
+    from worker.worker_main import run_worker
+
+    return run_worker(settings)
+
+
+# -- submit / watch / status / cancel ------------------------------------------------------
+
+
+def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    if args.json:
+        text = sys.stdin.read() if args.json == "-" else Path(args.json).read_text(encoding="utf-8")
+        try:
+            request = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"llm-worker submit: {args.json} is not JSON: {exc}") from None
+        if not isinstance(request, dict):
+            raise SystemExit(f"llm-worker submit: {args.json} must hold a JSON object")
+        if args.stream is not None:
+            request["stream"] = args.stream
+        return request
+    if not args.prompt:
+        raise SystemExit("llm-worker submit: give a prompt, or a request with --json FILE")
+    request = {
+        "model": args.model,
+        "max_tokens": args.max_tokens,
+        "messages": [{"role": "user", "content": args.prompt}],
+        "stream": True if args.stream is None else args.stream,
+    }
+    for name in ("system", "temperature", "top_p", "top_k"):
+        value = getattr(args, name)
+        if value is not None:
+            request[name] = value
+    if args.stop:
+        request["stop_sequences"] = args.stop
+    return request
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from worker.client import Client
+    from worker.errors import LLMWorkerError
+
+    request = _request_from_args(args)
+    metadata = None
+    if args.metadata:
+        try:
+            metadata = json.loads(args.metadata)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"llm-worker submit: --metadata is not JSON: {exc}") from None
+    with Client() as client:
+        try:
+            job = client.submit(request, job_id=args.job_id, metadata=metadata)
+        except LLMWorkerError as exc:
+            _console(stderr=True).print(f"llm-worker submit: {exc}", markup=False)
+            return EXIT_USAGE
+        if not args.wait:
+            print(job.job_id)
+            return 0
+        _console(stderr=True).print(f"job {job.job_id}", markup=False)
+        return _follow(job, timeout=args.timeout, raw=False)
+
+
+def _follow(job: Any, *, timeout: float | None, raw: bool) -> int:
+    """Print a job's text as it streams; a retry starts the answer again, visibly."""
+    from worker import events as ev
+    from worker.errors import JobNotFound
+
+    out, err = sys.stdout, _console(stderr=True)
+    printed_text = False
+    try:
+        for event in job.events(timeout=timeout):
+            if raw:
+                out.write(json.dumps(event) + "\n")
+                out.flush()
+                continue
+            kind = event["type"]
+            if kind == ev.CHUNK:
+                text = ev.text_of(event)
+                printed_text = printed_text or bool(text)
+                out.write(text)
+                out.flush()
+            elif kind == ev.RETRY:
+                printed_text = False
+                err.print(f"\n[attempt {event['attempt']} failed: {event.get('reason')}; "
+                          f"retrying in {event.get('delay_s')} s, the answer restarts]", markup=False)
+            elif kind == ev.COMPLETED:
+                message = event["message"]
+                if not printed_text:
+                    out.write("".join(b.get("text", "") for b in message.get("content", [])
+                                      if b.get("type") == "text"))
+                for block in message.get("content", []):
+                    if block.get("type") == "tool_use":
+                        out.write(f"\n[tool_use {block['name']}: {json.dumps(block['input'])}]")
+                usage = message.get("usage", {})
+                out.write("\n")
+                err.print(f"[completed: {message.get('stop_reason')}, "
+                          f"{usage.get('input_tokens')} in / {usage.get('output_tokens')} out]",
+                          markup=False)
+                return 0
+            elif kind in ev.TERMINAL_TYPES:
+                err.print(f"\n[{kind}: {event.get('error')}]", markup=False)
+                return EXIT_FAILED
+    except JobNotFound as exc:
+        err.print(str(exc), markup=False)
+        return EXIT_USAGE
+    except TimeoutError as exc:
+        err.print(str(exc), markup=False)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_FAILED
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from worker.client import Client
+    from worker.errors import JobNotFound
+
+    with Client() as client:
+        try:
+            job = client.get(args.job_id)
+        except JobNotFound as exc:
+            _console(stderr=True).print(str(exc), markup=False)
+            return EXIT_USAGE
+        return _follow(job, timeout=args.timeout, raw=args.raw)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from worker.client import Client
+    from worker.errors import JobNotFound
+
+    with Client() as client:
+        try:
+            status = client.get(args.job_id).status()
+        except JobNotFound as exc:
+            _console(stderr=True).print(str(exc), markup=False)
+            return EXIT_USAGE
+    print(json.dumps(status, indent=2))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from worker.client import Client
+    from worker.errors import JobNotFound
+
+    with Client() as client:
+        try:
+            job = client.get(args.job_id)
+            changed = job.cancel()
+        except JobNotFound as exc:
+            _console(stderr=True).print(str(exc), markup=False)
+            return EXIT_USAGE
+        state = job.status()["state"]
+    if not changed:
+        _console(stderr=True).print(f"job {args.job_id} had already ended: {state}", markup=False)
+        return EXIT_FAILED
+    print(f"{args.job_id}: {'cancelled' if state == 'cancelled' else 'cancellation requested'}")
+    return 0
+
+
+# -- simulate / dev / demo -----------------------------------------------------------------
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from worker.simulator import SimulatorConfig, serve
+
+    config = SimulatorConfig(host=args.host, port=args.port, seed=args.seed,
+                             ttft_s=args.ttft_ms / 1000.0, tokens_per_s=args.tps,
+                             api_key=args.api_key)
+    _console(stderr=True).print(f"simulator on http://{args.host}:{args.port}", markup=False)
+    serve(config)
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from worker.devstack import run_dev
+
+    return run_dev(concurrency=args.concurrency)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from worker.demo import run_demo
+
+    return run_demo(jobs=args.jobs, concurrency=args.concurrency, tps=args.tps)
+
+
+# -- parser ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llm-worker",
+        description="Queue Anthropic-style /messages calls on Redis and run them with Celery.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a worker (plus its /metrics, /healthz, /readyz server)")
+    run.add_argument("--pool", choices=["gevent", "eventlet", "threads", "prefork", "solo"])
+    run.add_argument("--concurrency", type=int)
+    run.add_argument("--queue")
+    run.add_argument("--loglevel")
+    run.set_defaults(func=cmd_run)
+
+    submit = sub.add_parser("submit", help="submit one job (--wait prints the text as it streams)")
+    submit.add_argument("prompt", nargs="?", help="the user message")
+    submit.add_argument("--json", metavar="FILE", help="the whole request as JSON ('-' for stdin)")
+    submit.add_argument("--model", default="deepseek-ai/DeepSeek-V3")
+    submit.add_argument("--max-tokens", type=int, default=1024)
+    submit.add_argument("--system")
+    submit.add_argument("--temperature", type=float)
+    submit.add_argument("--top-p", dest="top_p", type=float)
+    submit.add_argument("--top-k", dest="top_k", type=int)
+    submit.add_argument("--stop", action="append", help="a stop sequence (repeatable)")
+    submit.add_argument("--stream", dest="stream", action="store_true", default=None)
+    submit.add_argument("--no-stream", dest="stream", action="store_false")
+    submit.add_argument("--job-id")
+    submit.add_argument("--metadata", help="a JSON object returned with the result")
+    submit.add_argument("--wait", action="store_true", help="follow the job and print its text")
+    submit.add_argument("--timeout", type=float, help="seconds to wait with --wait")
+    submit.set_defaults(func=cmd_submit)
+
+    watch = sub.add_parser("watch", help="replay a job's events and follow it to the end")
+    watch.add_argument("job_id")
+    watch.add_argument("--raw", action="store_true", help="print every event as a JSON line")
+    watch.add_argument("--timeout", type=float)
+    watch.set_defaults(func=cmd_watch)
+
+    status = sub.add_parser("status", help="print a job's state as JSON")
+    status.add_argument("job_id")
+    status.set_defaults(func=cmd_status)
+
+    cancel = sub.add_parser("cancel", help="cancel a queued or running job")
+    cancel.add_argument("job_id")
+    cancel.set_defaults(func=cmd_cancel)
+
+    sim = sub.add_parser("simulate", help="serve the fake Anthropic-compatible upstream")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8080)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--ttft-ms", type=float, default=50.0)
+    sim.add_argument("--tps", type=float, default=0.0, help="tokens per second (0 = no delay)")
+    sim.add_argument("--api-key", help="the only Bearer token accepted (default: any)")
+    sim.set_defaults(func=cmd_simulate)
+
+    dev = sub.add_parser("dev", help="embedded Redis + simulator + worker; stays up")
+    dev.add_argument("--concurrency", type=int, default=100)
+    dev.set_defaults(func=cmd_dev)
+
+    demo = sub.add_parser("demo", help="the dev stack, a fan-out of sample jobs, a summary")
+    demo.add_argument("--jobs", type=int, default=60)
+    demo.add_argument("--concurrency", type=int, default=100)
+    demo.add_argument("--tps", type=float, default=40.0, help="simulated tokens per second")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from worker.errors import SettingsError
+
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except SettingsError as exc:
+        _console(stderr=True).print(f"llm-worker {args.command}: {exc}", markup=False)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

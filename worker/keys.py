@@ -1,0 +1,39 @@
+"""Every Redis key and channel name, in one place. All start with the configured prefix.
+
+Pub/sub ignores the database number, so channels carry the prefix too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str = "llmw"
+
+    def events(self, job_id: str) -> str:
+        """Redis Stream of every event of the job (field ``data``), replayable."""
+        return f"{self.prefix}:events:{job_id}"
+
+    def channel(self, job_id: str) -> str:
+        """Pub/sub channel with the same events, live."""
+        return f"{self.prefix}:channel:{job_id}"
+
+    @property
+    def results_channel(self) -> str:
+        """Pub/sub channel of every job's terminal event."""
+        return f"{self.prefix}:results"
+
+    def job(self, job_id: str) -> str:
+        """Hash: state, attempts, timestamps, model, usage, error."""
+        return f"{self.prefix}:job:{job_id}"
+
+    def result(self, job_id: str) -> str:
+        """String: the final message JSON."""
+        return f"{self.prefix}:result:{job_id}"
+
+    @property
+    def dead_letters(self) -> str:
+        """Stream of jobs that could not be run, with the reason and the payload."""
+        return f"{self.prefix}:dlq"

@@ -1,0 +1,25 @@
+-- Write a job's one terminal event and its final state as a single step. A job that has
+-- ended already is left alone, so a redelivered or raced job still ends exactly once.
+-- KEYS[1] job hash   KEYS[2] events stream   KEYS[3] job channel   KEYS[4] results channel
+-- KEYS[5] result key
+-- ARGV[1] state   ARGV[2] event JSON   ARGV[3] final message JSON or ''   ARGV[4] ttl
+-- ARGV[5] now   ARGV[6] usage JSON or ''   ARGV[7] error JSON or ''   ARGV[8] stop_reason or ''
+-- Returns 1 when this call ended the job, 0 when it had ended before.
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'completed' or state == 'failed' or state == 'cancelled' or state == 'expired' then
+  return 0
+end
+redis.call('XADD', KEYS[2], '*', 'data', ARGV[2])
+redis.call('PUBLISH', KEYS[3], ARGV[2])
+redis.call('PUBLISH', KEYS[4], ARGV[2])
+if ARGV[3] ~= '' then
+  redis.call('SET', KEYS[5], ARGV[3], 'EX', ARGV[4])
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', ARGV[5])
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'usage', ARGV[6]) end
+if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[7]) end
+if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'stop_reason', ARGV[8]) end
+redis.call('HDEL', KEYS[1], 'worker')
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 1

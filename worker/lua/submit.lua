@@ -1,0 +1,19 @@
+-- Create a job if its id is new, and enqueue its Celery message in the same step, so that a
+-- job exists if and only if it was enqueued. An existing id is left alone.
+-- KEYS[1] job hash   KEYS[2] broker queue list, or absent when the broker is elsewhere
+-- ARGV[1] request sha256   ARGV[2] now   ARGV[3] model   ARGV[4] metadata JSON
+-- ARGV[5] ttl seconds while queued   ARGV[6] Celery message JSON (when KEYS[2] given)
+-- ARGV[7] deadline (epoch seconds)
+-- Returns {1} when created, or {0, existing sha, existing state}.
+local existing = redis.call('HGET', KEYS[1], 'request_sha')
+if existing then
+  return {0, existing, redis.call('HGET', KEYS[1], 'state') or ''}
+end
+redis.call('HSET', KEYS[1],
+  'state', 'queued', 'request_sha', ARGV[1], 'submitted_at', ARGV[2], 'model', ARGV[3],
+  'metadata', ARGV[4], 'attempts', 0, 'deliveries', 0, 'deadline_at', ARGV[7])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+if KEYS[2] then
+  redis.call('LPUSH', KEYS[2], ARGV[6])
+end
+return {1}

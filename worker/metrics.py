@@ -1,0 +1,119 @@
+"""Every Prometheus metric the service exports, in one place.
+
+Labels are bounded: ``model`` (the configured model list), ``outcome`` (four terminal states),
+``reason`` (a fixed set of retry reasons), ``status`` (known HTTP codes, else ``4xx``/``5xx``,
+or ``network``), ``queue`` and ``state``. Never a job id.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# LLM calls take from a fraction of a second (a cached short answer) to many minutes (a long
+# streamed completion), so the buckets run roughly geometrically from 50 ms to 15 minutes;
+# the default prometheus buckets stop at 10 s and would put most jobs in +Inf.
+LLM_LATENCY_BUCKETS_S = (
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0,
+)
+# Time to first token and limiter waits are shorter: milliseconds to a couple of minutes.
+SHORT_LATENCY_BUCKETS_S = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+)
+
+KNOWN_STATUSES = frozenset(
+    {200, 400, 401, 403, 404, 408, 409, 413, 422, 429, 500, 502, 503, 504, 529}
+)
+
+
+def status_label(status_code: int | None) -> str:
+    """A bounded label for an HTTP status; ``network`` when no response arrived."""
+    if status_code is None:
+        return "network"
+    if status_code in KNOWN_STATUSES:
+        return str(status_code)
+    return f"{status_code // 100}xx"
+
+
+JOBS_SUBMITTED = Counter(
+    "llm_worker_jobs_submitted_total", "Jobs accepted by a producer and enqueued.", ["model"]
+)
+JOBS_FINISHED = Counter(
+    "llm_worker_jobs_finished_total",
+    "Jobs that reached a terminal state, by outcome (completed, failed, cancelled, expired).",
+    ["model", "outcome"],
+)
+UPSTREAM_REQUESTS = Counter(
+    "llm_worker_upstream_requests_total",
+    "Upstream HTTP requests by response status (network = no response).",
+    ["model", "status"],
+)
+RETRIES = Counter(
+    "llm_worker_retries_total", "Upstream attempts that failed and were retried, by reason.",
+    ["model", "reason"],
+)
+JOB_DURATION = Histogram(
+    "llm_worker_job_duration_seconds",
+    "From the first attempt's start to the terminal event, by outcome.",
+    ["model", "outcome"],
+    buckets=LLM_LATENCY_BUCKETS_S,
+)
+QUEUE_WAIT = Histogram(
+    "llm_worker_queue_wait_seconds",
+    "From submission to the first attempt's start.",
+    ["model"],
+    buckets=LLM_LATENCY_BUCKETS_S,
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "llm_worker_time_to_first_token_seconds",
+    "From sending the upstream request to its first content event.",
+    ["model"],
+    buckets=SHORT_LATENCY_BUCKETS_S,
+)
+UPSTREAM_LATENCY = Histogram(
+    "llm_worker_upstream_latency_seconds",
+    "One upstream request, from sending it to the end of its response.",
+    ["model"],
+    buckets=LLM_LATENCY_BUCKETS_S,
+)
+RATE_LIMIT_WAIT = Histogram(
+    "llm_worker_rate_limit_wait_seconds",
+    "Time a job waited for the shared rate limiter before its upstream call.",
+    ["model"],
+    buckets=SHORT_LATENCY_BUCKETS_S,
+)
+RATE_LIMIT_COOLDOWNS = Counter(
+    "llm_worker_rate_limit_cooldowns_total",
+    "Global cooldowns started after the upstream answered 429/529 with a retry-after.",
+    ["model"],
+)
+INPUT_TOKENS = Counter(
+    "llm_worker_input_tokens_total", "Input tokens billed by the upstream.", ["model"]
+)
+OUTPUT_TOKENS = Counter(
+    "llm_worker_output_tokens_total", "Output tokens billed by the upstream.", ["model"]
+)
+CHUNKS_PUBLISHED = Counter(
+    "llm_worker_chunks_published_total", "Chunk events written to job streams.", ["model"]
+)
+JOBS_IN_FLIGHT = Gauge(
+    "llm_worker_jobs_in_flight",
+    "Jobs this worker is running now.",
+    ["model"],
+    multiprocess_mode="livesum",
+)
+QUEUE_DEPTH = Gauge(
+    "llm_worker_queue_depth",
+    "Jobs in the Celery queue: waiting in the list, or delivered and not yet acknowledged.",
+    ["queue", "state"],
+    multiprocess_mode="mostrecent",
+)
+DEAD_LETTERS = Gauge(
+    "llm_worker_dead_letters",
+    "Entries in the dead-letter stream.",
+    multiprocess_mode="mostrecent",
+)
+WORKER_READY = Gauge(
+    "llm_worker_ready",
+    "1 while this worker reaches Redis and its consumer is consuming, else 0.",
+    multiprocess_mode="mostrecent",
+)

@@ -1,0 +1,174 @@
+"""One job's life in a worker: claim, attempts with retries, events, and exactly one end.
+
+The task (:mod:`worker.tasks`) is a thin shell around :class:`JobRunner`. Decisions are
+delegated to pure modules (:mod:`worker.retry_policy`, :mod:`worker.accumulate`); this
+module only sequences them and writes what happened.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import structlog
+
+from worker import events as ev
+from worker import metrics as m
+from worker.accumulate import accumulate, final_message
+from worker.errors import PermanentUpstreamError, UpstreamError
+from worker.retry_policy import backoff_delay_s, should_give_up
+from worker.runtime import Runtime
+from worker.store import Claim
+
+log = structlog.get_logger("worker.runner")
+
+
+class JobRunner:
+    """Runs one delivered job to its terminal event."""
+
+    def __init__(self, rt: Runtime, job_id: str, request: dict[str, Any], claim: Claim,
+                 *, submitted_at: float | None = None) -> None:
+        self.rt = rt
+        self.settings = rt.settings
+        self.job_id = job_id
+        self.request = request
+        self.model = str(request.get("model", ""))
+        self.claim = claim
+        self.seq = claim.last_seq
+        self.started_at = time.time()
+        self.submitted_at = submitted_at
+        self.deadline_at = claim.deadline_at or (self.started_at + self.settings.job_deadline_s)
+        self._stream_expire_set = False
+
+    # -- writing events ------------------------------------------------------------------
+
+    def _event(self, type_: str, attempt: int, **fields: Any) -> dict[str, Any]:
+        self.seq += 1
+        return ev.make_event(self.job_id, self.seq, attempt, type_, **fields)
+
+    def _publish(self, events: list[dict[str, Any]], **hash_fields: Any) -> None:
+        expire = None
+        if not self._stream_expire_set:
+            # Until the job ends, its stream lives as long as the job could, plus the TTL.
+            expire = int(self.deadline_at - time.time() + self.settings.result_ttl_s)
+            self._stream_expire_set = True
+        self.rt.store.publish(self.job_id, events, hash_fields=hash_fields or None, expire_s=expire)
+
+    def _finish(self, type_: str, attempt: int, **fields: Any) -> bool:
+        message = fields.get("message")
+        error = fields.get("error")
+        event = self._event(type_, attempt, **fields)
+        ended = self.rt.store.finish(
+            self.job_id,
+            event,
+            message=message,
+            usage=message.get("usage") if message else None,
+            error=error,
+            stop_reason=message.get("stop_reason") if message else None,
+        )
+        if ended:
+            m.JOBS_FINISHED.labels(self.model, type_).inc()
+            m.JOB_DURATION.labels(self.model, type_).observe(time.time() - self.started_at)
+            log.info("job_finished", outcome=type_, duration_s=round(time.time() - self.started_at, 3))
+        else:
+            log.info("job_already_finished", outcome=type_)
+        return ended
+
+    # -- the job -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        if self.claim.cancel_requested:
+            self._finish(ev.CANCELLED, self.claim.attempts)
+            return
+        if time.time() >= self.deadline_at:
+            self._finish(ev.EXPIRED, self.claim.attempts,
+                         error={"type": "expired", "message": "the job passed its deadline", "status_code": None})
+            return
+        if self.submitted_at is not None and self.claim.deliveries == 1:
+            m.QUEUE_WAIT.labels(self.model).observe(max(0.0, self.started_at - self.submitted_at))
+        m.JOBS_IN_FLIGHT.labels(self.model).inc()
+        try:
+            self._attempts()
+        finally:
+            m.JOBS_IN_FLIGHT.labels(self.model).dec()
+
+    def _attempts(self) -> None:
+        attempt = self.claim.attempts
+        while True:
+            attempt += 1
+            structlog.contextvars.bind_contextvars(attempt=attempt)
+            self._publish([self._event(ev.STARTED, attempt)], attempts=attempt)
+            chunks_before = self.seq
+            try:
+                message = self._attempt(attempt)
+            except UpstreamError as exc:
+                mid_stream = self.seq > chunks_before
+                if mid_stream and not self.settings.retry_mid_stream and exc.retryable:
+                    exc = PermanentUpstreamError(
+                        f"{exc.message} (mid-stream retries are off)", error_type=exc.error_type,
+                        status_code=exc.status_code, reason=exc.reason,
+                    )
+                if self._retry_or_fail(exc, attempt):
+                    continue
+                return
+            self._finish(ev.COMPLETED, attempt, message=message)
+            return
+
+    def _retry_or_fail(self, exc: UpstreamError, attempt: int) -> bool:
+        """Publish a ``retry`` and wait, or end the job ``failed``; True means try again."""
+        delay_s = backoff_delay_s(
+            attempt,
+            base_s=self.settings.backoff_base_s,
+            max_s=self.settings.backoff_max_s,
+            retry_after=exc.retry_after_s,
+            retry_after_max_s=self.settings.retry_after_max_s,
+        )
+        time_left_s = self.deadline_at - time.time()
+        if should_give_up(exc, attempt=attempt, max_attempts=self.settings.max_attempts,
+                          delay_s=delay_s, time_left_s=time_left_s):
+            log.warning("job_failed", reason=exc.reason, status_code=exc.status_code,
+                        error_type=exc.error_type, retryable=exc.retryable)
+            self._finish(ev.FAILED, attempt, error=exc.to_error())
+            return False
+        m.RETRIES.labels(self.model, exc.reason).inc()
+        log.info("upstream_retry_scheduled", reason=exc.reason, delay_s=round(delay_s, 3),
+                 status_code=exc.status_code)
+        self._publish([self._event(ev.RETRY, attempt, reason=exc.reason,
+                                   delay_s=round(delay_s, 3), error=exc.to_error())])
+        time.sleep(delay_s)
+        return True
+
+    def _attempt(self, attempt: int) -> dict[str, Any]:
+        """One upstream call; returns the final message or raises UpstreamError."""
+        sent_at = time.monotonic()
+        status = None
+        try:
+            if not self.request.get("stream"):
+                message = self.rt.upstream.create(self.request)
+                status = 200
+            else:
+                message = self._stream(attempt, sent_at)
+                status = 200
+        except UpstreamError as exc:
+            status = exc.status_code
+            raise
+        finally:
+            m.UPSTREAM_REQUESTS.labels(self.model, m.status_label(status)).inc()
+            m.UPSTREAM_LATENCY.labels(self.model).observe(time.monotonic() - sent_at)
+        usage = message.get("usage") or {}
+        m.INPUT_TOKENS.labels(self.model).inc(int(usage.get("input_tokens") or 0))
+        m.OUTPUT_TOKENS.labels(self.model).inc(int(usage.get("output_tokens") or 0))
+        return message
+
+    def _stream(self, attempt: int, sent_at: float) -> dict[str, Any]:
+        snapshot: dict[str, Any] | None = None
+        first_token = True
+        for upstream_event in self.rt.upstream.stream(self.request):
+            snapshot = accumulate(snapshot, upstream_event)
+            if first_token and upstream_event.get("type") == "content_block_delta":
+                m.TIME_TO_FIRST_TOKEN.labels(self.model).observe(time.monotonic() - sent_at)
+                first_token = False
+            self._publish([self._event(ev.CHUNK, attempt, event=upstream_event)])
+            m.CHUNKS_PUBLISHED.labels(self.model).inc()
+        assert snapshot is not None  # the client raises when no message_stop arrived
+        return final_message(snapshot)

@@ -1,0 +1,160 @@
+"""Every setting of the service, read once from the environment (prefix ``LLM_WORKER_``) or ``.env``.
+
+Nothing else in the package reads the environment: a :class:`Settings` object is built at the
+edge (the CLI, the Celery app's configure hook, :class:`worker.Client`) and passed down.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AnyUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    UrlConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from worker.errors import SettingsError
+
+ENV_PREFIX = "LLM_WORKER_"
+
+# The models the seed's provider lists today; the provider changes them, hence a setting.
+SEED_MODELS: tuple[str, ...] = (
+    "deepseek-ai/DeepSeek-V3.1",
+    "Pro/moonshotai/Kimi-K2-Instruct",
+    "moonshotai/Kimi-K2-Instruct",
+    "Pro/deepseek-ai/DeepSeek-V3",
+    "deepseek-ai/DeepSeek-V3",
+    "moonshotai/Kimi-Dev-72B",
+    "baidu/ERNIE-4.5-300B-A47B",
+)
+
+RedisUrl = Annotated[
+    AnyUrl, UrlConstraints(allowed_schemes=["redis", "rediss", "unix"], host_required=False)
+]
+BrokerUrl = Annotated[
+    AnyUrl,
+    UrlConstraints(
+        allowed_schemes=["redis", "rediss", "unix", "amqp", "amqps", "pyamqp", "memory"],
+        host_required=False,
+    ),
+]
+HttpUrl = Annotated[AnyUrl, UrlConstraints(allowed_schemes=["http", "https"])]
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+class RateLimit(BaseModel):
+    """Limits for one limit key (a model, or ``default``); absent means unlimited."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rpm: int | None = Field(default=None, gt=0)
+    input_tpm: int | None = Field(default=None, gt=0)
+    output_tpm: int | None = Field(default=None, gt=0)
+    max_in_flight: int | None = Field(default=None, gt=0)
+
+
+class Settings(BaseSettings):
+    """The service's configuration. Durations are seconds and end in ``_s``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+        validate_default=True,
+    )
+
+    redis_url: RedisUrl = AnyUrl("redis://localhost:6379/0")
+    broker_url: BrokerUrl | None = None
+    api_base_url: HttpUrl = AnyUrl("https://api.woagent.net")
+    api_key: SecretStr | None = None
+    allowed_models: Annotated[tuple[str, ...], NoDecode] = SEED_MODELS
+    max_request_bytes: int = Field(default=1_048_576, ge=1024)
+
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    backoff_base_s: PositiveSeconds = 0.5
+    backoff_max_s: PositiveSeconds = 30.0
+    retry_after_max_s: PositiveSeconds = 60.0
+    retry_mid_stream: bool = True
+
+    connect_timeout_s: PositiveSeconds = 10.0
+    first_byte_timeout_s: PositiveSeconds = 120.0
+    idle_timeout_s: PositiveSeconds = 60.0
+    job_deadline_s: PositiveSeconds = 900.0
+    visibility_timeout_s: PositiveSeconds | None = None
+    max_deliveries: int = Field(default=5, ge=1)
+
+    rate_limits: dict[str, RateLimit] = Field(default_factory=dict)
+    result_ttl_s: int = Field(default=86_400, ge=1)
+
+    queue: str = Field(default="llmw", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    pool: Literal["gevent", "eventlet", "threads", "prefork", "solo"] = "gevent"
+    concurrency: int = Field(default=200, ge=1, le=10_000)
+    metrics_port: int = Field(default=9464, ge=0, le=65_535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["json", "console"] = "json"
+    log_content: bool = False
+    key_prefix: str = Field(default="llmw", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+
+    @field_validator("allowed_models", mode="before")
+    @classmethod
+    def _split_models(cls, value: Any) -> Any:
+        # A comma-separated list reads better in an env file than JSON; JSON lists work too.
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return tuple(json.loads(text))
+            return tuple(part.strip() for part in text.split(",") if part.strip())
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_relations(self) -> Settings:
+        if self.backoff_max_s < self.backoff_base_s:
+            raise ValueError("backoff_max_s must be at least backoff_base_s")
+        if self.visibility_timeout_s is not None and self.visibility_timeout_s <= self.job_deadline_s:
+            raise ValueError(
+                "visibility_timeout_s must exceed job_deadline_s, or a running job is "
+                "delivered to a second worker"
+            )
+        return self
+
+    @property
+    def effective_broker_url(self) -> str:
+        return str(self.broker_url or self.redis_url)
+
+    @property
+    def effective_visibility_timeout_s(self) -> float:
+        """Redelivery waits longer than any job can live, plus a margin for the last write."""
+        if self.visibility_timeout_s is not None:
+            return self.visibility_timeout_s
+        return self.job_deadline_s + 300.0
+
+    def rate_limit_for(self, key: str) -> RateLimit | None:
+        return self.rate_limits.get(key) or self.rate_limits.get("default")
+
+    def api_key_value(self) -> str | None:
+        return self.api_key.get_secret_value() if self.api_key else None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from the environment; a bad value raises :class:`SettingsError` naming it."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise SettingsError.from_validation(exc, ENV_PREFIX) from None

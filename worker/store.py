@@ -1,0 +1,151 @@
+"""Redis access for job state and events: the job hash, its event stream and channels.
+
+Every multi-key change that must be atomic is one Lua script (``worker/lua/``); everything
+else is pipelined so that a batch of events costs one round trip.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+
+from worker import events as ev
+from worker.keys import Keys
+
+ClientLike = redis.Redis
+
+
+def load_lua(name: str) -> str:
+    return (Path(__file__).parent / "lua" / name).read_text(encoding="utf-8")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What a worker learns when it takes a delivered job."""
+
+    state_before: str  # queued, running (a redelivery), missing, or a terminal state
+    deliveries: int
+    attempts: int
+    last_seq: int
+    cancel_requested: bool
+    deadline_at: float | None
+
+    @property
+    def already_ended(self) -> bool:
+        return self.state_before in ev.TERMINAL_TYPES
+
+
+class JobStore:
+    """Job state and events under one key prefix. Safe to share between threads/greenlets."""
+
+    def __init__(self, client: ClientLike, keys: Keys, *, result_ttl_s: int) -> None:
+        self.redis = client
+        self.keys = keys
+        self.result_ttl_s = result_ttl_s
+        self._submit = client.register_script(load_lua("submit.lua"))
+        self._claim = client.register_script(load_lua("claim.lua"))
+        self._finish = client.register_script(load_lua("finish.lua"))
+        self._cancel = client.register_script(load_lua("cancel.lua"))
+
+    # -- producer side -------------------------------------------------------------------
+
+    def submit_script(self) -> Any:
+        return self._submit
+
+    # -- worker side ---------------------------------------------------------------------
+
+    def claim(self, job_id: str, *, worker: str, model: str, ttl_s: int) -> Claim:
+        raw = self._claim(
+            keys=[self.keys.job(job_id), self.keys.events(job_id)],
+            args=[time.time(), worker, model, ttl_s],
+        )
+        state, deliveries, attempts, seq, cancel, deadline = raw
+        deadline_text = _text(deadline)
+        return Claim(
+            state_before=_text(state),
+            deliveries=int(deliveries),
+            attempts=int(attempts),
+            last_seq=int(seq),
+            cancel_requested=bool(int(cancel)),
+            deadline_at=float(deadline_text) if deadline_text else None,
+        )
+
+    def publish(
+        self, job_id: str, events: list[dict[str, Any]], *, hash_fields: dict[str, Any] | None = None,
+        expire_s: int | None = None,
+    ) -> None:
+        """Append events to the job's stream and channel in one round trip."""
+        stream, channel = self.keys.events(job_id), self.keys.channel(job_id)
+        pipe = self.redis.pipeline(transaction=False)
+        for event in events:
+            data = ev.dumps(event)
+            pipe.xadd(stream, {"data": data})
+            pipe.publish(channel, data)
+        if hash_fields:
+            pipe.hset(self.keys.job(job_id), mapping=hash_fields)
+        if expire_s is not None:
+            pipe.expire(stream, expire_s)
+        pipe.execute()
+
+    def finish(
+        self,
+        job_id: str,
+        event: dict[str, Any],
+        *,
+        message: dict[str, Any] | None = None,
+        usage: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+        stop_reason: str | None = None,
+    ) -> bool:
+        """Write the terminal event and state; False when the job had ended already."""
+        k = self.keys
+        ended = self._finish(
+            keys=[k.job(job_id), k.events(job_id), k.channel(job_id), k.results_channel, k.result(job_id)],
+            args=[
+                event["type"],
+                ev.dumps(event),
+                orjson.dumps(message) if message is not None else "",
+                self.result_ttl_s,
+                time.time(),
+                orjson.dumps(usage) if usage is not None else "",
+                orjson.dumps(error) if error is not None else "",
+                stop_reason or "",
+            ],
+        )
+        return bool(ended)
+
+    def dead_letter(self, *, job_id: str, reason: str, payload: Any, maxlen: int = 100_000) -> None:
+        """Keep what could not be run, with why, for ``llm-worker dlq``."""
+        body = payload if isinstance(payload, str | bytes) else orjson.dumps(payload)
+        self.redis.xadd(
+            self.keys.dead_letters,
+            {"job_id": job_id, "reason": reason, "payload": body, "ts": str(time.time())},
+            maxlen=maxlen,
+            approximate=True,
+        )
+
+    def cancel(self, job_id: str) -> str:
+        """``cancelled`` (it was queued), ``requested`` (running), ``missing``, or its end state."""
+        k = self.keys
+        outcome = self._cancel(
+            keys=[k.job(job_id), k.events(job_id), k.channel(job_id), k.results_channel],
+            args=[time.time(), job_id, self.result_ttl_s],
+        )
+        return _text(outcome)
+
+    # -- both ----------------------------------------------------------------------------
+
+    def job_hash(self, job_id: str) -> dict[str, str] | None:
+        raw = self.redis.hgetall(self.keys.job(job_id))
+        if not raw:
+            return None
+        return {_text(k): _text(v) for k, v in raw.items()}

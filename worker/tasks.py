@@ -1,0 +1,95 @@
+"""The Celery task: a thin shell that trusts nothing in the message.
+
+The queue is not trusted: the payload is validated again, and what cannot be run is
+dead-lettered and its job ended ``failed`` rather than crashing the worker. Transient trouble
+is retried inside :class:`~worker.runner.JobRunner`, never by raising (an exception would ack
+the message, see ``task_acks_on_failure_or_timeout``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+
+from worker import events as ev
+from worker.celery_app import TASK_NAME, app
+from worker.errors import RequestInvalid
+from worker.request import validate_request
+from worker.runner import JobRunner
+from worker.runtime import Runtime, get_runtime
+from worker.settings import load_settings
+
+log = structlog.get_logger("worker.tasks")
+
+
+def _runtime() -> Runtime:
+    return get_runtime(app.settings or load_settings())
+
+
+def _fail_unrunnable(rt: Runtime, job_id: str, reason: str, message: str, payload: Any) -> None:
+    """Dead-letter a job that cannot run and end it ``failed`` (once)."""
+    rt.store.dead_letter(job_id=job_id, reason=reason, payload=payload)
+    claim = rt.store.claim(job_id, worker=rt.hostname, model="", ttl_s=rt.settings.result_ttl_s)
+    if claim.already_ended:
+        return
+    event = ev.make_event(job_id, claim.last_seq + 1, claim.attempts, ev.FAILED,
+                          error={"type": reason, "message": message, "status_code": None})
+    rt.store.finish(job_id, event, error=event["error"])
+    log.error("job_rejected", reason=reason, detail=message)
+
+
+@app.task(name=TASK_NAME, bind=True)  # type: ignore[untyped-decorator]
+def run_job(self: Any, *args: Any, **kwargs: Any) -> None:
+    """Run one job. The message carries ``[payload]`` with ``job_id``, ``request``, ``submitted_at``."""
+    rt = _runtime()
+    job_id = str(self.request.id)
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(job_id=job_id)
+    payload = args[0] if len(args) == 1 and not kwargs else None
+    if not isinstance(payload, dict) or not isinstance(payload.get("request"), dict):
+        _fail_unrunnable(rt, job_id, "invalid_payload",
+                         "the queued message is not a job payload", {"args": args, "kwargs": kwargs})
+        return
+    try:
+        request = validate_request(
+            payload["request"],
+            allowed_models=rt.settings.allowed_models,
+            max_request_bytes=rt.settings.max_request_bytes,
+        )
+    except RequestInvalid as exc:
+        _fail_unrunnable(rt, job_id, "invalid_request_error", str(exc), payload)
+        return
+    model = request["model"]
+    structlog.contextvars.bind_contextvars(model=model)
+    claim = rt.store.claim(job_id, worker=rt.hostname, model=model,
+                           ttl_s=int(rt.settings.job_deadline_s + rt.settings.result_ttl_s))
+    if claim.already_ended:
+        log.info("job_redelivered_after_end", state=claim.state_before)
+        return
+    submitted_at = payload.get("submitted_at")
+    JobRunner(rt, job_id, request, claim,
+              submitted_at=float(submitted_at) if isinstance(submitted_at, int | float) else None).run()
+
+
+def reject_undecodable(message: Any, exc: Exception) -> None:
+    """Called by the consumer for a message whose body cannot be decoded."""
+    headers = getattr(message, "headers", None) or {}
+    properties = getattr(message, "properties", None) or {}
+    job_id = headers.get("id") or properties.get("correlation_id")
+    body = getattr(message, "body", b"")
+    rt = _runtime()
+    if not job_id:
+        rt.store.dead_letter(job_id="", reason="undecodable_message", payload=_as_text(body))
+        log.error("message_undecodable", detail=str(exc)[:200])
+        return
+    _fail_unrunnable(rt, str(job_id), "undecodable_message", f"cannot decode the message: {exc}"[:500],
+                     _as_text(body))
+
+
+def _as_text(body: Any) -> str:
+    if isinstance(body, bytes):
+        return body[:65_536].decode("utf-8", "replace")
+    return str(body)[:65_536]
+
+

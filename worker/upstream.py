@@ -1,0 +1,176 @@
+"""The HTTP boundary: one shared httpx client per worker process, streamed and plain calls.
+
+Every failure leaves this module as a :class:`~worker.errors.UpstreamError` whose type says
+whether another attempt may help (see :mod:`worker.retry_policy`); nothing further in looks
+at httpx exceptions or status codes.
+
+Timeouts: ``connect_timeout_s`` to open a connection; ``first_byte_timeout_s`` until the
+response headers (for a non-streamed call, the whole answer); ``idle_timeout_s`` for every
+gap between reads of a streamed body, so a stalled stream is cut and retried.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import orjson
+
+from worker.errors import TransientUpstreamError, UpstreamError
+from worker.retry_policy import error_from_response, error_from_stream_event
+from worker.settings import Settings
+from worker.sse import DONE, SSEDecoder, parse_event
+
+ANTHROPIC_VERSION = "2023-06-01"
+_MAX_ERROR_BODY_BYTES = 65_536
+
+
+def _network_error(exc: httpx.HTTPError, *, in_body: bool) -> TransientUpstreamError:
+    """Map an httpx exception to a transient error with a bounded reason label."""
+    if isinstance(exc, httpx.ConnectTimeout):
+        reason = "connect_timeout"
+    elif isinstance(exc, httpx.ConnectError):
+        reason = "connect_error"
+    elif isinstance(exc, httpx.ReadTimeout):
+        reason = "idle_timeout" if in_body else "first_byte_timeout"
+    elif isinstance(exc, httpx.PoolTimeout):
+        reason = "pool_timeout"
+    elif isinstance(exc, httpx.TimeoutException):
+        reason = "timeout"
+    elif isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
+        reason = "connection_lost"
+    else:
+        reason = "network_error"
+    message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return TransientUpstreamError(message, error_type="api_connection_error", reason=reason)
+
+
+class UpstreamClient:
+    """Calls ``{api_base_url}/messages``. Thread- and greenlet-safe; one per process."""
+
+    def __init__(self, settings: Settings, *, transport: httpx.BaseTransport | None = None) -> None:
+        api_key = settings.api_key_value()
+        headers = {
+            "anthropic-version": ANTHROPIC_VERSION,
+            "content-type": "application/json",
+            "accept": "application/json, text/event-stream",
+        }
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        self._first_byte_timeout_s = settings.first_byte_timeout_s
+        self._idle_timeout_s = settings.idle_timeout_s
+        self._http = httpx.Client(
+            base_url=str(settings.api_base_url).rstrip("/"),
+            headers=headers,
+            timeout=httpx.Timeout(
+                connect=settings.connect_timeout_s,
+                read=settings.first_byte_timeout_s,
+                write=settings.connect_timeout_s,
+                pool=settings.first_byte_timeout_s,
+            ),
+            # One connection per concurrent job; a bounded keep-alive pool, because httpcore's
+            # bookkeeping grows with idle connections (measured: see the README's performance notes).
+            limits=httpx.Limits(
+                max_connections=settings.concurrency,
+                max_keepalive_connections=min(settings.concurrency, 64),
+            ),
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def create(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One non-streamed call; returns the message JSON."""
+        body = orjson.dumps({**request, "stream": False})
+        try:
+            response = self._http.post("/messages", content=body)
+        except httpx.HTTPError as exc:
+            raise _network_error(exc, in_body=False) from exc
+        if response.status_code >= 300:
+            raise error_from_response(response.status_code, response.headers, response.content)
+        try:
+            message = orjson.loads(response.content)
+        except orjson.JSONDecodeError as exc:
+            raise TransientUpstreamError(
+                "upstream returned a body that is not JSON", reason="malformed_response"
+            ) from exc
+        if not isinstance(message, dict) or message.get("type") != "message":
+            raise TransientUpstreamError(
+                "upstream returned JSON that is not a message", reason="malformed_response"
+            )
+        return message
+
+    def stream(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """One streamed call; yields each upstream event up to ``message_stop``.
+
+        Closing the generator closes the HTTP response, which is how a job is cancelled.
+        """
+        body = orjson.dumps({**request, "stream": True})
+        http_request = self._http.build_request("POST", "/messages", content=body)
+        try:
+            response = self._http.send(http_request, stream=True)
+        except httpx.HTTPError as exc:
+            raise _network_error(exc, in_body=False) from exc
+        try:
+            if response.status_code >= 300:
+                raise error_from_response(
+                    response.status_code, response.headers, self._read_error_body(response)
+                )
+            # httpcore reads the read timeout once when the body starts: from here on it
+            # bounds the gap between reads (idle), not the wait for the headers.
+            timeouts = response.request.extensions.get("timeout")
+            if isinstance(timeouts, dict):
+                timeouts["read"] = self._idle_timeout_s
+            yield from self._events(response)
+        finally:
+            response.close()
+
+    def _events(self, response: httpx.Response) -> Iterator[dict[str, Any]]:
+        decoder = SSEDecoder()
+        finished = False
+        try:
+            for raw in response.iter_bytes():
+                for sse in decoder.decode(raw):
+                    event = parse_event(sse)
+                    if event is DONE:
+                        # The seed's provider ends with [DONE]; before message_stop it is a cut.
+                        break
+                    if event is None:
+                        continue
+                    assert isinstance(event, dict)
+                    if event.get("type") == "error":
+                        raise error_from_stream_event(event)
+                    yield event
+                    if event.get("type") == "message_stop":
+                        finished = True
+                        return
+            for sse in decoder.flush():
+                event = parse_event(sse)
+                if isinstance(event, dict) and event.get("type") == "message_stop":
+                    yield event
+                    finished = True
+        except httpx.HTTPError as exc:
+            if not finished:
+                raise _network_error(exc, in_body=True) from exc
+        if not finished:
+            raise TransientUpstreamError(
+                "the stream ended before message_stop", reason="incomplete_stream"
+            )
+
+    @staticmethod
+    def _read_error_body(response: httpx.Response) -> bytes:
+        body = b""
+        try:
+            for chunk in response.iter_raw():
+                body += chunk
+                if len(body) >= _MAX_ERROR_BODY_BYTES:
+                    break
+        except httpx.HTTPError:
+            pass
+        return body
+
+
+__all__ = ["UpstreamClient", "UpstreamError"]
