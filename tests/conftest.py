@@ -1,0 +1,62 @@
+"""Session fixtures: our own Redis, the simulator and a real Celery worker, as processes.
+
+Tests never touch a Redis they did not start, unless ``LLM_WORKER_TEST_REDIS_URL`` says so.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support import (
+    WorkerProcess,
+    celery_worker_args,
+    start_simulator,
+    stop_process,
+    worker_env,
+)
+from worker.client import Client
+from worker.embedded import EmbeddedRedis
+
+# A developer's own settings must not leak into the suite.
+for _name in [n for n in os.environ if n.startswith("LLM_WORKER_")]:
+    if not _name.startswith("LLM_WORKER_TEST_"):
+        del os.environ[_name]
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis server for the session: ``LLM_WORKER_TEST_REDIS_URL``, or one we start."""
+    explicit = os.environ.get("LLM_WORKER_TEST_REDIS_URL")
+    if explicit:
+        yield explicit
+        return
+    with EmbeddedRedis() as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def simulator_url() -> Iterator[str]:
+    """The fake upstream, in its own process, accepting only the test key."""
+    proc, url = start_simulator()
+    yield url
+    stop_process(proc)
+
+
+@pytest.fixture(scope="session")
+def worker(redis_url: str, simulator_url: str) -> Iterator[WorkerProcess]:
+    """One gevent worker started the plain Celery way (``celery -A worker.celery_app``)."""
+    proc = WorkerProcess(celery_worker_args(), worker_env(redis_url, simulator_url))
+    try:
+        yield proc.ready()
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def client(worker: WorkerProcess) -> Iterator[Client]:
+    """A producer client on the worker's Redis and queue."""
+    with Client(worker.settings()) as c:
+        yield c

@@ -1,0 +1,186 @@
+"""Helpers for tests that run real processes: the simulator, workers, waiting with timeouts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from worker.embedded import free_port
+from worker.settings import SEED_MODELS, Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_API_KEY = "sk-test-canary-7f3a9c"
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.05
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def start_simulator(
+    *extra: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "worker.cli",
+            "simulate",
+            "--port",
+            str(port),
+            "--ttft-ms",
+            "0",
+            "--api-key",
+            TEST_API_KEY,
+            *extra,
+        ],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"simulator exited: {proc.stderr.read().decode() if proc.stderr else ''}"
+            )
+        try:
+            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(up, 20, "the simulator")
+    return proc, url
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 15) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def worker_env(redis_url: str, simulator_url: str, **settings: Any) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_WORKER_")}
+    env.update(
+        {
+            "LLM_WORKER_REDIS_URL": redis_url,
+            "LLM_WORKER_API_BASE_URL": simulator_url,
+            "LLM_WORKER_API_KEY": TEST_API_KEY,
+            "LLM_WORKER_METRICS_PORT": str(free_port()),
+            "LLM_WORKER_LOG_LEVEL": "WARNING",
+            "LLM_WORKER_BACKOFF_BASE_S": "0.05",
+            "LLM_WORKER_BACKOFF_MAX_S": "0.2",
+            # Any model reaches the upstream, so tests can see how upstream rejections are handled.
+            "LLM_WORKER_ALLOWED_MODELS": "",
+        }
+    )
+    env.update({f"LLM_WORKER_{k.upper()}": str(v) for k, v in settings.items()})
+    return env
+
+
+class WorkerProcess:
+    """A real worker in a subprocess; ``ready()`` proves it by running a canary job."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.env = env
+        self.log_path = Path(f"/tmp/llmw-test-worker-{uuid.uuid4().hex[:8]}.log")
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def settings(self) -> Settings:
+        return load_settings(
+            **{
+                k[len("LLM_WORKER_") :].lower(): v
+                for k, v in self.env.items()
+                if k.startswith("LLM_WORKER_") and not k.startswith("LLM_WORKER_TEST_")
+            }
+        )
+
+    def ready(self, timeout_s: float = 60) -> WorkerProcess:
+        from worker.client import Client
+
+        with Client(self.settings()) as client:
+            job = client.submit(
+                {
+                    "model": SEED_MODELS[4],
+                    "max_tokens": 5,
+                    "messages": [{"role": "user", "content": "canary"}],
+                }
+            )
+            try:
+                job.result(timeout=timeout_s)
+            except TimeoutError:
+                raise RuntimeError(f"worker not ready; its log:\n{self.log()[-3000:]}") from None
+        return self
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        stop_process(self.proc, timeout_s=30)
+        self._log.close()
+
+
+def celery_worker_args(pool: str = "gevent", concurrency: int = 50) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "-P",
+        pool,
+        "-c",
+        str(concurrency),
+        "-Q",
+        "llmw",
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel",
+        "WARNING",
+    ]
+
+
+def make_request(
+    prompt: str = "Hello", *, stream: bool = True, max_tokens: int = 256, **extra: Any
+) -> dict[str, Any]:
+    return {
+        "model": "deepseek-ai/DeepSeek-V3",
+        "max_tokens": max_tokens,
+        "stream": stream,
+        "messages": [{"role": "user", "content": prompt}],
+        **extra,
+    }
