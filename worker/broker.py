@@ -28,7 +28,7 @@ def task_message(job_id: str, payload: dict[str, Any], *, queue: str) -> bytes:
     body = orjson.dumps(
         [args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
     )
-    headers = {
+    headers: dict[str, Any] = {
         "lang": "py",
         "task": TASK_NAME,
         "id": job_id,

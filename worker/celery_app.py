@@ -54,10 +54,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-class LLMWorkerCelery(Celery):  # type: ignore[misc]
+class LLMWorkerCelery(Celery):
     settings: Settings | None = None
 
-    def on_configure(self) -> None:  # the pre-4.0 hook, still called when a method
+    # Celery still calls ``on_configure`` when it is a method (its pre-4.0 hook), before it
+    # reads the configuration: the one place to build it lazily.
+    def on_configure(self) -> None:  # type: ignore[override]
         settings = self.settings or load_settings()
         self.settings = settings
         self.config_from_object(celery_config(settings))
@@ -68,7 +70,7 @@ class LLMWorkerCelery(Celery):  # type: ignore[misc]
         self.config_from_object(celery_config(settings), force=True)
 
 
-class Consumer(_CeleryConsumer):  # type: ignore[misc]
+class Consumer(_CeleryConsumer):
     """Celery's consumer, but a message it cannot decode ends its job ``failed`` and is
     dead-lettered, instead of being only logged and dropped."""
 

@@ -33,8 +33,9 @@ def _console(stderr: bool = False) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    settings = _settings(pool=args.pool, concurrency=args.concurrency, queue=args.queue,
-                         log_level=args.loglevel)
+    settings = _settings(
+        pool=args.pool, concurrency=args.concurrency, queue=args.queue, log_level=args.loglevel
+    )
     if settings.api_key is None:
         _console(stderr=True).print(
             "llm-worker run: LLM_WORKER_API_KEY is not set. A production worker needs the "
@@ -127,21 +128,31 @@ def _follow(job: Any, *, timeout: float | None, raw: bool) -> int:
                 out.flush()
             elif kind == ev.RETRY:
                 printed_text = False
-                err.print(f"\n[attempt {event['attempt']} failed: {event.get('reason')}; "
-                          f"retrying in {event.get('delay_s')} s, the answer restarts]", markup=False)
+                err.print(
+                    f"\n[attempt {event['attempt']} failed: {event.get('reason')}; "
+                    f"retrying in {event.get('delay_s')} s, the answer restarts]",
+                    markup=False,
+                )
             elif kind == ev.COMPLETED:
                 message = event["message"]
                 if not printed_text:
-                    out.write("".join(b.get("text", "") for b in message.get("content", [])
-                                      if b.get("type") == "text"))
+                    out.write(
+                        "".join(
+                            b.get("text", "")
+                            for b in message.get("content", [])
+                            if b.get("type") == "text"
+                        )
+                    )
                 for block in message.get("content", []):
                     if block.get("type") == "tool_use":
                         out.write(f"\n[tool_use {block['name']}: {json.dumps(block['input'])}]")
                 usage = message.get("usage", {})
                 out.write("\n")
-                err.print(f"[completed: {message.get('stop_reason')}, "
-                          f"{usage.get('input_tokens')} in / {usage.get('output_tokens')} out]",
-                          markup=False)
+                err.print(
+                    f"[completed: {message.get('stop_reason')}, "
+                    f"{usage.get('input_tokens')} in / {usage.get('output_tokens')} out]",
+                    markup=False,
+                )
                 return 0
             elif kind in ev.TERMINAL_TYPES:
                 err.print(f"\n[{kind}: {event.get('error')}]", markup=False)
@@ -209,9 +220,14 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from worker.simulator import SimulatorConfig, serve
 
-    config = SimulatorConfig(host=args.host, port=args.port, seed=args.seed,
-                             ttft_s=args.ttft_ms / 1000.0, tokens_per_s=args.tps,
-                             api_key=args.api_key)
+    config = SimulatorConfig(
+        host=args.host,
+        port=args.port,
+        seed=args.seed,
+        ttft_s=args.ttft_ms / 1000.0,
+        tokens_per_s=args.tps,
+        api_key=args.api_key,
+    )
     _console(stderr=True).print(f"simulator on http://{args.host}:{args.port}", markup=False)
     serve(config)
     return 0
@@ -220,19 +236,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_dev(args: argparse.Namespace) -> int:
     from worker.devstack import run_dev
 
-    return run_dev(concurrency=args.concurrency)
+    code: int = run_dev(concurrency=args.concurrency)
+    return code
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
-    return run_demo(jobs=args.jobs, concurrency=args.concurrency, tps=args.tps)
+    code: int = run_demo(jobs=args.jobs, concurrency=args.concurrency, tps=args.tps)
+    return code
 
 
 # -- parser ------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat list of every flag
     parser = argparse.ArgumentParser(
         prog="llm-worker",
         description="Queue Anthropic-style /messages calls on Redis and run them with Celery.",

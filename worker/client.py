@@ -1,9 +1,9 @@
 """The producer API: submit validated jobs, follow their events, read their results.
 
-    client = Client()                       # settings from the environment
-    job = client.submit(request)            # validated; nothing is written when invalid
-    for event in job.events(): ...          # replays from the start, ends at the terminal event
-    message = job.result(timeout=60)        # or JobFailed / JobCancelled / JobExpired / TimeoutError
+client = Client()                       # settings from the environment
+job = client.submit(request)            # validated; nothing is written when invalid
+for event in job.events(): ...          # replays from the start, ends at the terminal event
+message = job.result(timeout=60)        # or JobFailed / JobCancelled / JobExpired / TimeoutError
 """
 
 from __future__ import annotations
@@ -47,8 +47,12 @@ def request_sha(request: Mapping[str, Any]) -> str:
 def _check_options(job_id: Any, metadata: Any, prefix: str = "") -> list[dict[str, str]]:
     errors = []
     if job_id is not None and not (isinstance(job_id, str) and JOB_ID_PATTERN.match(job_id)):
-        errors.append({"loc": f"{prefix}job_id",
-                       "msg": "must be 1-128 characters of letters, digits, '_', '.', ':' or '-'"})
+        errors.append(
+            {
+                "loc": f"{prefix}job_id",
+                "msg": "must be 1-128 characters of letters, digits, '_', '.', ':' or '-'",
+            }
+        )
     if metadata is not None:
         if not isinstance(metadata, Mapping):
             errors.append({"loc": f"{prefix}metadata", "msg": "must be a JSON object"})
@@ -59,16 +63,25 @@ def _check_options(job_id: Any, metadata: Any, prefix: str = "") -> list[dict[st
                 errors.append({"loc": f"{prefix}metadata", "msg": f"not JSON-serialisable: {exc}"})
             else:
                 if size > MAX_METADATA_BYTES:
-                    errors.append({"loc": f"{prefix}metadata",
-                                   "msg": f"{size} bytes, over the limit of {MAX_METADATA_BYTES}"})
+                    errors.append(
+                        {
+                            "loc": f"{prefix}metadata",
+                            "msg": f"{size} bytes, over the limit of {MAX_METADATA_BYTES}",
+                        }
+                    )
     return errors
 
 
 class Client:
     """Submits jobs and reads them back. Thread-safe; one per process is plenty."""
 
-    def __init__(self, settings: Settings | None = None, *, redis_url: str | None = None,
-                 broker_url: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        redis_url: str | None = None,
+        broker_url: str | None = None,
+    ) -> None:
         overrides: dict[str, Any] = {}
         if redis_url is not None:
             overrides["redis_url"] = redis_url
@@ -85,7 +98,9 @@ class Client:
         broker = self.settings.effective_broker_url
         self._same_redis = broker == str(self.settings.redis_url)
         self._broker_redis = (
-            None if self._same_redis or not is_redis_broker(broker) else redis.Redis.from_url(broker)
+            None
+            if self._same_redis or not is_redis_broker(broker)
+            else redis.Redis.from_url(broker)
         )
 
     def close(self) -> None:
@@ -103,16 +118,25 @@ class Client:
 
     def _validate(self, request: Any, loc_prefix: str = "") -> dict[str, Any]:
         try:
-            return validate_request(request, allowed_models=self.settings.allowed_models,
-                                    max_request_bytes=self.settings.max_request_bytes)
+            return validate_request(
+                request,
+                allowed_models=self.settings.allowed_models,
+                max_request_bytes=self.settings.max_request_bytes,
+            )
         except RequestInvalid as exc:
             if not loc_prefix:
                 raise
-            raise RequestInvalid([{"loc": f"{loc_prefix}{e['loc']}", "msg": e["msg"]}
-                                  for e in exc.errors]) from None
+            raise RequestInvalid(
+                [{"loc": f"{loc_prefix}{e['loc']}", "msg": e["msg"]} for e in exc.errors]
+            ) from None
 
-    def submit(self, request: Mapping[str, Any], *, job_id: str | None = None,
-               metadata: Mapping[str, Any] | None = None) -> Job:
+    def submit(
+        self,
+        request: Mapping[str, Any],
+        *,
+        job_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Job:
         """Validate and enqueue one job; an existing ``job_id`` with the same request returns
         that job, with a different request raises :class:`JobConflict`."""
         return self.submit_many([request], job_ids=[job_id], metadata=[metadata])[0]
@@ -128,8 +152,7 @@ class Client:
         then create and enqueue all of them in one pipeline."""
         items = list(requests)
         ids = list(job_ids) if job_ids is not None else [None] * len(items)
-        metas = (list(metadata) if isinstance(metadata, Sequence)
-                 else [metadata] * len(items))
+        metas = list(metadata) if isinstance(metadata, Sequence) else [metadata] * len(items)
         if len(ids) != len(items) or len(metas) != len(items):
             raise ValueError("job_ids and metadata must have one entry per request")
         single = len(items) == 1
@@ -149,8 +172,9 @@ class Client:
             raise RequestInvalid([{"loc": "job_ids", "msg": "the same job_id appears twice"}])
         return self._enqueue(final_ids, validated, metas)
 
-    def _enqueue(self, ids: list[str], requests: list[dict[str, Any]],
-                 metas: list[Mapping[str, Any] | None]) -> list[Job]:
+    def _enqueue(
+        self, ids: list[str], requests: list[dict[str, Any]], metas: list[Mapping[str, Any] | None]
+    ) -> list[Job]:
         s = self.settings
         now = time.time()
         queued_ttl_s = int(s.job_deadline_s + s.result_ttl_s)
@@ -162,13 +186,24 @@ class Client:
             message = task_message(job_id, payload, queue=s.queue)
             messages.append((job_id, payload, message))
             keys = [self.keys.job(job_id)] + ([s.queue] if self._same_redis else [])
-            script(keys=keys, client=pipe, args=[
-                request_sha(request), now, request["model"], orjson.dumps(dict(meta or {})),
-                queued_ttl_s, message if self._same_redis else "", now + s.job_deadline_s,
-            ])
+            script(
+                keys=keys,
+                client=pipe,
+                args=[
+                    request_sha(request),
+                    now,
+                    request["model"],
+                    orjson.dumps(dict(meta or {})),
+                    queued_ttl_s,
+                    message if self._same_redis else "",
+                    now + s.job_deadline_s,
+                ],
+            )
         results = pipe.execute()
         created = []
-        for (job_id, payload, message), request, result in zip(messages, requests, results, strict=True):
+        for (job_id, payload, message), request, result in zip(
+            messages, requests, results, strict=True
+        ):
             if int(result[0]) == 1:
                 created.append((job_id, payload, message))
                 m.JOBS_SUBMITTED.labels(request["model"]).inc()
@@ -239,7 +274,9 @@ class Job:
             raise JobNotFound(self.job_id)
         return outcome in {"cancelled", "requested"}
 
-    def events(self, *, timeout: float | None = None, after: str = "0-0") -> Iterator[dict[str, Any]]:
+    def events(
+        self, *, timeout: float | None = None, after: str = "0-0"
+    ) -> Iterator[dict[str, Any]]:
         """Every event of the job in order, from the start (or after the stream id ``after``),
         following it live until the terminal event. ``timeout`` bounds the whole wait."""
         r = self.client.redis

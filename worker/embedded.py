@@ -54,8 +54,14 @@ def find_redis_server(source: Source = "auto") -> Path:
 class EmbeddedRedis:
     """``with EmbeddedRedis() as server: server.url``."""
 
-    def __init__(self, *, source: Source = "auto", port: int | None = None,
-                 appendonly: bool = False, data_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        source: Source = "auto",
+        port: int | None = None,
+        appendonly: bool = False,
+        data_dir: Path | None = None,
+    ) -> None:
         self.binary = find_redis_server(source)
         self.port = port or free_port()
         self.appendonly = appendonly
@@ -69,14 +75,32 @@ class EmbeddedRedis:
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
         args = [
-            str(self.binary), "--port", str(self.port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "yes" if self.appendonly else "no",
-            "--dir", str(self.data_dir), "--daemonize", "no", "--loglevel", "warning",
-            "--maxmemory-policy", "noeviction",
+            str(self.binary),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--dir",
+            str(self.data_dir),
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+            "--maxmemory-policy",
+            "noeviction",
         ]
         log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 - lives as long as the server
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
+        self.process = subprocess.Popen(
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         log.close()
         atexit.register(self.stop)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)

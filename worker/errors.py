@@ -71,9 +71,7 @@ class JobConflict(LLMWorkerError):
 
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
-        super().__init__(
-            f"job {job_id!r} exists with a different request; choose another job_id"
-        )
+        super().__init__(f"job {job_id!r} exists with a different request; choose another job_id")
 
 
 class JobNotFound(LLMWorkerError, KeyError):
@@ -96,7 +94,9 @@ class JobFailed(LLMWorkerError):
         self.error_type = str(error.get("type", "error"))
         self.status_code = error.get("status_code")
         status = f" (HTTP {self.status_code})" if self.status_code else ""
-        super().__init__(f"job {job_id} {self._verb}: {self.error_type}{status}: {error.get('message', '')}")
+        super().__init__(
+            f"job {job_id} {self._verb}: {self.error_type}{status}: {error.get('message', '')}"
+        )
 
     _verb = "failed"
 

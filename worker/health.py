@@ -47,7 +47,7 @@ def _on_shutdown(**_: Any) -> None:
     STATE.shutting_down = True
 
 
-class HeartbeatStep(bootsteps.StartStopStep):  # type: ignore[misc]
+class HeartbeatStep(bootsteps.StartStopStep):
     """A consumer step that ticks from the consumer's own event loop."""
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
@@ -64,16 +64,22 @@ class HeartbeatStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
 
 def alive() -> bool:
-    return STATE.ready and not STATE.shutting_down and time.monotonic() - STATE.last_poll < STALE_AFTER_S
+    return (
+        STATE.ready
+        and not STATE.shutting_down
+        and time.monotonic() - STATE.last_poll < STALE_AFTER_S
+    )
 
 
 def _make_handler(settings: Settings) -> type[BaseHTTPRequestHandler]:
     import redis
 
-    client = redis.Redis.from_url(str(settings.redis_url), socket_timeout=2, socket_connect_timeout=2)
+    client = redis.Redis.from_url(
+        str(settings.redis_url), socket_timeout=2, socket_connect_timeout=2
+    )
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        def do_GET(self) -> None:
             if self.path == "/metrics":
                 self._send(200, generate_latest(), CONTENT_TYPE_LATEST)
             elif self.path == "/healthz":
@@ -97,7 +103,7 @@ def _make_handler(settings: Settings) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: Any) -> None:
             return
 
     return Handler
@@ -107,7 +113,7 @@ def start_health_server(settings: Settings) -> ThreadingHTTPServer:
     from worker.celery_app import app
 
     app.steps["consumer"].add(HeartbeatStep)
-    server = ThreadingHTTPServer(("0.0.0.0", settings.metrics_port), _make_handler(settings))  # noqa: S104
+    server = ThreadingHTTPServer(("0.0.0.0", settings.metrics_port), _make_handler(settings))
     thread = threading.Thread(target=server.serve_forever, name="llmw-health", daemon=True)
     thread.start()
     return server

@@ -37,3 +37,13 @@ class Keys:
     def dead_letters(self) -> str:
         """Stream of jobs that could not be run, with the reason and the payload."""
         return f"{self.prefix}:dlq"
+
+    def limiter(self, limit_key: str, kind: str) -> str:
+        """Rate limiter state of one limit key (a model name, or ``default``).
+
+        ``kind`` is ``requests`` (sorted set: slot expiry by reservation id), ``input`` and
+        ``output`` (hashes: token bucket ``level``, ``updated_s``), ``leases`` (sorted set:
+        lease expiry by reservation id) or ``cooldown`` (string: server time it ends).
+        The limit key is a hash tag, so one key's state lives in one Redis Cluster slot.
+        """
+        return f"{self.prefix}:limiter:{{{limit_key}}}:{kind}"

@@ -37,13 +37,17 @@ class Redactor:
                     value = value.replace(secret, _REDACTED)
             return _BEARER.sub(r"\1" + _REDACTED, value)
         if isinstance(value, dict):
-            return {k: (_REDACTED if str(k).lower() in _SECRET_KEYS else self._clean(v))
-                    for k, v in value.items()}
+            return {
+                k: (_REDACTED if str(k).lower() in _SECRET_KEYS else self._clean(v))
+                for k, v in value.items()
+            }
         if isinstance(value, list | tuple):
             return [self._clean(v) for v in value]
         return value
 
-    def __call__(self, _logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    def __call__(
+        self, _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
         for key in list(event_dict):
             if key.lower() in _SECRET_KEYS:
                 event_dict[key] = _REDACTED

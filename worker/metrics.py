@@ -13,11 +13,38 @@ from prometheus_client import Counter, Gauge, Histogram
 # streamed completion), so the buckets run roughly geometrically from 50 ms to 15 minutes;
 # the default prometheus buckets stop at 10 s and would put most jobs in +Inf.
 LLM_LATENCY_BUCKETS_S = (
-    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    900.0,
 )
 # Time to first token and limiter waits are shorter: milliseconds to a couple of minutes.
 SHORT_LATENCY_BUCKETS_S = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
 )
 
 KNOWN_STATUSES = frozenset(
@@ -48,7 +75,8 @@ UPSTREAM_REQUESTS = Counter(
     ["model", "status"],
 )
 RETRIES = Counter(
-    "llm_worker_retries_total", "Upstream attempts that failed and were retried, by reason.",
+    "llm_worker_retries_total",
+    "Upstream attempts that failed and were retried, by reason.",
     ["model", "reason"],
 )
 JOB_DURATION = Histogram(

@@ -167,10 +167,15 @@ def validate_request(
         try:
             size = len(orjson.dumps(data))
         except TypeError as exc:
-            raise RequestInvalid([{"loc": "(request)", "msg": f"not JSON-serialisable: {exc}"}]) from None
+            raise RequestInvalid(
+                [{"loc": "(request)", "msg": f"not JSON-serialisable: {exc}"}]
+            ) from None
         if size > max_request_bytes:
             errors.append(
-                {"loc": "(request)", "msg": f"request is {size} bytes, over the limit of {max_request_bytes}"}
+                {
+                    "loc": "(request)",
+                    "msg": f"request is {size} bytes, over the limit of {max_request_bytes}",
+                }
             )
     try:
         parsed = MessagesRequest.model_validate(dict(data))
@@ -180,15 +185,21 @@ def validate_request(
     allowed = tuple(allowed_models)
     model = data.get("model")
     if allowed and isinstance(model, str) and model and model not in allowed:
-        errors.append({"loc": "model", "msg": f"model {model!r} is not one of {', '.join(allowed)}"})
+        errors.append(
+            {"loc": "model", "msg": f"model {model!r} is not one of {', '.join(allowed)}"}
+        )
     if parsed is not None and parsed.tool_choice is not None:
         if parsed.tool_choice.type == "tool" and not parsed.tool_choice.name:
-            errors.append({"loc": "tool_choice.name", "msg": "required when tool_choice.type is 'tool'"})
+            errors.append(
+                {"loc": "tool_choice.name", "msg": "required when tool_choice.type is 'tool'"}
+            )
         if parsed.tool_choice.type in {"any", "tool"} and not parsed.tools:
             errors.append({"loc": "tool_choice", "msg": "needs tools"})
         names = {tool.name for tool in parsed.tools or []}
         if parsed.tool_choice.name and parsed.tool_choice.name not in names:
-            errors.append({"loc": "tool_choice.name", "msg": f"no tool named {parsed.tool_choice.name!r}"})
+            errors.append(
+                {"loc": "tool_choice.name", "msg": f"no tool named {parsed.tool_choice.name!r}"}
+            )
     if errors or parsed is None:
         raise RequestInvalid(errors)
     result: dict[str, Any] = parsed.model_dump(mode="json", exclude_unset=True)

@@ -21,7 +21,9 @@ from worker.errors import PermanentUpstreamError, TransientUpstreamError, Upstre
 #: invent any); every other 4xx is the request's fault and would fail the same way again.
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 #: ``error`` events inside a 200 stream that are the provider's trouble, not the request's.
-RETRYABLE_STREAM_ERRORS = frozenset({"overloaded_error", "api_error", "rate_limit_error", "timeout_error"})
+RETRYABLE_STREAM_ERRORS = frozenset(
+    {"overloaded_error", "api_error", "rate_limit_error", "timeout_error"}
+)
 
 
 def status_reason(status_code: int) -> str:
@@ -84,9 +86,7 @@ def _error_body(body: bytes) -> tuple[str | None, str | None]:
     return None, None
 
 
-def error_from_response(
-    status_code: int, headers: Mapping[str, str], body: bytes
-) -> UpstreamError:
+def error_from_response(status_code: int, headers: Mapping[str, str], body: bytes) -> UpstreamError:
     """Classify a non-2xx response. ``x-should-retry`` overrides the status table."""
     error_type, message = _error_body(body)
     override = _should_retry_override(headers)
@@ -111,7 +111,9 @@ def error_from_stream_event(event: Mapping[str, Any]) -> UpstreamError:
     error = event.get("error") if isinstance(event.get("error"), dict) else {}
     assert isinstance(error, dict)
     error_type = str(error.get("type", "api_error"))
-    cls = TransientUpstreamError if error_type in RETRYABLE_STREAM_ERRORS else PermanentUpstreamError
+    cls = (
+        TransientUpstreamError if error_type in RETRYABLE_STREAM_ERRORS else PermanentUpstreamError
+    )
     return cls(
         str(error.get("message", "error event in stream")),
         error_type=error_type,
@@ -134,9 +136,9 @@ def backoff_delay_s(
     that workers that failed together do not retry together. A ``retry-after`` from the
     upstream wins when it asks for longer, up to ``retry_after_max_s``.
     """
-    rng = rng or random
+    draw = (rng or random.Random()).random()
     exponential = min(max_s, base_s * (2 ** max(0, attempt - 1)))
-    delay = exponential * (0.5 + 0.5 * rng.random())
+    delay: float = exponential * (0.5 + 0.5 * draw)
     if retry_after is not None:
         delay = max(delay, min(retry_after, retry_after_max_s))
     return delay

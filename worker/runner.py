@@ -26,8 +26,15 @@ log = structlog.get_logger("worker.runner")
 class JobRunner:
     """Runs one delivered job to its terminal event."""
 
-    def __init__(self, rt: Runtime, job_id: str, request: dict[str, Any], claim: Claim,
-                 *, submitted_at: float | None = None) -> None:
+    def __init__(
+        self,
+        rt: Runtime,
+        job_id: str,
+        request: dict[str, Any],
+        claim: Claim,
+        *,
+        submitted_at: float | None = None,
+    ) -> None:
         self.rt = rt
         self.settings = rt.settings
         self.job_id = job_id
@@ -69,7 +76,9 @@ class JobRunner:
         if ended:
             m.JOBS_FINISHED.labels(self.model, type_).inc()
             m.JOB_DURATION.labels(self.model, type_).observe(time.time() - self.started_at)
-            log.info("job_finished", outcome=type_, duration_s=round(time.time() - self.started_at, 3))
+            log.info(
+                "job_finished", outcome=type_, duration_s=round(time.time() - self.started_at, 3)
+            )
         else:
             log.info("job_already_finished", outcome=type_)
         return ended
@@ -81,8 +90,15 @@ class JobRunner:
             self._finish(ev.CANCELLED, self.claim.attempts)
             return
         if time.time() >= self.deadline_at:
-            self._finish(ev.EXPIRED, self.claim.attempts,
-                         error={"type": "expired", "message": "the job passed its deadline", "status_code": None})
+            self._finish(
+                ev.EXPIRED,
+                self.claim.attempts,
+                error={
+                    "type": "expired",
+                    "message": "the job passed its deadline",
+                    "status_code": None,
+                },
+            )
             return
         if self.submitted_at is not None and self.claim.deliveries == 1:
             m.QUEUE_WAIT.labels(self.model).observe(max(0.0, self.started_at - self.submitted_at))
@@ -105,8 +121,10 @@ class JobRunner:
                 mid_stream = self.seq > chunks_before
                 if mid_stream and not self.settings.retry_mid_stream and exc.retryable:
                     exc = PermanentUpstreamError(
-                        f"{exc.message} (mid-stream retries are off)", error_type=exc.error_type,
-                        status_code=exc.status_code, reason=exc.reason,
+                        f"{exc.message} (mid-stream retries are off)",
+                        error_type=exc.error_type,
+                        status_code=exc.status_code,
+                        reason=exc.reason,
                     )
                 if self._retry_or_fail(exc, attempt):
                     continue
@@ -124,17 +142,40 @@ class JobRunner:
             retry_after_max_s=self.settings.retry_after_max_s,
         )
         time_left_s = self.deadline_at - time.time()
-        if should_give_up(exc, attempt=attempt, max_attempts=self.settings.max_attempts,
-                          delay_s=delay_s, time_left_s=time_left_s):
-            log.warning("job_failed", reason=exc.reason, status_code=exc.status_code,
-                        error_type=exc.error_type, retryable=exc.retryable)
+        if should_give_up(
+            exc,
+            attempt=attempt,
+            max_attempts=self.settings.max_attempts,
+            delay_s=delay_s,
+            time_left_s=time_left_s,
+        ):
+            log.warning(
+                "job_failed",
+                reason=exc.reason,
+                status_code=exc.status_code,
+                error_type=exc.error_type,
+                retryable=exc.retryable,
+            )
             self._finish(ev.FAILED, attempt, error=exc.to_error())
             return False
         m.RETRIES.labels(self.model, exc.reason).inc()
-        log.info("upstream_retry_scheduled", reason=exc.reason, delay_s=round(delay_s, 3),
-                 status_code=exc.status_code)
-        self._publish([self._event(ev.RETRY, attempt, reason=exc.reason,
-                                   delay_s=round(delay_s, 3), error=exc.to_error())])
+        log.info(
+            "upstream_retry_scheduled",
+            reason=exc.reason,
+            delay_s=round(delay_s, 3),
+            status_code=exc.status_code,
+        )
+        self._publish(
+            [
+                self._event(
+                    ev.RETRY,
+                    attempt,
+                    reason=exc.reason,
+                    delay_s=round(delay_s, 3),
+                    error=exc.to_error(),
+                )
+            ]
+        )
         time.sleep(delay_s)
         return True
 

@@ -18,7 +18,7 @@ from worker.store import JobStore
 from worker.upstream import UpstreamClient
 
 
-def redis_client(settings: Settings, *, max_connections: int | None = None) -> redis.Redis:
+def redis_client(settings: Settings, *, max_connections: int | None = None) -> redis.Redis[bytes]:
     """A client whose pool blocks rather than fails when every connection is busy."""
     pool = redis.BlockingConnectionPool.from_url(
         str(settings.redis_url),
@@ -44,8 +44,8 @@ class Runtime:
 
 
 _lock = threading.Lock()
-_runtime: Runtime | None = None
-_pid: int | None = None
+#: This process's runtime, keyed by pid so that a forked child builds its own.
+_runtimes: dict[int, Runtime] = {}
 
 
 def build_runtime(settings: Settings) -> Runtime:
@@ -60,11 +60,12 @@ def build_runtime(settings: Settings) -> Runtime:
 
 def get_runtime(settings: Settings) -> Runtime:
     """This process's runtime, built once (and again after a fork)."""
-    global _runtime, _pid
     pid = os.getpid()
-    if _runtime is None or _pid != pid:
+    runtime = _runtimes.get(pid)
+    if runtime is None:
         with _lock:
-            if _runtime is None or _pid != pid:
-                _runtime = build_runtime(settings)
-                _pid = pid
-    return _runtime
+            runtime = _runtimes.get(pid)
+            if runtime is None:
+                _runtimes.clear()  # a parent's runtime is unusable after the fork
+                runtime = _runtimes[pid] = build_runtime(settings)
+    return runtime

@@ -1,4 +1,4 @@
-"""Every setting of the service, read once from the environment (prefix ``LLM_WORKER_``) or ``.env``.
+"""Every setting of the service, read once from the environment (``LLM_WORKER_*``) or ``.env``.
 
 Nothing else in the package reads the environment: a :class:`Settings` object is built at the
 edge (the CLI, the Celery app's configure hook, :class:`worker.Client`) and passed down.
@@ -118,6 +118,14 @@ class Settings(BaseSettings):
             return tuple(part.strip() for part in text.split(",") if part.strip())
         return value
 
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: Any) -> Any:
+        # docker-compose passes ``${LLM_WORKER_API_KEY:-}`` as an empty string: no key.
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_level(cls, value: Any) -> Any:
@@ -127,7 +135,10 @@ class Settings(BaseSettings):
     def _check_relations(self) -> Settings:
         if self.backoff_max_s < self.backoff_base_s:
             raise ValueError("backoff_max_s must be at least backoff_base_s")
-        if self.visibility_timeout_s is not None and self.visibility_timeout_s <= self.job_deadline_s:
+        if (
+            self.visibility_timeout_s is not None
+            and self.visibility_timeout_s <= self.job_deadline_s
+        ):
             raise ValueError(
                 "visibility_timeout_s must exceed job_deadline_s, or a running job is "
                 "delivered to a second worker"

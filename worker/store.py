@@ -17,8 +17,6 @@ import redis
 from worker import events as ev
 from worker.keys import Keys
 
-ClientLike = redis.Redis
-
 
 def load_lua(name: str) -> str:
     return (Path(__file__).parent / "lua" / name).read_text(encoding="utf-8")
@@ -47,7 +45,7 @@ class Claim:
 class JobStore:
     """Job state and events under one key prefix. Safe to share between threads/greenlets."""
 
-    def __init__(self, client: ClientLike, keys: Keys, *, result_ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis[bytes], keys: Keys, *, result_ttl_s: int) -> None:
         self.redis = client
         self.keys = keys
         self.result_ttl_s = result_ttl_s
@@ -80,7 +78,11 @@ class JobStore:
         )
 
     def publish(
-        self, job_id: str, events: list[dict[str, Any]], *, hash_fields: dict[str, Any] | None = None,
+        self,
+        job_id: str,
+        events: list[dict[str, Any]],
+        *,
+        hash_fields: dict[str, Any] | None = None,
         expire_s: int | None = None,
     ) -> None:
         """Append events to the job's stream and channel in one round trip."""
@@ -91,7 +93,7 @@ class JobStore:
             pipe.xadd(stream, {"data": data})
             pipe.publish(channel, data)
         if hash_fields:
-            pipe.hset(self.keys.job(job_id), mapping=hash_fields)
+            pipe.hset(self.keys.job(job_id), mapping=hash_fields)  # type: ignore[arg-type]
         if expire_s is not None:
             pipe.expire(stream, expire_s)
         pipe.execute()
@@ -109,7 +111,13 @@ class JobStore:
         """Write the terminal event and state; False when the job had ended already."""
         k = self.keys
         ended = self._finish(
-            keys=[k.job(job_id), k.events(job_id), k.channel(job_id), k.results_channel, k.result(job_id)],
+            keys=[
+                k.job(job_id),
+                k.events(job_id),
+                k.channel(job_id),
+                k.results_channel,
+                k.result(job_id),
+            ],
             args=[
                 event["type"],
                 ev.dumps(event),

@@ -33,23 +33,51 @@ def _fail_unrunnable(rt: Runtime, job_id: str, reason: str, message: str, payloa
     claim = rt.store.claim(job_id, worker=rt.hostname, model="", ttl_s=rt.settings.result_ttl_s)
     if claim.already_ended:
         return
-    event = ev.make_event(job_id, claim.last_seq + 1, claim.attempts, ev.FAILED,
-                          error={"type": reason, "message": message, "status_code": None})
+    event = ev.make_event(
+        job_id,
+        claim.last_seq + 1,
+        claim.attempts,
+        ev.FAILED,
+        error={"type": reason, "message": message, "status_code": None},
+    )
     rt.store.finish(job_id, event, error=event["error"])
     log.error("job_rejected", reason=reason, detail=message)
 
 
-@app.task(name=TASK_NAME, bind=True)  # type: ignore[untyped-decorator]
+@app.task(name=TASK_NAME, bind=True)
 def run_job(self: Any, *args: Any, **kwargs: Any) -> None:
-    """Run one job. The message carries ``[payload]`` with ``job_id``, ``request``, ``submitted_at``."""
+    """Run one job; the message carries ``[payload]``: job_id, request, submitted_at."""
     rt = _runtime()
     job_id = str(self.request.id)
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(job_id=job_id)
+    try:
+        _run(rt, job_id, args, kwargs)
+    except Exception as exc:
+        # A bug of ours: never retried (it would fail the same way), never left hanging.
+        log.exception("job_crashed")
+        try:
+            _fail_unrunnable(
+                rt,
+                job_id,
+                "internal_error",
+                f"{type(exc).__name__}: {exc}"[:500],
+                {"args": args, "kwargs": kwargs},
+            )
+        except Exception:
+            log.exception("job_crash_not_recorded")
+
+
+def _run(rt: Runtime, job_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     payload = args[0] if len(args) == 1 and not kwargs else None
     if not isinstance(payload, dict) or not isinstance(payload.get("request"), dict):
-        _fail_unrunnable(rt, job_id, "invalid_payload",
-                         "the queued message is not a job payload", {"args": args, "kwargs": kwargs})
+        _fail_unrunnable(
+            rt,
+            job_id,
+            "invalid_payload",
+            "the queued message is not a job payload",
+            {"args": args, "kwargs": kwargs},
+        )
         return
     try:
         request = validate_request(
@@ -62,14 +90,23 @@ def run_job(self: Any, *args: Any, **kwargs: Any) -> None:
         return
     model = request["model"]
     structlog.contextvars.bind_contextvars(model=model)
-    claim = rt.store.claim(job_id, worker=rt.hostname, model=model,
-                           ttl_s=int(rt.settings.job_deadline_s + rt.settings.result_ttl_s))
+    claim = rt.store.claim(
+        job_id,
+        worker=rt.hostname,
+        model=model,
+        ttl_s=int(rt.settings.job_deadline_s + rt.settings.result_ttl_s),
+    )
     if claim.already_ended:
         log.info("job_redelivered_after_end", state=claim.state_before)
         return
     submitted_at = payload.get("submitted_at")
-    JobRunner(rt, job_id, request, claim,
-              submitted_at=float(submitted_at) if isinstance(submitted_at, int | float) else None).run()
+    JobRunner(
+        rt,
+        job_id,
+        request,
+        claim,
+        submitted_at=float(submitted_at) if isinstance(submitted_at, int | float) else None,
+    ).run()
 
 
 def reject_undecodable(message: Any, exc: Exception) -> None:
@@ -83,13 +120,16 @@ def reject_undecodable(message: Any, exc: Exception) -> None:
         rt.store.dead_letter(job_id="", reason="undecodable_message", payload=_as_text(body))
         log.error("message_undecodable", detail=str(exc)[:200])
         return
-    _fail_unrunnable(rt, str(job_id), "undecodable_message", f"cannot decode the message: {exc}"[:500],
-                     _as_text(body))
+    _fail_unrunnable(
+        rt,
+        str(job_id),
+        "undecodable_message",
+        f"cannot decode the message: {exc}"[:500],
+        _as_text(body),
+    )
 
 
 def _as_text(body: Any) -> str:
     if isinstance(body, bytes):
         return body[:65_536].decode("utf-8", "replace")
     return str(body)[:65_536]
-
-

@@ -70,7 +70,7 @@ class UpstreamClient:
                 pool=settings.first_byte_timeout_s,
             ),
             # One connection per concurrent job; a bounded keep-alive pool, because httpcore's
-            # bookkeeping grows with idle connections (measured: see the README's performance notes).
+            # bookkeeping grows with the idle connections it keeps (see PERFORMANCE in README).
             limits=httpx.Limits(
                 max_connections=settings.concurrency,
                 max_keepalive_connections=min(settings.concurrency, 64),

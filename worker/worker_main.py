@@ -18,11 +18,16 @@ def run_worker(settings: Settings) -> int:
         start_health_server(settings)
     argv = [
         "worker",
-        "--pool", settings.pool,
-        "--concurrency", str(settings.concurrency),
-        "--queues", settings.queue,
-        "--hostname", f"llmw@{socket.gethostname()}",
-        "--loglevel", settings.log_level,
+        "--pool",
+        settings.pool,
+        "--concurrency",
+        str(settings.concurrency),
+        "--queues",
+        settings.queue,
+        "--hostname",
+        f"llmw@{socket.gethostname()}",
+        "--loglevel",
+        settings.log_level,
         # Gossip and mingle talk to every other worker at start; a job queue does not need them.
         "--without-gossip",
         "--without-mingle",

@@ -19,8 +19,12 @@ from worker.sse import DONE, SSEDecoder, parse_event
 
 def upstream_message(simulator_url: str, request: dict[str, Any]) -> dict[str, Any]:
     """What the upstream answers when called directly, without the queue."""
-    response = httpx.post(f"{simulator_url}/messages", json={**request, "stream": False},
-                          headers={"authorization": f"Bearer {TEST_API_KEY}"}, timeout=30)
+    response = httpx.post(
+        f"{simulator_url}/messages",
+        json={**request, "stream": False},
+        headers={"authorization": f"Bearer {TEST_API_KEY}"},
+        timeout=30,
+    )
     response.raise_for_status()
     message: dict[str, Any] = response.json()
     return message
@@ -30,8 +34,13 @@ def upstream_stream(simulator_url: str, request: dict[str, Any]) -> list[dict[st
     """The upstream's stream events when called directly."""
     decoder = SSEDecoder()
     out: list[dict[str, Any]] = []
-    with httpx.stream("POST", f"{simulator_url}/messages", json={**request, "stream": True},
-                      headers={"authorization": f"Bearer {TEST_API_KEY}"}, timeout=30) as response:
+    with httpx.stream(
+        "POST",
+        f"{simulator_url}/messages",
+        json={**request, "stream": True},
+        headers={"authorization": f"Bearer {TEST_API_KEY}"},
+        timeout=30,
+    ) as response:
         for raw in response.iter_bytes():
             for sse in decoder.decode(raw):
                 event = parse_event(sse)
@@ -45,10 +54,14 @@ def upstream_stream(simulator_url: str, request: dict[str, Any]) -> list[dict[st
 def _strip(message: dict[str, Any]) -> dict[str, Any]:
     # The simulator mints a fresh message id per call, and the SDK's accumulation (which we
     # mirror) adds ``stop_details: null``; everything else must match.
-    return {k: v for k, v in message.items() if k != "id" and not (k == "stop_details" and v is None)}
+    return {
+        k: v for k, v in message.items() if k != "id" and not (k == "stop_details" and v is None)
+    }
 
 
-def test_streamed_job_completes_with_the_upstream_message(client: Client, simulator_url: str) -> None:
+def test_streamed_job_completes_with_the_upstream_message(
+    client: Client, simulator_url: str
+) -> None:
     """A streamed job's result equals the upstream's own answer to the same request."""
     request = make_request("Tell me about queues")
     message = client.submit(request).result(timeout=30)
@@ -57,7 +70,9 @@ def test_streamed_job_completes_with_the_upstream_message(client: Client, simula
     assert message["stop_reason"] == "end_turn"
 
 
-def test_non_streamed_job_completes_with_started_and_completed_only(client: Client, simulator_url: str) -> None:
+def test_non_streamed_job_completes_with_started_and_completed_only(
+    client: Client, simulator_url: str
+) -> None:
     """A non-streamed job publishes started then completed, and no chunks."""
     request = make_request("No stream please", stream=False)
     job = client.submit(request, metadata={"batch": 7})
@@ -71,12 +86,15 @@ def test_non_streamed_job_completes_with_started_and_completed_only(client: Clie
     assert status["usage"] == events[-1]["message"]["usage"]
 
 
-def test_chunks_are_the_upstream_events_in_order_with_rising_seq(client: Client, simulator_url: str) -> None:
+def test_chunks_are_the_upstream_events_in_order_with_rising_seq(
+    client: Client, simulator_url: str
+) -> None:
     """Each upstream stream event becomes one chunk, in order; seq rises by one per event."""
     request = make_request("Count the chunks [[sim tokens=40]]")
     events = list(client.submit(request).events(timeout=30))
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
-    assert events[0]["type"] == ev.STARTED and events[-1]["type"] == ev.COMPLETED
+    assert events[0]["type"] == ev.STARTED
+    assert events[-1]["type"] == ev.COMPLETED
     chunks = [e["event"] for e in events if e["type"] == ev.CHUNK]
     direct = upstream_stream(simulator_url, request)
     assert [c["type"] for c in chunks] == [d["type"] for d in direct]
@@ -90,13 +108,20 @@ def test_chunks_are_the_upstream_events_in_order_with_rising_seq(client: Client,
 
 def test_tool_use_job_returns_the_parsed_tool_input(client: Client) -> None:
     """A job with tools completes with a tool_use block whose input satisfies the schema."""
-    tool = {"name": "get_weather", "description": "Weather for a city",
-            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
-                             "required": ["city"]}}
+    tool = {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "input_schema": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    }
     message = client.submit(make_request("Weather in Lisbon?", tools=[tool])).result(timeout=30)
     uses = [b for b in message["content"] if b["type"] == "tool_use"]
     assert message["stop_reason"] == "tool_use"
-    assert uses and uses[0]["name"] == "get_weather"
+    assert uses
+    assert uses[0]["name"] == "get_weather"
     assert isinstance(uses[0]["input"]["city"], str)
 
 
@@ -131,7 +156,9 @@ def test_stop_sequences_and_max_tokens_reach_the_upstream(client: Client) -> Non
 
 def test_submit_many_runs_two_hundred_jobs(client: Client) -> None:
     """200 jobs submitted in one pipeline all complete, each with its own answer."""
-    requests = [make_request(f"Job number {i} [[sim tokens=5]]", stream=i % 2 == 0) for i in range(200)]
+    requests = [
+        make_request(f"Job number {i} [[sim tokens=5]]", stream=i % 2 == 0) for i in range(200)
+    ]
     jobs = client.submit_many(requests)
     assert len({job.job_id for job in jobs}) == 200
     results = [job.result(timeout=120) for job in jobs]
@@ -143,8 +170,16 @@ def test_invalid_request_writes_nothing(client: Client) -> None:
     """An invalid request raises one error listing every bad field and writes nothing."""
     before = client.redis.dbsize()
     with pytest.raises(RequestInvalid) as info:
-        client.submit({"model": "deepseek-ai/DeepSeek-V3", "max_tokens": 0, "messages": [],
-                       "temperature": 9, "surprise": True}, job_id="bad-job-1")
+        client.submit(
+            {
+                "model": "deepseek-ai/DeepSeek-V3",
+                "max_tokens": 0,
+                "messages": [],
+                "temperature": 9,
+                "surprise": True,
+            },
+            job_id="bad-job-1",
+        )
     locs = {e["loc"] for e in info.value.errors}
     assert {"max_tokens", "messages", "temperature", "surprise"} <= locs
     assert client.redis.dbsize() == before
@@ -180,7 +215,9 @@ def test_job_events_are_also_published_live(client: Client) -> None:
     assert pubsub.get_message(timeout=5)["type"] == "subscribe"
     assert pubsub.get_message(timeout=5)["type"] == "subscribe"
     job = client.submit(make_request("live [[sim tokens=5]]"), job_id=job_id)
-    stream_events = [{k: v for k, v in e.items() if k != "stream_id"} for e in job.events(timeout=30)]
+    stream_events = [
+        {k: v for k, v in e.items() if k != "stream_id"} for e in job.events(timeout=30)
+    ]
     live: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
     while len(live) < len(stream_events) or not results:

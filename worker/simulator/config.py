@@ -1,57 +1,143 @@
 """Settings of the fake Anthropic-compatible upstream.
 
-One frozen value object, built by the CLI (``llm-worker simulate``) or by a test, and
+Frozen value objects, built by the CLI (``llm-worker simulate``) or by a test, and
 passed down to :func:`worker.simulator.app.create_app`. Nothing here reads the
-environment.
-
-The fault mix and rate limits are reserved for a later change: their fields exist so that
-callers can already be written against the final shape, and the request handler has a
-single "fault decision" step (:func:`worker.simulator.app.decide_fault`) where they will
-be consulted. Today that step never injects anything.
+environment. :meth:`FaultMix.from_json` and :meth:`RateLimits.from_json` parse the CLI's
+``--faults`` / limit options and raise ValueError with a message fit for the user.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-# Fault kinds the later fault mix will understand; listed here so names are settled once.
-FAULT_KINDS: frozenset[str] = frozenset(
-    {
-        "rate_limited",  # 429 with retry-after
-        "server_error",  # 500
-        "bad_gateway",  # 502
-        "unavailable",  # 503
-        "overloaded",  # 529 overloaded_error
-        "reset",  # connection reset before the response
-        "cut",  # stream cut mid-answer
-        "error_event",  # `event: error` mid-stream
-        "malformed",  # malformed SSE
-        "stall",  # stream stops sending but stays open
-        "drip",  # very slow token drip
-    }
+import orjson
+
+# Every fault kind, in the order the fault mix lays its probabilities end to end (so the
+# same seed picks the same kinds). Status faults answer before any byte of the body;
+# mid-stream faults act after about half of the answer's deltas. See worker.simulator.faults.
+FAULT_KINDS: tuple[str, ...] = (
+    "429",  # rate_limit_error with retry-after / retry-after-ms
+    "500",  # api_error
+    "502",  # api_error
+    "503",  # api_error
+    "529",  # overloaded_error
+    "reset",  # connection dropped before any response
+    "cut",  # stream cut mid-answer, no message_stop
+    "error_event",  # `event: error` (overloaded_error) mid-stream, then the end
+    "malformed",  # a data line of broken JSON mid-stream, then the end
+    "stall",  # silence for stall_s mid-stream, then the rest
+    "slow",  # one delta every slow_gap_s; completes
 )
+_FAULT_PARAMS = ("retry_after_s", "stall_s", "slow_gap_s")
 
 
 @dataclass(frozen=True, slots=True)
 class FaultMix:
-    """Probability of each fault kind per request (reserved; not applied yet)."""
+    """Probability of each fault kind per request, and the faults' timing.
 
-    rates: tuple[tuple[str, float], ...] = ()
+    ``rates`` maps kinds of :data:`FAULT_KINDS` to probabilities in 0..1 whose sum is at
+    most 1; the rest is the chance of no fault. It is stored as a tuple of pairs in
+    :data:`FAULT_KINDS` order, so a mix is hashable and draws are reproducible.
+    ``retry_after_s`` is the injected 429's retry-after, ``stall_s`` the silence of a stall,
+    ``slow_gap_s`` the gap between deltas of a slow answer.
+    """
+
+    rates: Mapping[str, float] | tuple[tuple[str, float], ...] = ()
+    retry_after_s: float = 1.0
+    stall_s: float = 30.0
+    slow_gap_s: float = 0.5
 
     def __post_init__(self) -> None:
-        for kind, rate in self.rates:
+        given = dict(self.rates)
+        for kind, rate in given.items():
             if kind not in FAULT_KINDS:
-                raise ValueError(f"unknown fault kind {kind!r}")
+                raise ValueError(f"unknown fault kind {kind!r}; expected one of {FAULT_KINDS}")
+            if isinstance(rate, bool) or not isinstance(rate, int | float):
+                raise ValueError(f"fault rate for {kind!r} must be a number, got {rate!r}")
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"fault rate for {kind!r} must be within 0..1, got {rate}")
+        total = math.fsum(given.values())
+        if total > 1.0 + 1e-9:
+            raise ValueError(f"fault rates must sum to at most 1, got {total:g}")
+        for name in _FAULT_PARAMS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.slow_gap_s <= 0:
+            raise ValueError(f"slow_gap_s must be > 0, got {self.slow_gap_s}")
+        ordered = tuple((k, float(given[k])) for k in FAULT_KINDS if given.get(k, 0.0) > 0)
+        object.__setattr__(self, "rates", ordered)
+
+    @classmethod
+    def from_json(cls, text: str, **params: float) -> FaultMix:
+        """Parse ``{"429": 0.1, "reset": 0.01}``; ``params`` set the timing fields.
+
+        The object may also carry ``retry_after_s``, ``stall_s`` and ``slow_gap_s``;
+        keyword arguments win over them.
+        """
+        raw = _json_object(text, "fault mix", example='{"429": 0.1, "500": 0.05}')
+        timing = {name: raw.pop(name) for name in _FAULT_PARAMS if name in raw}
+        return cls(rates=raw, **(timing | params))
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any kind has a non-zero rate."""
+        return bool(self.rates)
 
 
 @dataclass(frozen=True, slots=True)
 class RateLimits:
-    """The simulator's own limits (reserved; not applied yet). None means unlimited."""
+    """The simulator's own limits over a sliding ``window_s``; None means unlimited.
 
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
+    ``rpm`` caps the requests admitted in any window, ``tpm`` their tokens (the prompt's
+    input tokens plus the answer's output tokens).
+    """
+
+    rpm: int | None = None
+    tpm: int | None = None
+    window_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("rpm", "tpm"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        window = self.window_s
+        if isinstance(window, bool) or not isinstance(window, int | float):
+            raise ValueError(f"window_s must be a number, got {window!r}")
+        if not 0 < window < math.inf:
+            raise ValueError(f"window_s must be a finite number > 0, got {window}")
+
+    @classmethod
+    def from_json(cls, text: str) -> RateLimits:
+        """Parse ``{"rpm": 50, "tpm": 40000, "window_s": 60}`` (every key optional)."""
+        raw = _json_object(text, "rate limits", example='{"rpm": 50, "tpm": 40000}')
+        unknown = sorted(set(raw) - {"rpm", "tpm", "window_s"})
+        if unknown:
+            raise ValueError(f"unknown rate limit {unknown[0]!r}; expected rpm, tpm, window_s")
+        return cls(**raw)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any limit applies."""
+        return self.rpm is not None or self.tpm is not None
+
+
+def _json_object(text: str, what: str, *, example: str) -> dict[str, Any]:
+    try:
+        raw = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"{what} is not valid JSON ({exc}); expected e.g. {example}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{what} must be a JSON object, e.g. {example}")
+    return raw
 
 
 @dataclass(frozen=True, slots=True)

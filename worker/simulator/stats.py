@@ -8,12 +8,20 @@ The JSON shape of :meth:`Stats.snapshot`::
 
     {"requests": int, "by_status": {"200": int, ...}, "in_flight": int,
      "max_in_flight": int, "first_request_ts": float | null, "last_request_ts": float | null,
+     "faults": {"429": int, "cut": int, ...}, "rate_limited": int,
+     "accepted_per_s": {"<unix second>": int, ...},
      "requests_log": [{"ts", "status", "model", "stream", "path", "first_byte_ts",
-                       "end_ts"}, ...]}
+                       "end_ts", "fault", "rate_limited"}, ...]}
 
 Times are Unix seconds (``time.time()``). ``status`` is null and ``end_ts`` null while a
 request is in flight; a streamed request ends when its last byte is written or its
-client goes away.
+client goes away. ``status`` 0 means no response at all (the ``reset`` fault).
+
+``faults`` counts injected faults by kind (only kinds that occurred); ``rate_limited``
+counts 429s from the simulator's own limits, which are not faults. ``accepted_per_s``
+counts, per whole Unix second, the requests the rate limiter admitted (every valid
+request when there are no limits), injected faults included: a benchmark sums 60
+consecutive seconds to find the busiest window.
 """
 
 from __future__ import annotations
@@ -26,7 +34,17 @@ from typing import Any
 class RequestRecord:
     """One request's entry in the log; filled in as the request progresses."""
 
-    __slots__ = ("end_ts", "first_byte_ts", "model", "path", "status", "stream", "ts")
+    __slots__ = (
+        "end_ts",
+        "fault",
+        "first_byte_ts",
+        "model",
+        "path",
+        "rate_limited",
+        "status",
+        "stream",
+        "ts",
+    )
 
     def __init__(self, path: str, ts: float) -> None:
         self.ts = ts
@@ -36,6 +54,8 @@ class RequestRecord:
         self.stream = False
         self.first_byte_ts: float | None = None
         self.end_ts: float | None = None
+        self.fault: str | None = None
+        self.rate_limited = False
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -46,6 +66,8 @@ class RequestRecord:
             "path": self.path,
             "first_byte_ts": self.first_byte_ts,
             "end_ts": self.end_ts,
+            "fault": self.fault,
+            "rate_limited": self.rate_limited,
         }
 
 
@@ -64,6 +86,9 @@ class Stats:
         self.max_in_flight = self.in_flight
         self.first_request_ts: float | None = None
         self.last_request_ts: float | None = None
+        self.faults: dict[str, int] = {}
+        self.rate_limited = 0
+        self.accepted_per_s: dict[int, int] = {}
         self._log.clear()
 
     def begin(self, path: str) -> RequestRecord:
@@ -78,6 +103,21 @@ class Stats:
         self.last_request_ts = now
         self._log.append(record)
         return record
+
+    def accept(self, now: float) -> None:
+        """Count a request admitted by the rate limiter, in its Unix second."""
+        second = int(now)
+        self.accepted_per_s[second] = self.accepted_per_s.get(second, 0) + 1
+
+    def fault(self, record: RequestRecord, kind: str) -> None:
+        """Count a fault injected into the request of ``record``."""
+        record.fault = kind
+        self.faults[kind] = self.faults.get(kind, 0) + 1
+
+    def limited(self, record: RequestRecord) -> None:
+        """Count a request refused by the rate limiter."""
+        record.rate_limited = True
+        self.rate_limited += 1
 
     def end(self, record: RequestRecord, status: int) -> None:
         """Count a request whose response is complete (or abandoned by its client)."""
@@ -98,5 +138,8 @@ class Stats:
             "max_in_flight": self.max_in_flight,
             "first_request_ts": self.first_request_ts,
             "last_request_ts": self.last_request_ts,
+            "faults": dict(sorted(self.faults.items())),
+            "rate_limited": self.rate_limited,
+            "accepted_per_s": {str(s): n for s, n in sorted(self.accepted_per_s.items())},
             "requests_log": [r.as_json() for r in self._log] if with_log else [],
         }
