@@ -59,7 +59,7 @@ def task_message(job_id: str, payload: dict[str, Any], *, queue: str) -> bytes:
             "correlation_id": job_id,
             "reply_to": "",
             "delivery_mode": 2,
-            "delivery_info": {"exchange": queue, "routing_key": queue},
+            "delivery_info": {"exchange": "", "routing_key": queue},
             "priority": 0,
             "body_encoding": "base64",
             "delivery_tag": str(uuid.uuid4()),

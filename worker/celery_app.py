@@ -19,7 +19,11 @@ TASK_NAME = "llmw.run_job"
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The runtime defaults: late acks, prefetch 1, JSON only, our own results in Redis."""
     visibility_s = settings.effective_visibility_timeout_s
+    broker = settings.effective_broker_url
+    hardened = broker.split("://", 1)[0] in {"redis", "rediss"}
     return {
+        # Our subclass of kombu's Redis transport survives garbage on the queue.
+        "broker_transport": "worker.transport:Transport" if hardened else None,
         "broker_url": settings.effective_broker_url,
         "broker_connection_retry_on_startup": True,
         # Every greenlet acks its own message; a pool smaller than the concurrency fails
