@@ -119,6 +119,8 @@ def _follow(job: Any, *, timeout: float | None, raw: bool) -> int:
             if raw:
                 out.write(json.dumps(event) + "\n")
                 out.flush()
+                if event["type"] in ev.TERMINAL_TYPES:
+                    return 0 if event["type"] == ev.COMPLETED else EXIT_FAILED
                 continue
             kind = event["type"]
             if kind == ev.CHUNK:

