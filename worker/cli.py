@@ -107,7 +107,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return _follow(job, timeout=args.timeout, raw=False)
 
 
-def _follow(job: Any, *, timeout: float | None, raw: bool) -> int:
+def _follow(job: Any, *, timeout: float | None, raw: bool) -> int:  # noqa: PLR0911, PLR0912 - one branch per event type
     """Print a job's text as it streams; a retry starts the answer again, visibly."""
     from worker import events as ev
     from worker.errors import JobNotFound
