@@ -19,6 +19,7 @@ from tests.support import (
 )
 from worker.client import Client
 from worker.embedded import EmbeddedRedis
+from worker.settings import SEED_MODELS
 
 # A developer's own settings must not leak into the suite.
 for _name in [n for n in os.environ if n.startswith("LLM_WORKER_")]:
@@ -40,7 +41,7 @@ def redis_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def simulator_url() -> Iterator[str]:
     """The fake upstream, in its own process, accepting only the test key."""
-    proc, url = start_simulator()
+    proc, url = start_simulator("--models", ",".join(SEED_MODELS))
     yield url
     stop_process(proc)
 

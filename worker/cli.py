@@ -220,8 +220,18 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from worker.simulator import SimulatorConfig, serve
+    from worker.simulator import FaultMix, RateLimits, SimulatorConfig, serve
 
+    try:
+        faults = (
+            FaultMix.from_json(args.faults, retry_after_s=args.retry_after_s)
+            if args.faults
+            else FaultMix()
+        )
+        limits = RateLimits(rpm=args.rpm, tpm=args.tpm)
+    except ValueError as exc:
+        _console(stderr=True).print(f"llm-worker simulate: {exc}", markup=False)
+        return EXIT_USAGE
     config = SimulatorConfig(
         host=args.host,
         port=args.port,
@@ -229,6 +239,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         ttft_s=args.ttft_ms / 1000.0,
         tokens_per_s=args.tps,
         api_key=args.api_key,
+        faults=faults,
+        rate_limits=limits,
+        models=tuple(m.strip() for m in (args.models or "").split(",") if m.strip()),
     )
     _console(stderr=True).print(f"simulator on http://{args.host}:{args.port}", markup=False)
     serve(config)
@@ -305,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat list 
     sim.add_argument("--ttft-ms", type=float, default=50.0)
     sim.add_argument("--tps", type=float, default=0.0, help="tokens per second (0 = no delay)")
     sim.add_argument("--api-key", help="the only Bearer token accepted (default: any)")
+    sim.add_argument("--faults", help='fault mix as JSON, e.g. {"429": 0.1, "cut": 0.02}')
+    sim.add_argument("--retry-after-s", type=float, default=1.0, help="retry-after of 429 faults")
+    sim.add_argument("--rpm", type=int, help="requests per minute before 429")
+    sim.add_argument("--tpm", type=int, help="tokens per minute before 429")
+    sim.add_argument("--models", help="comma-separated models served (default: any)")
     sim.set_defaults(func=cmd_simulate)
 
     dev = sub.add_parser("dev", help="embedded Redis + simulator + worker; stays up")

@@ -41,15 +41,24 @@ class SettingsError(LLMWorkerError):
         super().__init__(f"invalid settings:\n{lines}")
 
     @classmethod
-    def from_validation(cls, exc: ValidationError, env_prefix: str) -> SettingsError:
+    def from_validation(
+        cls, exc: ValidationError, env_prefix: str, fields: Iterable[str] = ()
+    ) -> SettingsError:
         problems: list[tuple[str, str]] = []
         for error in exc.errors():
             loc = [str(part) for part in error["loc"]]
             field = loc[0] if loc else ""
+            if not field:
+                # A check across fields has no location; its message starts with the field
+                # the user should change.
+                words = str(error["msg"]).replace("Value error, ", "").split()
+                field = next((w for w in words if w in set(fields)), "")
             name = (env_prefix + field.upper()) if field else f"{env_prefix}* (settings as a whole)"
             detail = ".".join(loc[1:])
             message = error["msg"] + (f" (at {detail})" if detail else "")
-            if field not in _SECRET_FIELDS and "input" in error and field:
+            # Only a located error's input is that field's value; a cross-field error's input
+            # is every setting, the API key included.
+            if loc and field not in _SECRET_FIELDS and "input" in error:
                 shown = repr(error["input"])
                 message += f"; got {shown[:80]}"
             problems.append((name, message))

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from worker.errors import RequestInvalid
 
@@ -97,11 +97,6 @@ class ToolChoice(_Strict):
     name: ToolName | None = None
     disable_parallel_tool_use: bool | None = None
 
-    @field_validator("name")
-    @classmethod
-    def _name_only_for_tool(cls, value: str | None) -> str | None:
-        return value
-
 
 class MessagesRequest(_Strict):
     """One ``POST /messages`` body."""
@@ -126,25 +121,69 @@ def _loc(parts: Iterable[int | str]) -> str:
     return text or "(request)"
 
 
-def _is_union_tag(part: int | str) -> bool:
-    # Pydantic names each member of a failed union in the location (``constrained-str``,
-    # ``list[...]``, ``function-after[...]``); field names never contain ``-`` or ``[``.
-    return isinstance(part, str) and ("-" in part or "[" in part or part in _TYPE_TAGS)
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "constrained-str"})
 
 
-_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict"})
+def _tag_like(part: str) -> bool:
+    return "[" in part or "-" in part or part in _TYPE_TAGS
 
 
-def _collect(exc: ValidationError) -> list[dict[str, str]]:
-    """One entry per bad field; a union's several complaints about one field are joined."""
-    by_loc: dict[str, list[str]] = {}
+def _branch_matches(tag: str, value: Any) -> bool:
+    if tag.startswith("list"):
+        return isinstance(value, list)
+    if tag in {"str", "constrained-str"}:
+        return isinstance(value, str)
+    return True
+
+
+def _clean(data: Any, loc: tuple[int | str, ...]) -> tuple[str, str | None, bool]:
+    """Drop pydantic's union-member tags from ``loc`` by walking the input alongside it.
+
+    Returns the user-facing location, the location of the union (if one was crossed), and
+    whether the error belongs to the union member that matches the input's type.
+    """
+    current: Any = data
+    out: list[int | str] = []
+    tagged: set[int] = set()
+    union_at: str | None = None
+    matches = True
+    for part in loc:
+        if isinstance(part, int):
+            out.append(part)
+            current = current[part] if isinstance(current, list) and part < len(current) else None
+        elif (
+            isinstance(current, dict) and current.get("type") == part and id(current) not in tagged
+        ):
+            tagged.add(id(current))  # the discriminator's tag of a content block
+        elif isinstance(current, dict) and part in current:
+            out.append(part)
+            current = current[part]
+        elif not isinstance(current, dict) and _tag_like(part):
+            union_at = union_at or _loc(out)
+            matches = matches and _branch_matches(part, current)
+        else:
+            out.append(part)
+            current = None
+    return _loc(out), union_at, matches
+
+
+def _collect(exc: ValidationError, data: Any) -> list[dict[str, str]]:
+    """One entry per bad field. Of a union's complaints, those of the member that matches the
+    input's type are kept (a list's errors for a list); when none matches, all are joined."""
+    entries = []
     for error in exc.errors():
-        parts = [p for p in error["loc"] if not _is_union_tag(p)]
+        loc, union_at, matches = _clean(data, error["loc"])
         if error["type"] == "extra_forbidden":
-            msg = f"unknown field {parts[-1]!r} is not allowed"
+            msg = f"unknown field {error['loc'][-1]!r} is not allowed"
         else:
             msg = str(error["msg"])
-        messages = by_loc.setdefault(_loc(parts), [])
+        entries.append((loc, msg, union_at, matches))
+    matched_unions = {u for _l, _m, u, ok in entries if u is not None and ok}
+    by_loc: dict[str, list[str]] = {}
+    for loc, msg, union_at, matches in entries:
+        if not matches and union_at in matched_unions:
+            continue
+        messages = by_loc.setdefault(loc, [])
         if msg not in messages:
             messages.append(msg)
     return [{"loc": loc, "msg": "; or ".join(msgs)} for loc, msgs in by_loc.items()]
@@ -180,7 +219,7 @@ def validate_request(
     try:
         parsed = MessagesRequest.model_validate(dict(data))
     except ValidationError as exc:
-        errors.extend(_collect(exc))
+        errors.extend(_collect(exc, data))
         parsed = None
     allowed = tuple(allowed_models)
     model = data.get("model")

@@ -6,6 +6,7 @@ edge (the CLI, the Celery app's configure hook, :class:`worker.Client`) and pass
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -20,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 from worker.errors import SettingsError
 
@@ -168,4 +170,9 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        raise SettingsError.from_validation(exc, ENV_PREFIX) from None
+        raise SettingsError.from_validation(exc, ENV_PREFIX, Settings.model_fields) from None
+    except PydanticSettingsError as exc:
+        # Raised before validation when a complex value (JSON) does not parse.
+        match = re.search(r'field "(\w+)"', str(exc))
+        name = ENV_PREFIX + (match.group(1).upper() if match else "*")
+        raise SettingsError([(name, "is not valid JSON")]) from None

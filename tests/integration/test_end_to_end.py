@@ -230,3 +230,20 @@ def test_job_events_are_also_published_live(client: Client) -> None:
     pubsub.close()
     assert live == stream_events
     assert [r for r in results if r["job_id"] == job_id] == [stream_events[-1]]
+
+
+def test_upstream_400_ends_the_job_failed_without_a_retry(
+    client: Client, simulator_url: str
+) -> None:
+    """A 400 from the upstream is final: one attempt, failed with the upstream's error."""
+    before = httpx.get(f"{simulator_url}/stats", params={"log": 0}, timeout=5).json()["by_status"]
+    job = client.submit({**make_request("hi"), "model": "no-such/model"})
+    events = list(job.events(timeout=30))
+    assert [e["type"] for e in events] == [ev.STARTED, ev.FAILED]
+    error = events[-1]["error"]
+    assert error["status_code"] == 400
+    assert error["type"] == "invalid_request_error"
+    assert "does not exist" in error["message"]
+    assert job.status()["attempts"] == 1
+    after = httpx.get(f"{simulator_url}/stats", params={"log": 0}, timeout=5).json()["by_status"]
+    assert after.get("400", 0) - before.get("400", 0) == 1

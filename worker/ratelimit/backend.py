@@ -18,6 +18,7 @@ Limits are "per minute" in :class:`~worker.settings.RateLimit`; the period is
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -98,6 +99,4 @@ class Backend(Protocol):
 
 def new_reservation_id() -> str:
     """A random id for a reservation; unique across workers without a round trip."""
-    import uuid
-
     return uuid.uuid4().hex

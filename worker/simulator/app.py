@@ -9,23 +9,29 @@ Routes:
 A request to ``/messages`` goes through these steps, in order; each may answer early:
 
 1. authenticate (401 ``authentication_error``);
-2. parse and validate (400 ``invalid_request_error``, see :mod:`.validation`);
-3. generate the answer (pure, :mod:`.textgen`), directives included;
-4. decide a fault (:func:`decide_fault`; the fault mix and rate limits will act here,
-   either answering early with an error status or rewriting the frame plan);
-5. respond: JSON after the full answer's delay, or SSE frames on their schedule.
+2. parse and validate (400 ``invalid_request_error``, see :mod:`.validation`), directives
+   included;
+3. generate the answer (pure, :mod:`.textgen`);
+4. admit it under the rate limits (429 ``rate_limit_error``, see :mod:`.limits`);
+5. decide a fault (:mod:`.faults`): answer early with an error status, drop the
+   connection, or rewrite the frame plan;
+6. respond: JSON after the full answer's delay, or SSE frames on their schedule.
 
-Every response carries a ``request-id`` header.
+Every response carries a ``request-id`` header. ``POST /stats/reset`` clears the counters
+only: the rate limiter's window, the fault mix's generator and the ``fault_times`` counts
+carry on.
+
+Responses, and how the ``reset`` and ``cut`` faults drop a connection, live in
+:mod:`.responses`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import os
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -36,94 +42,21 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from worker.simulator import textgen, wire
+from worker.simulator import faults, textgen, wire
 from worker.simulator.config import SimulatorConfig
+from worker.simulator.faults import Fault, FaultDecider
+from worker.simulator.limits import SlidingWindowLimiter, retry_after_headers
+from worker.simulator.responses import (
+    JSON,
+    RAW_SEND_KEY,
+    CutBodyResponse,
+    DropResponse,
+    SSEResponse,
+    error_response,
+    new_id,
+)
 from worker.simulator.stats import RequestRecord, Stats
 from worker.simulator.validation import validate
-
-JSON = "application/json"
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    500: "api_error",
-}
-
-
-@dataclass(frozen=True, slots=True)
-class Fault:
-    """A fault chosen for one request. Reserved: nothing produces one yet."""
-
-    kind: str
-    at_delta: int | None = None
-
-
-def decide_fault(config: SimulatorConfig, generation: textgen.Generation) -> Fault | None:
-    """The fault to inject into this request, if any (reserved: always None today).
-
-    The later fault mix draws from ``config.faults`` (and ``fault=`` in the directives'
-    ``extra``), and the rate limiter from ``config.rate_limits``, right here.
-    """
-    return None
-
-
-def new_id(prefix: str) -> str:
-    """A random id like the upstream's (``msg_…``, ``req_…``)."""
-    return prefix + os.urandom(12).hex()
-
-
-def error_response(status: int, message: str, error_type: str | None = None) -> Response:
-    """The upstream's error body: ``{"type": "error", "error": {"type", "message"}}``."""
-    kind = error_type or ERROR_TYPES.get(status, "api_error")
-    body = orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
-    return Response(body, status, {"request-id": new_id("req_")}, JSON)
-
-
-class SSEResponse(Response):
-    """Writes a frame plan on its schedule and reports the first byte and the end.
-
-    Starlette's StreamingResponse runs a task group per response to watch for the
-    client leaving; with thousands of streams that is real cost. Here the watch is one
-    pending ``receive()``, started only if the plan has to wait at all.
-    """
-
-    media_type = "text/event-stream"
-
-    def __init__(
-        self,
-        frames: list[wire.Frame],
-        on_first_byte: Callable[[], None],
-        on_end: Callable[[], None],
-    ) -> None:
-        self.frames = frames
-        self.status_code = 200
-        self.background = None
-        self.on_first_byte = on_first_byte
-        self.on_end = on_end
-        self.init_headers({"request-id": new_id("req_"), "cache-control": "no-cache"})
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        gone: asyncio.Future[Any] | None = None
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            for number, frame in enumerate(self.frames):
-                delay = started + frame.at_s - loop.time()
-                if delay > 0:
-                    gone = gone or asyncio.ensure_future(receive())
-                    await asyncio.sleep(delay)
-                    if gone.done():  # the client left: stop spending time on it
-                        return
-                await send({"type": "http.response.body", "body": frame.data, "more_body": True})
-                if number == 0:
-                    self.on_first_byte()
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            if gone is not None:
-                gone.cancel()
-            self.on_end()
 
 
 class Simulator:
@@ -132,6 +65,12 @@ class Simulator:
     def __init__(self, config: SimulatorConfig) -> None:
         self.config = config
         self.stats = Stats(config.stats_log_size)
+        self.faults = FaultDecider(config.faults, config.seed)
+        limits = config.rate_limits
+        self.limiter = SlidingWindowLimiter(limits) if limits.enabled else None
+        # The limiter runs on the monotonic clock; accepted_per_s buckets are that clock
+        # shifted to Unix time, so both count the very same windows.
+        self._wall_offset_s = time.time() - time.monotonic()
 
     async def messages(self, request: Request) -> Response:
         record = self.stats.begin(request.url.path)
@@ -152,28 +91,100 @@ class Simulator:
         except orjson.JSONDecodeError as exc:
             return error_response(400, f"request body is not valid JSON: {exc}")
         problem = validate(body)
+        models = self.config.models
+        if problem is None and models and body["model"] not in models:
+            problem = f"model: {body['model']!r} does not exist"
         if problem is not None:
             return error_response(400, problem)
         record.model = body["model"]
         record.stream = bool(body.get("stream"))
+        generation = self._generate(body)
+        if isinstance(generation, Response):
+            return generation
+        refused = self._admit(generation, record)
+        if refused is not None:
+            return refused
+        return await self._respond(body, generation, record)
+
+    async def _respond(
+        self, body: dict[str, Any], generation: textgen.Generation, record: RequestRecord
+    ) -> Response:
+        """Decide the request's fault, then answer accordingly."""
+        seed = self.config.seed
+        extra = generation.directives.extra
+        fault = self.faults.decide(extra, lambda: textgen.request_digest(seed, body))
+        if fault is not None:
+            self.stats.fault(record, fault.kind)
+            early = self._early_fault(fault)
+            if early is not None:
+                return early
+        return await self._answer(body, generation, record, fault)
+
+    def _generate(self, body: dict[str, Any]) -> textgen.Generation | Response:
+        """The answer, or a 400 for a malformed directive (``fault=`` included)."""
         config = self.config
         try:
             generation = textgen.generate(
                 config.seed, body, min_tokens=config.min_tokens, max_tokens=config.max_tokens
             )
+            if generation.directives.extra:  # a bad fault= is a 400 before it takes a slot
+                faults.forced_fault(generation.directives.extra)
         except textgen.DirectiveError as exc:
             return error_response(400, str(exc))
-        fault = decide_fault(config, generation)
-        if fault is not None:  # pragma: no cover - reserved for the fault mix
-            raise NotImplementedError(f"fault {fault.kind!r} is not implemented yet")
-        return await self._answer(body, generation, record)
+        return generation
+
+    def _admit(self, generation: textgen.Generation, record: RequestRecord) -> Response | None:
+        """Apply the rate limits: None when admitted, else the refusal."""
+        now = time.monotonic()
+        limiter = self.limiter
+        if limiter is not None:
+            limits = self.config.rate_limits
+            tokens = generation.input_tokens + generation.output_tokens
+            if limiter.never_fits(tokens):  # no wait would help: a permanent error
+                message = f"request needs {tokens} tokens; the limit is {limits.tpm} per window"
+                return error_response(400, message)
+            wait_s = limiter.admit(tokens, now)
+            if wait_s is not None:
+                self.stats.limited(record)
+                message = (
+                    f"rate limit exceeded (rpm={limits.rpm}, tpm={limits.tpm} "
+                    f"per {limits.window_s:g} s)"
+                )
+                return error_response(429, message, headers=retry_after_headers(wait_s))
+        self.stats.accept(now + self._wall_offset_s)
+        return None
+
+    def _early_fault(self, fault: Fault) -> Response | None:
+        """The response of a fault that replaces the answer, or None if it shapes it."""
+        if fault.kind == "reset":
+            return DropResponse()
+        status_fault = faults.STATUS_FAULTS.get(fault.kind)
+        if status_fault is None:
+            return None
+        status, error_type = status_fault
+        headers = None
+        if status == 429:
+            retry_after_s = self.config.faults.retry_after_s
+            headers = {
+                "retry-after": str(math.ceil(retry_after_s)),
+                "retry-after-ms": str(round(retry_after_s * 1000)),
+            }
+        return error_response(status, faults.STATUS_MESSAGES[status], error_type, headers)
 
     async def _answer(
-        self, body: dict[str, Any], generation: textgen.Generation, record: RequestRecord
+        self,
+        body: dict[str, Any],
+        generation: textgen.Generation,
+        record: RequestRecord,
+        fault: Fault | None = None,
     ) -> Response:
         directives = generation.directives
         ttft_s = self.config.ttft_s if directives.ttft_ms is None else directives.ttft_ms / 1000
         tps = self.config.tokens_per_s if directives.tps is None else directives.tps
+        kind = None if fault is None else fault.kind
+        mix = self.config.faults
+        if kind == "slow":
+            tps = 1.0 / mix.slow_gap_s
         message_id = new_id("msg_")
         if record.stream:
             frames = wire.stream_frames(
@@ -184,12 +195,27 @@ class Simulator:
                 tokens_per_s=tps,
                 ping_every=self.config.ping_every,
             )
-            return SSEResponse(frames, lambda: _mark_first_byte(record), self._ender(record))
+            close = False
+            if kind in faults.MID_STREAM_FAULTS:
+                deltas = wire.delta_count(generation)
+                frames, close = faults.rewrite_plan(frames, kind, deltas, mix.stall_s)
+            return SSEResponse(
+                frames, lambda: _mark_first_byte(record), self._ender(record), close_at_end=close
+            )
+        if kind == "error_event":  # no stream to put the event in: the status it stands for
+            return error_response(529, "Overloaded (injected)", "overloaded_error")
         delay_s = wire.answer_duration_s(generation, ttft_s, tps)
+        if kind == "stall":
+            delay_s += mix.stall_s
         if delay_s > 0:
             await asyncio.sleep(delay_s)
         payload = wire.message_json(generation, message_id, body["model"])
-        return Response(payload, 200, {"request-id": new_id("req_")}, JSON)
+        headers = {"request-id": new_id("req_")}
+        if kind == "cut":
+            return CutBodyResponse(payload, 200, headers, JSON)
+        if kind == "malformed":
+            payload = payload[: len(payload) // 2]
+        return Response(payload, 200, headers, JSON)
 
     def _ender(self, record: RequestRecord) -> Callable[[], None]:
         return lambda: self.stats.end(record, 200)
@@ -228,6 +254,14 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(status, str(detail))
 
 
+class SimulatorApp(Starlette):
+    """Starlette, plus the server's own ``send`` in the scope (see :func:`drop_connection`)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[RAW_SEND_KEY] = send
+        await super().__call__(scope, receive, send)
+
+
 def create_app(config: SimulatorConfig) -> Starlette:
     """The simulator as an ASGI app; ``app.state.simulator`` holds its handlers and stats."""
     simulator = Simulator(config)
@@ -238,7 +272,7 @@ def create_app(config: SimulatorConfig) -> Starlette:
         Route("/stats/reset", simulator.stats_reset, methods=["POST"]),
         Route("/healthz", simulator.healthz, methods=["GET"]),
     ]
-    app = Starlette(
+    app = SimulatorApp(
         routes=routes, exception_handlers={HTTPException: _http_error, Exception: _http_error}
     )
     app.state.simulator = simulator

@@ -162,6 +162,8 @@ class SimulatorConfig:
     stats_log_size: int = 100_000
     faults: FaultMix = field(default_factory=FaultMix)
     rate_limits: RateLimits = field(default_factory=RateLimits)
+    #: Models served; a request for another gets a 400, as the real provider answers. Empty = any.
+    models: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

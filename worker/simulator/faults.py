@@ -105,10 +105,10 @@ def forced_fault(extra: Mapping[str, str]) -> tuple[str, int | None] | None:
 class FaultDecider:
     """Picks each request's fault; owns the seeded generator and the fault_times counts."""
 
-    __slots__ = ("_mix", "_random", "_seen")
+    __slots__ = ("_random", "_rates", "_seen")
 
     def __init__(self, mix: FaultMix, seed: int) -> None:
-        self._mix = mix
+        self._rates = tuple(dict(mix.rates).items())
         self._random = random.Random(seed)
         self._seen: dict[int, int] = {}
 
@@ -127,10 +127,10 @@ class FaultDecider:
                 seen = self._seen.get(key, 0)
                 self._seen[key] = seen + 1
                 return Fault(kind, forced=True) if seen < times else None
-        if not self._mix.rates:
+        if not self._rates:
             return None
-        kind = choose_kind(self._mix.rates, self._random.random())
-        return None if kind is None else Fault(kind)
+        drawn = choose_kind(self._rates, self._random.random())
+        return None if drawn is None else Fault(drawn)
 
 
 def split_plan(frames: list[Frame], deltas_before: int) -> tuple[list[Frame], list[Frame]]:

@@ -26,8 +26,12 @@ Directives, for tests and benchmarks: when the text of the last user message con
 - ``ttft_ms=N``  time to first token in milliseconds, instead of the configured one;
 - ``tps=N``      tokens per second, instead of the configured one (0 = no pacing).
 
-Other keys are kept in :attr:`Directives.extra` (``fault=`` is reserved). A malformed
-directive raises :class:`DirectiveError`, which the app reports as a 400.
+- ``fault=KIND`` inject that fault (see :mod:`worker.simulator.faults`), every time or,
+  with ``fault_times=N``, for the first N requests with the same prompt.
+
+Other keys, ``fault`` and ``fault_times`` included, are kept in :attr:`Directives.extra`
+and read by the app. A malformed directive raises :class:`DirectiveError`, which the app
+reports as a 400.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ due at the same moment share one frame, so an unpaced answer is two writes (the 
 then everything after the time to first token) however long it is: the simulator is the
 load target for benchmarks and must stay cheap per token.
 
-Because the plan is data, a later fault mix can rewrite it (truncate it, insert an
-``error`` event, garble a frame, stretch the delays) without touching the sender.
+Because the plan is data, faults rewrite it (truncate it, append an ``error`` event or a
+garbled frame, stretch the delays; :func:`worker.simulator.faults.rewrite_plan`) without
+touching the sender.
 
 Event order, as the upstream sends it: ``message_start``, ``ping``, then per block
 ``content_block_start``, its deltas, ``content_block_stop``; then ``message_delta``
