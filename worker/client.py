@@ -267,8 +267,10 @@ class Job:
         return status
 
     def cancel(self) -> bool:
-        """Ask the job to stop: a queued job ends ``cancelled`` at once; a running one when its
-        worker sees the request (within a second). False when it had ended already."""
+        """Ask the job to stop: a queued job ends ``cancelled`` at once and never reaches the
+        upstream; a running streamed job within about half a second of its next stream event
+        (the upstream response is closed), a running non-streamed one when its call returns or
+        before its next retry. False when it had ended already."""
         outcome = self.client.store.cancel(self.job_id)
         if outcome == "missing":
             raise JobNotFound(self.job_id)

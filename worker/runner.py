@@ -22,6 +22,13 @@ from worker.store import Claim
 
 log = structlog.get_logger("worker.runner")
 
+#: How often a streaming job looks for a cancellation request (one HEXISTS per job).
+CANCEL_CHECK_INTERVAL_S = 0.5
+
+
+class _CancelRequested(Exception):
+    """The producer asked for the job to stop; raised out of the stream loop."""
+
 
 class JobRunner:
     """Runs one delivered job to its terminal event."""
@@ -117,6 +124,9 @@ class JobRunner:
             chunks_before = self.seq
             try:
                 message = self._attempt(attempt)
+            except _CancelRequested:
+                self._finish(ev.CANCELLED, attempt)
+                return
             except UpstreamError as exc:
                 mid_stream = self.seq > chunks_before
                 if mid_stream and not self.settings.retry_mid_stream and exc.retryable:
@@ -177,6 +187,9 @@ class JobRunner:
             ]
         )
         time.sleep(delay_s)
+        if self.rt.store.cancel_requested(self.job_id):
+            self._finish(ev.CANCELLED, attempt)
+            return False
         return True
 
     def _attempt(self, attempt: int) -> dict[str, Any]:
@@ -204,12 +217,33 @@ class JobRunner:
     def _stream(self, attempt: int, sent_at: float) -> dict[str, Any]:
         snapshot: dict[str, Any] | None = None
         first_token = True
-        for upstream_event in self.rt.upstream.stream(self.request):
-            snapshot = accumulate(snapshot, upstream_event)
-            if first_token and upstream_event.get("type") == "content_block_delta":
-                m.TIME_TO_FIRST_TOKEN.labels(self.model).observe(time.monotonic() - sent_at)
-                first_token = False
-            self._publish([self._event(ev.CHUNK, attempt, event=upstream_event)])
-            m.CHUNKS_PUBLISHED.labels(self.model).inc()
+        next_cancel_check = time.monotonic() + CANCEL_CHECK_INTERVAL_S
+        stream = self.rt.upstream.stream(self.request)
+        try:
+            for upstream_event in stream:
+                snapshot = self._on_event(attempt, sent_at, snapshot, upstream_event, first_token)
+                first_token = first_token and upstream_event.get("type") != "content_block_delta"
+                if time.monotonic() >= next_cancel_check:
+                    next_cancel_check = time.monotonic() + CANCEL_CHECK_INTERVAL_S
+                    if self.rt.store.cancel_requested(self.job_id):
+                        raise _CancelRequested
+        finally:
+            stream.close()  # closes the HTTP response: the upstream stops generating
         assert snapshot is not None  # the client raises when no message_stop arrived
         return final_message(snapshot)
+
+    def _on_event(
+        self,
+        attempt: int,
+        sent_at: float,
+        snapshot: dict[str, Any] | None,
+        upstream_event: dict[str, Any],
+        first_token: bool,
+    ) -> dict[str, Any]:
+        """Fold one upstream event into the message and publish it as a chunk."""
+        snapshot = accumulate(snapshot, upstream_event)
+        if first_token and upstream_event.get("type") == "content_block_delta":
+            m.TIME_TO_FIRST_TOKEN.labels(self.model).observe(time.monotonic() - sent_at)
+        self._publish([self._event(ev.CHUNK, attempt, event=upstream_event)])
+        m.CHUNKS_PUBLISHED.labels(self.model).inc()
+        return snapshot

@@ -141,8 +141,11 @@ class JobStore:
             approximate=True,
         )
 
+    def cancel_requested(self, job_id: str) -> bool:
+        return bool(self.redis.hexists(self.keys.job(job_id), "cancel_requested"))
+
     def cancel(self, job_id: str) -> str:
-        """``cancelled`` (it was queued), ``requested`` (running), ``missing``, or its end state."""
+        """``cancelled`` (it was queued), ``requested`` (running), ``missing``, or ``ended:<state>``."""
         k = self.keys
         outcome = self._cancel(
             keys=[k.job(job_id), k.events(job_id), k.channel(job_id), k.results_channel],

@@ -11,7 +11,7 @@ gap between reads of a streamed body, so a stalled stream is cut and retried.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import httpx
@@ -103,7 +103,7 @@ class UpstreamClient:
             )
         return message
 
-    def stream(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def stream(self, request: dict[str, Any]) -> Generator[dict[str, Any], None, None]:
         """One streamed call; yields each upstream event up to ``message_stop``.
 
         Closing the generator closes the HTTP response, which is how a job is cancelled.

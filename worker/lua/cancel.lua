@@ -3,13 +3,13 @@
 -- worker closes the upstream stream and ends it. An ended job is left alone.
 -- KEYS[1] job hash   KEYS[2] events stream   KEYS[3] job channel   KEYS[4] results channel
 -- ARGV[1] now   ARGV[2] job id   ARGV[3] ttl seconds
--- Returns the outcome: 'cancelled', 'requested', 'missing', or the state it had ended in.
+-- Returns the outcome: 'cancelled', 'requested', 'missing', or 'ended:<state>'.
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then
   return 'missing'
 end
 if state == 'completed' or state == 'failed' or state == 'cancelled' or state == 'expired' then
-  return state
+  return 'ended:' .. state
 end
 redis.call('HSET', KEYS[1], 'cancel_requested', ARGV[1])
 if state == 'running' then
