@@ -145,7 +145,7 @@ class JobStore:
         return bool(self.redis.hexists(self.keys.job(job_id), "cancel_requested"))
 
     def cancel(self, job_id: str) -> str:
-        """``cancelled`` (it was queued), ``requested`` (running), ``missing``, or ``ended:<state>``."""
+        """``cancelled`` (was queued), ``requested`` (running), ``missing`` or ``ended:<state>``."""
         k = self.keys
         outcome = self._cancel(
             keys=[k.job(job_id), k.events(job_id), k.channel(job_id), k.results_channel],
