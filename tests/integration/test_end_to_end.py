@@ -13,7 +13,7 @@ from tests.support import TEST_API_KEY, make_request
 from worker import events as ev
 from worker.accumulate import accumulate, final_message
 from worker.client import Client
-from worker.errors import JobNotFound, RequestInvalid
+from worker.errors import JobFailed, JobNotFound, RequestInvalid
 from worker.sse import DONE, SSEDecoder, parse_event
 
 
@@ -245,5 +245,9 @@ def test_upstream_400_ends_the_job_failed_without_a_retry(
     assert error["type"] == "invalid_request_error"
     assert "does not exist" in error["message"]
     assert job.status()["attempts"] == 1
+    with pytest.raises(JobFailed) as info:
+        job.result(timeout=5)
+    assert info.value.status_code == 400
+    assert info.value.error_type == "invalid_request_error"
     after = httpx.get(f"{simulator_url}/stats", params={"log": 0}, timeout=5).json()["by_status"]
     assert after.get("400", 0) - before.get("400", 0) == 1
