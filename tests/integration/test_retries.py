@@ -60,3 +60,43 @@ def test_persistent_fault_fails_after_max_attempts(client: Client) -> None:
     assert kinds.count(ev.RETRY) == attempts - 1
     assert kinds[-1] == ev.FAILED
     assert events[-1]["error"]["status_code"] == 503
+
+
+def test_stalled_stream_is_cut_at_the_idle_timeout_and_retried(
+    redis_url: str, simulator_url: str
+) -> None:
+    """A stream that goes silent longer than IDLE_TIMEOUT_S is cut and the retry completes."""
+    import sys
+
+    from tests.support import WorkerProcess, worker_env
+
+    env = worker_env(redis_url, simulator_url, queue="llmw-idle", idle_timeout_s=1, concurrency=5)
+    worker = WorkerProcess(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.celery_app",
+            "worker",
+            "-P",
+            "gevent",
+            "-c",
+            "5",
+            "-Q",
+            "llmw-idle",
+            "--without-gossip",
+            "--without-mingle",
+        ],
+        env,
+    )
+    try:
+        worker.ready()
+        with Client(worker.settings()) as client:
+            prompt = f"stall {uuid.uuid4().hex} [[sim tokens=10 fault=stall fault_times=1]]"
+            events = list(client.submit(make_request(prompt)).events(timeout=60))
+    finally:
+        worker.stop()
+    retries = [e for e in events if e["type"] == ev.RETRY]
+    assert [r["reason"] for r in retries] == ["idle_timeout"]
+    assert events[-1]["type"] == ev.COMPLETED
