@@ -153,7 +153,9 @@ class WorkerProcess:
         self._log.close()
 
 
-def celery_worker_args(pool: str = "gevent", concurrency: int = 50) -> list[str]:
+def celery_worker_args(
+    pool: str = "gevent", concurrency: int = 50, queue: str = "llmw"
+) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -166,7 +168,7 @@ def celery_worker_args(pool: str = "gevent", concurrency: int = 50) -> list[str]
         "-c",
         str(concurrency),
         "-Q",
-        "llmw",
+        queue,
         "--without-gossip",
         "--without-mingle",
         "--loglevel",

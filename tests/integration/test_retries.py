@@ -66,30 +66,10 @@ def test_stalled_stream_is_cut_at_the_idle_timeout_and_retried(
     redis_url: str, simulator_url: str
 ) -> None:
     """A stream that goes silent longer than IDLE_TIMEOUT_S is cut and the retry completes."""
-    import sys
-
-    from tests.support import WorkerProcess, worker_env
+    from tests.support import WorkerProcess, celery_worker_args, worker_env
 
     env = worker_env(redis_url, simulator_url, queue="llmw-idle", idle_timeout_s=1, concurrency=5)
-    worker = WorkerProcess(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker.celery_app",
-            "worker",
-            "-P",
-            "gevent",
-            "-c",
-            "5",
-            "-Q",
-            "llmw-idle",
-            "--without-gossip",
-            "--without-mingle",
-        ],
-        env,
-    )
+    worker = WorkerProcess(celery_worker_args(concurrency=5, queue="llmw-idle"), env)
     try:
         worker.ready()
         with Client(worker.settings()) as client:
