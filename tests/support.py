@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from worker.embedded import free_port
-from worker.settings import SEED_MODELS, Settings, load_settings
+from worker.settings import SEED_MODELS, Settings, settings_from_env
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_API_KEY = "sk-test-canary-7f3a9c"
@@ -119,13 +119,7 @@ class WorkerProcess:
         )
 
     def settings(self) -> Settings:
-        return load_settings(
-            **{
-                k[len("LLM_WORKER_") :].lower(): v
-                for k, v in self.env.items()
-                if k.startswith("LLM_WORKER_") and not k.startswith("LLM_WORKER_TEST_")
-            }
-        )
+        return settings_from_env(self.env)
 
     def ready(self, timeout_s: float = 60) -> WorkerProcess:
         from worker.client import Client

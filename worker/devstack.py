@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from worker.embedded import EmbeddedRedis, free_port
-from worker.settings import ENV_PREFIX, Settings, load_settings
+from worker.settings import ENV_PREFIX, Settings, load_settings, settings_from_env
 
 SIMULATOR_KEY = "sk-simulator-local"
 
@@ -66,13 +66,7 @@ class DevStack:
 
     @property
     def settings(self) -> Settings:
-        return load_settings(
-            **{
-                k[len(ENV_PREFIX) :].lower(): v
-                for k, v in self.env.items()
-                if k.startswith(ENV_PREFIX)
-            }
-        )
+        return settings_from_env(self.env)
 
     def start(self) -> DevStack:
         base = load_settings()

@@ -14,8 +14,8 @@ import structlog
 
 from worker import events as ev
 from worker import metrics as m
-from worker.accumulate import accumulate, final_message
-from worker.errors import PermanentUpstreamError, UpstreamError
+from worker.accumulate import AccumulateError, accumulate, final_message
+from worker.errors import PermanentUpstreamError, TransientUpstreamError, UpstreamError
 from worker.retry_policy import backoff_delay_s, should_give_up
 from worker.runtime import Runtime
 from worker.store import Claim
@@ -241,7 +241,14 @@ class JobRunner:
         first_token: bool,
     ) -> dict[str, Any]:
         """Fold one upstream event into the message and publish it as a chunk."""
-        snapshot = accumulate(snapshot, upstream_event)
+        try:
+            snapshot = accumulate(snapshot, upstream_event)
+        except AccumulateError as exc:
+            # Events that cannot apply (a delta before message_start, broken tool JSON) are
+            # the upstream's malformed stream, worth another attempt, not a bug of ours.
+            raise TransientUpstreamError(
+                f"malformed stream: {exc}", error_type="api_error", reason="malformed_sse"
+            ) from exc
         if first_token and upstream_event.get("type") == "content_block_delta":
             m.TIME_TO_FIRST_TOKEN.labels(self.model).observe(time.monotonic() - sent_at)
         self._publish([self._event(ev.CHUNK, attempt, event=upstream_event)])

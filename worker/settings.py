@@ -7,6 +7,7 @@ edge (the CLI, the Celery app's configure hook, :class:`worker.Client`) and pass
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -163,6 +164,17 @@ class Settings(BaseSettings):
 
     def api_key_value(self) -> str | None:
         return self.api_key.get_secret_value() if self.api_key else None
+
+
+def settings_from_env(env: Mapping[str, str]) -> Settings:
+    """Settings as a child process given ``env`` would read them (``dev``, ``demo``, tests)."""
+    return load_settings(
+        **{
+            name[len(ENV_PREFIX) :].lower(): value
+            for name, value in env.items()
+            if name.startswith(ENV_PREFIX) and not name.startswith(f"{ENV_PREFIX}TEST_")
+        }
+    )
 
 
 def load_settings(**overrides: Any) -> Settings:

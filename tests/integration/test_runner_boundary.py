@@ -1,0 +1,55 @@
+"""The runner treats a stream it cannot fold as the upstream's fault: retried, then failed."""
+
+from __future__ import annotations
+
+import httpx
+
+from worker import events as ev
+from worker.keys import Keys
+from worker.runner import JobRunner
+from worker.runtime import Runtime, redis_client
+from worker.settings import load_settings
+from worker.store import JobStore
+from worker.upstream import UpstreamClient
+
+# A delta with no message_start before it: valid SSE and JSON, but not a message stream.
+ORPHAN_DELTA = (
+    b"event: content_block_delta\n"
+    b'data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"x"}}\n\n'
+)
+
+
+def test_unfoldable_stream_is_retried_as_malformed_then_fails(redis_url: str) -> None:
+    """An event sequence the accumulator rejects costs a retry (malformed_sse), not a crash."""
+    settings = load_settings(
+        redis_url=redis_url,
+        api_key="k",
+        api_base_url="http://upstream.test",
+        max_attempts=2,
+        backoff_base_s=0.01,
+        backoff_max_s=0.01,
+        key_prefix="llmw-boundary",
+    )
+    transport = httpx.MockTransport(
+        lambda _request: httpx.Response(
+            200, headers={"content-type": "text/event-stream"}, content=ORPHAN_DELTA
+        )
+    )
+    keys = Keys(settings.key_prefix)
+    store = JobStore(redis_client(settings), keys, result_ttl_s=60)
+    rt = Runtime(settings, store, UpstreamClient(settings, transport=transport), "test")
+    claim = store.claim("orphan-job", worker="test", model="m", ttl_s=60)
+    request = {
+        "model": "m",
+        "max_tokens": 5,
+        "stream": True,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    JobRunner(rt, "orphan-job", request, claim).run()
+    events = [
+        ev.loads(fields[b"data"]) for _id, fields in store.redis.xrange(keys.events("orphan-job"))
+    ]
+    assert [e["type"] for e in events] == [ev.STARTED, ev.RETRY, ev.STARTED, ev.FAILED]
+    assert events[1]["reason"] == "malformed_sse"
+    assert events[-1]["error"]["type"] == "api_error"
+    rt.close()
