@@ -17,31 +17,60 @@ import structlog
 from worker.settings import Settings
 
 _REDACTED = "[redacted]"
+_OMITTED = "[content omitted]"
 _SECRET_KEYS = frozenset({"authorization", "api_key", "x-api-key", "password", "secret", "token"})
 _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
-#: Keys that hold prompt or completion text; dropped unless ``log_content`` is on.
-_CONTENT_KEYS = frozenset({"messages", "system", "prompt", "text", "content", "completion"})
+#: Keys that hold prompt or completion text, at any depth (a request's ``messages``, a content
+#: block's ``text``, a tool call's ``input``, a delta's ``partial_json``); omitted unless
+#: ``log_content`` is on.
+_CONTENT_KEYS = frozenset(
+    {
+        "messages",
+        "system",
+        "prompt",
+        "text",
+        "content",
+        "completion",
+        "thinking",
+        "partial_json",
+        "input",
+    }
+)
 
 
 class Redactor:
-    """A processor that removes the API key, bearer tokens and secret-named fields."""
+    """A processor that removes the API key, bearer tokens and secret-named fields anywhere
+    in an event, and prompt/completion text anywhere unless ``log_content`` is on."""
 
     def __init__(self, secrets: list[str], *, log_content: bool) -> None:
         self._secrets = [s for s in secrets if s]
         self._log_content = log_content
 
+    def _clean_text(self, value: str) -> str:
+        for secret in self._secrets:
+            if secret in value:
+                value = value.replace(secret, _REDACTED)
+        return _BEARER.sub(r"\1" + _REDACTED, value)
+
+    def _clean_field(self, key: Any, value: Any) -> Any:
+        name = str(key).lower()
+        if name in _SECRET_KEYS:
+            return _REDACTED
+        if not self._log_content and name in _CONTENT_KEYS:
+            return _OMITTED
+        return self._clean(value)
+
     def _clean(self, value: Any) -> Any:
         if isinstance(value, str):
-            for secret in self._secrets:
-                if secret in value:
-                    value = value.replace(secret, _REDACTED)
-            return _BEARER.sub(r"\1" + _REDACTED, value)
+            return self._clean_text(value)
+        if isinstance(value, bytes | bytearray):
+            return self._clean_text(bytes(value).decode("utf-8", "replace"))
         if isinstance(value, dict):
             return {
-                k: (_REDACTED if str(k).lower() in _SECRET_KEYS else self._clean(v))
+                self._clean(k) if isinstance(k, str) else k: self._clean_field(k, v)
                 for k, v in value.items()
             }
-        if isinstance(value, list | tuple):
+        if isinstance(value, list | tuple | set | frozenset):
             return [self._clean(v) for v in value]
         return value
 
@@ -49,12 +78,12 @@ class Redactor:
         self, _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
         for key in list(event_dict):
-            if key.lower() in _SECRET_KEYS:
-                event_dict[key] = _REDACTED
-            elif not self._log_content and key in _CONTENT_KEYS:
-                event_dict[key] = "[content omitted]"
-            else:
-                event_dict[key] = self._clean(event_dict[key])
+            # The event text itself is the log message, never omitted; secrets still go.
+            event_dict[key] = (
+                self._clean(event_dict[key])
+                if key == "event"
+                else self._clean_field(key, event_dict[key])
+            )
         return event_dict
 
 

@@ -78,6 +78,46 @@ def test_content_fields_are_omitted_by_default(key: str) -> None:
     assert key in out
 
 
+def test_nested_content_is_omitted_by_default() -> None:
+    """Prompt and completion text inside dicts and lists is omitted at any depth."""
+    out = _redact(
+        event="e",
+        request={
+            "model": "m",
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": "my private prompt"}],
+        },
+        events=[
+            {"delta": {"type": "text_delta", "text": "private answer"}},
+            {"delta": {"type": "input_json_delta", "partial_json": '{"q": "private tool arg"'}},
+            {"content_block": {"type": "tool_use", "input": {"q": "private tool arg"}}},
+        ],
+    )
+    text = repr(out)
+    for private in ("my private prompt", "private answer", "private tool arg"):
+        assert private not in text
+    assert out["request"]["model"] == "m"
+    assert out["request"]["max_tokens"] == 5
+    assert out["request"]["messages"] == "[content omitted]"
+    assert out["events"][0]["delta"]["type"] == "text_delta"
+
+
+def test_nested_content_is_kept_with_log_content_but_the_key_is_not() -> None:
+    """With log_content on, nested text is kept and the API key inside it still goes."""
+    out = _redact(
+        log_content=True,
+        event="e",
+        request={"messages": [{"role": "user", "content": f"use {CANARY} please"}]},
+    )
+    assert out["request"]["messages"][0]["content"] == "use [redacted] please"
+
+
+def test_key_in_bytes_and_dict_keys_is_replaced() -> None:
+    """The API key is removed from bytes values and from dict keys too."""
+    out = _redact(event="e", raw=f"x{CANARY}".encode(), headers={f"k-{CANARY}": "v"})
+    assert CANARY not in repr(out)
+
+
 def test_content_fields_are_kept_with_log_content() -> None:
     """With log_content=True, content fields are logged (still redacted of secrets)."""
     out = _redact(log_content=True, event="e", text=f"hello {CANARY}", messages=[{"a": "b"}])
