@@ -34,6 +34,16 @@ class Keys:
         return f"{self.prefix}:result:{job_id}"
 
     @property
+    def cancels_channel(self) -> str:
+        """Pub/sub channel of cancellation requests for running jobs (message: the job id)."""
+        return f"{self.prefix}:cancels"
+
+    @property
+    def submitted_counts(self) -> str:
+        """Hash: jobs ever submitted, by model (every producer adds to it; workers export it)."""
+        return f"{self.prefix}:submitted"
+
+    @property
     def dead_letters(self) -> str:
         """Stream of jobs that could not be run, with the reason and the payload."""
         return f"{self.prefix}:dlq"

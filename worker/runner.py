@@ -16,18 +16,20 @@ from worker import events as ev
 from worker import metrics as m
 from worker.accumulate import AccumulateError, accumulate, final_message
 from worker.errors import PermanentUpstreamError, TransientUpstreamError, UpstreamError
+from worker.leases import JobHandle
 from worker.retry_policy import backoff_delay_s, should_give_up
 from worker.runtime import Runtime
 from worker.store import Claim
 
 log = structlog.get_logger("worker.runner")
 
-#: How often a streaming job looks for a cancellation request (one HEXISTS per job).
-CANCEL_CHECK_INTERVAL_S = 0.5
+
+class HandBack(Exception):
+    """The worker is shutting down: give the job back to the queue, unfinished."""
 
 
-class _CancelRequested(Exception):
-    """The producer asked for the job to stop; raised out of the stream loop."""
+class _Stopped(Exception):
+    """The job's handle was stopped (cancel, lease lost, shutdown) during an attempt."""
 
 
 class JobRunner:
@@ -39,8 +41,10 @@ class JobRunner:
         job_id: str,
         request: dict[str, Any],
         claim: Claim,
+        handle: JobHandle,
         *,
         submitted_at: float | None = None,
+        payload: dict[str, Any] | None = None,
     ) -> None:
         self.rt = rt
         self.settings = rt.settings
@@ -48,6 +52,8 @@ class JobRunner:
         self.request = request
         self.model = str(request.get("model", ""))
         self.claim = claim
+        self.handle = handle
+        self.payload = payload
         self.seq = claim.last_seq
         self.started_at = time.time()
         self.submitted_at = submitted_at
@@ -107,6 +113,25 @@ class JobRunner:
                 },
             )
             return
+        if self.claim.state_before == "running" and self.claim.attempts > 0:
+            # The worker that ran the job died (or let its lease lapse): the chunks of its
+            # last attempt are void, exactly as after a failed attempt.
+            self._publish(
+                [
+                    self._event(
+                        ev.RETRY,
+                        self.claim.attempts,
+                        reason="worker_lost",
+                        delay_s=0.0,
+                        error={
+                            "type": "worker_lost",
+                            "message": "the worker running this job stopped; another took over",
+                            "status_code": None,
+                        },
+                    )
+                ]
+            )
+            m.RETRIES.labels(self.model, "worker_lost").inc()
         if self.submitted_at is not None and self.claim.deliveries == 1:
             m.QUEUE_WAIT.labels(self.model).observe(max(0.0, self.started_at - self.submitted_at))
         m.JOBS_IN_FLIGHT.labels(self.model).inc()
@@ -118,16 +143,20 @@ class JobRunner:
     def _attempts(self) -> None:
         attempt = self.claim.attempts
         while True:
+            if self._stop_requested(attempt):
+                return
             attempt += 1
             structlog.contextvars.bind_contextvars(attempt=attempt)
             self._publish([self._event(ev.STARTED, attempt)], attempts=attempt)
             chunks_before = self.seq
             try:
                 message = self._attempt(attempt)
-            except _CancelRequested:
-                self._finish(ev.CANCELLED, attempt)
+            except _Stopped:
+                self._stop_requested(attempt, interrupted=True)
                 return
             except UpstreamError as exc:
+                if self._stop_requested(attempt, interrupted=True):
+                    return  # the error is the interrupt itself
                 mid_stream = self.seq > chunks_before
                 if mid_stream and not self.settings.retry_mid_stream and exc.retryable:
                     exc = PermanentUpstreamError(
@@ -141,6 +170,42 @@ class JobRunner:
                 return
             self._finish(ev.COMPLETED, attempt, message=message)
             return
+
+    def _stop_requested(self, attempt: int, *, interrupted: bool = False) -> bool:
+        """Act on a stop signal, if any: True when the job must not go on here.
+
+        ``cancelled`` ends the job; ``lease_lost`` leaves it to the worker that holds the lease
+        now; ``shutdown`` (or a drain noticed while waiting) hands it back to the queue.
+        """
+        reason = self.handle.stop_reason
+        if reason is None and self.handle.draining and not interrupted:
+            reason = "shutdown"  # between calls: nothing runs that the grace could finish
+        if reason is None:
+            return False
+        if reason == "cancelled":
+            self._finish(ev.CANCELLED, attempt)
+        elif reason == "lease_lost":
+            log.warning("job_left_to_lease_holder")
+        else:
+            if interrupted:
+                # The interrupted attempt's chunks are void; the next delivery starts over.
+                self._publish(
+                    [
+                        self._event(
+                            ev.RETRY,
+                            attempt,
+                            reason="worker_shutdown",
+                            delay_s=0.0,
+                            error={
+                                "type": "worker_shutdown",
+                                "message": "the worker shut down; the job went back to the queue",
+                                "status_code": None,
+                            },
+                        )
+                    ]
+                )
+            raise HandBack
+        return True
 
     def _retry_or_fail(self, exc: UpstreamError, attempt: int) -> bool:
         """Publish a ``retry`` and wait, or end the job ``failed``; True means try again."""
@@ -166,7 +231,13 @@ class JobRunner:
                 error_type=exc.error_type,
                 retryable=exc.retryable,
             )
-            self._finish(ev.FAILED, attempt, error=exc.to_error())
+            if self._finish(ev.FAILED, attempt, error=exc.to_error()):
+                # The original payload (the request; no secrets) and why, for `llm-worker dlq`.
+                self.rt.store.dead_letter(
+                    job_id=self.job_id,
+                    reason=exc.reason,
+                    payload=self.payload or {"job_id": self.job_id, "request": self.request},
+                )
             return False
         m.RETRIES.labels(self.model, exc.reason).inc()
         log.info(
@@ -186,27 +257,28 @@ class JobRunner:
                 )
             ]
         )
-        time.sleep(delay_s)
-        if self.rt.store.cancel_requested(self.job_id):
-            self._finish(ev.CANCELLED, attempt)
-            return False
+        self.handle.sleep(delay_s)  # wakes early on cancel or shutdown
         return True
 
     def _attempt(self, attempt: int) -> dict[str, Any]:
         """One upstream call; returns the final message or raises UpstreamError."""
         sent_at = time.monotonic()
         status = None
+        # Set by the first streamed event: the response arrived with a 2xx status, so a later
+        # failure (cut, error event) keeps the HTTP status rather than counting as "network".
+        self._response_arrived = False
         try:
             if not self.request.get("stream"):
-                message = self.rt.upstream.create(self.request)
+                message = self.rt.upstream.create(self.request, on_open=self.handle.set_interrupt)
                 status = 200
             else:
                 message = self._stream(attempt, sent_at)
                 status = 200
         except UpstreamError as exc:
-            status = exc.status_code
+            status = 200 if self._response_arrived else exc.status_code
             raise
         finally:
+            self.handle.set_interrupt(None)
             m.UPSTREAM_REQUESTS.labels(self.model, m.status_label(status)).inc()
             m.UPSTREAM_LATENCY.labels(self.model).observe(time.monotonic() - sent_at)
         usage = message.get("usage") or {}
@@ -217,16 +289,13 @@ class JobRunner:
     def _stream(self, attempt: int, sent_at: float) -> dict[str, Any]:
         snapshot: dict[str, Any] | None = None
         first_token = True
-        next_cancel_check = time.monotonic() + CANCEL_CHECK_INTERVAL_S
-        stream = self.rt.upstream.stream(self.request)
+        stream = self.rt.upstream.stream(self.request, on_open=self.handle.set_interrupt)
         try:
             for upstream_event in stream:
+                if self.handle.stop_reason is not None:
+                    raise _Stopped
                 snapshot = self._on_event(attempt, sent_at, snapshot, upstream_event, first_token)
                 first_token = first_token and upstream_event.get("type") != "content_block_delta"
-                if time.monotonic() >= next_cancel_check:
-                    next_cancel_check = time.monotonic() + CANCEL_CHECK_INTERVAL_S
-                    if self.rt.store.cancel_requested(self.job_id):
-                        raise _CancelRequested
         finally:
             stream.close()  # closes the HTTP response: the upstream stops generating
         assert snapshot is not None  # the client raises when no message_stop arrived
@@ -242,6 +311,7 @@ class JobRunner:
     ) -> dict[str, Any]:
         """Fold one upstream event into the message and publish it as a chunk."""
         try:
+            self._response_arrived = True
             snapshot = accumulate(snapshot, upstream_event)
         except AccumulateError as exc:
             # Events that cannot apply (a delta before message_start, broken tool JSON) are

@@ -11,11 +11,20 @@ import threading
 from dataclasses import dataclass
 
 import redis
+from redis.backoff import EqualJitterBackoff
+from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
+from redis.retry import Retry
 
 from worker.keys import Keys
+from worker.leases import LeaseKeeper
 from worker.settings import Settings
 from worker.store import JobStore
 from worker.upstream import UpstreamClient
+
+#: Ride out a Redis restart (a connection refused, then LOADING while the AOF replays) for
+#: about half a minute before a command fails; every write we retry is idempotent or a
+#: script that checks state first.
+REDIS_RETRIES = 12
 
 
 def redis_client(settings: Settings, *, max_connections: int | None = None) -> redis.Redis[bytes]:
@@ -26,7 +35,8 @@ def redis_client(settings: Settings, *, max_connections: int | None = None) -> r
         timeout=30,
         socket_keepalive=True,
         health_check_interval=25,
-        retry_on_timeout=True,
+        retry=Retry(EqualJitterBackoff(cap=4.0, base=0.1), REDIS_RETRIES),
+        retry_on_error=[ConnectionError, TimeoutError, BusyLoadingError],
     )
     return redis.Redis(connection_pool=pool)
 
@@ -37,8 +47,10 @@ class Runtime:
     store: JobStore
     upstream: UpstreamClient
     hostname: str
+    leases: LeaseKeeper
 
     def close(self) -> None:
+        self.leases.close()
         self.upstream.close()
         self.store.redis.close()
 
@@ -50,12 +62,19 @@ _runtimes: dict[int, Runtime] = {}
 
 def build_runtime(settings: Settings) -> Runtime:
     client = redis_client(settings)
+    store = JobStore(client, Keys(settings.key_prefix), result_ttl_s=settings.result_ttl_s)
     return Runtime(
         settings=settings,
-        store=JobStore(client, Keys(settings.key_prefix), result_ttl_s=settings.result_ttl_s),
+        store=store,
         upstream=UpstreamClient(settings),
         hostname=f"{socket.gethostname()}:{os.getpid()}",
+        leases=LeaseKeeper(store, lease_ttl_s=settings.lease_ttl_s),
     )
+
+
+def current_runtime() -> Runtime | None:
+    """This process's runtime if a job has built it, else None."""
+    return _runtimes.get(os.getpid())
 
 
 def get_runtime(settings: Settings) -> Runtime:

@@ -94,7 +94,9 @@ class Settings(BaseSettings):
     idle_timeout_s: PositiveSeconds = 60.0
     job_deadline_s: PositiveSeconds = 900.0
     visibility_timeout_s: PositiveSeconds | None = None
+    lease_ttl_s: PositiveSeconds = 30.0
     max_deliveries: int = Field(default=5, ge=1)
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
 
     rate_limits: dict[str, RateLimit] = Field(default_factory=dict)
     result_ttl_s: int = Field(default=86_400, ge=1)
@@ -103,6 +105,7 @@ class Settings(BaseSettings):
     pool: Literal["gevent", "eventlet", "threads", "prefork", "solo"] = "gevent"
     concurrency: int = Field(default=200, ge=1, le=10_000)
     metrics_port: int = Field(default=9464, ge=0, le=65_535)
+    health_stale_s: PositiveSeconds = 30.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "console"] = "json"
     log_content: bool = False
@@ -138,13 +141,10 @@ class Settings(BaseSettings):
     def _check_relations(self) -> Settings:
         if self.backoff_max_s < self.backoff_base_s:
             raise ValueError("backoff_max_s must be at least backoff_base_s")
-        if (
-            self.visibility_timeout_s is not None
-            and self.visibility_timeout_s <= self.job_deadline_s
-        ):
+        if self.visibility_timeout_s is not None and self.visibility_timeout_s <= self.lease_ttl_s:
             raise ValueError(
-                "visibility_timeout_s must exceed job_deadline_s, or a running job is "
-                "delivered to a second worker"
+                "visibility_timeout_s must exceed lease_ttl_s, or every running job is "
+                "delivered again before its lease can tell that it is alive"
             )
         return self
 
@@ -154,7 +154,12 @@ class Settings(BaseSettings):
 
     @property
     def effective_visibility_timeout_s(self) -> float:
-        """Redelivery waits longer than any job can live, plus a margin for the last write."""
+        """By default redelivery waits longer than any job can live, plus a margin.
+
+        Leases make a shorter timeout safe (a job delivered while a live worker runs it waits
+        for that worker instead of running twice); shorter means faster recovery from a
+        killed worker, at the cost of parked duplicates for jobs that run longer than it.
+        """
         if self.visibility_timeout_s is not None:
             return self.visibility_timeout_s
         return self.job_deadline_s + 300.0

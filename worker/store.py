@@ -30,12 +30,16 @@ def _text(value: Any) -> str:
 class Claim:
     """What a worker learns when it takes a delivered job."""
 
-    state_before: str  # queued, running (a redelivery), missing, or a terminal state
+    #: queued, running (taken over from a worker that died), missing, a terminal state,
+    #: ``leased`` (a live worker runs it) or ``poison`` (past the delivery limit).
+    state_before: str
     deliveries: int
     attempts: int
     last_seq: int
     cancel_requested: bool
     deadline_at: float | None
+    #: For ``leased``: how long the current holder's lease still runs.
+    lease_wait_s: float = 0.0
 
     @property
     def already_ended(self) -> bool:
@@ -53,6 +57,8 @@ class JobStore:
         self._claim = client.register_script(load_lua("claim.lua"))
         self._finish = client.register_script(load_lua("finish.lua"))
         self._cancel = client.register_script(load_lua("cancel.lua"))
+        self._renew = client.register_script(load_lua("renew.lua"))
+        self._release = client.register_script(load_lua("release.lua"))
 
     # -- producer side -------------------------------------------------------------------
 
@@ -61,12 +67,31 @@ class JobStore:
 
     # -- worker side ---------------------------------------------------------------------
 
-    def claim(self, job_id: str, *, worker: str, model: str, ttl_s: int) -> Claim:
+    def claim(
+        self,
+        job_id: str,
+        *,
+        worker: str,
+        model: str,
+        ttl_s: int,
+        token: str,
+        lease_ttl_s: float,
+        max_deliveries: int,
+    ) -> Claim:
+        """Take the job's lease (see ``claim.lua``) unless a live worker holds it."""
         raw = self._claim(
             keys=[self.keys.job(job_id), self.keys.events(job_id)],
-            args=[time.time(), worker, model, ttl_s],
+            args=[
+                time.time(),
+                worker,
+                model,
+                ttl_s,
+                token,
+                int(lease_ttl_s * 1000),
+                max_deliveries,
+            ],
         )
-        state, deliveries, attempts, seq, cancel, deadline = raw
+        state, deliveries, attempts, seq, cancel, deadline, wait_ms = raw
         deadline_text = _text(deadline)
         return Claim(
             state_before=_text(state),
@@ -75,7 +100,22 @@ class JobStore:
             last_seq=int(seq),
             cancel_requested=bool(int(cancel)),
             deadline_at=float(deadline_text) if deadline_text else None,
+            lease_wait_s=int(wait_ms) / 1000,
         )
+
+    def renew(self, leases: list[tuple[str, str]], *, lease_ttl_s: float) -> list[int]:
+        """Renew ``(job_id, token)`` leases: per job 1 held, 2 held and cancelled, 0 lost."""
+        if not leases:
+            return []
+        raw = self._renew(
+            keys=[self.keys.job(job_id) for job_id, _ in leases],
+            args=[int(lease_ttl_s * 1000), *(token for _, token in leases)],
+        )
+        return [int(x) for x in raw]
+
+    def release(self, job_id: str, token: str) -> bool:
+        """Give a running job back to the queue (shutdown); False if the lease was not ours."""
+        return bool(self._release(keys=[self.keys.job(job_id)], args=[token]))
 
     def publish(
         self,
@@ -148,7 +188,13 @@ class JobStore:
         """``cancelled`` (was queued), ``requested`` (running), ``missing`` or ``ended:<state>``."""
         k = self.keys
         outcome = self._cancel(
-            keys=[k.job(job_id), k.events(job_id), k.channel(job_id), k.results_channel],
+            keys=[
+                k.job(job_id),
+                k.events(job_id),
+                k.channel(job_id),
+                k.results_channel,
+                k.cancels_channel,
+            ],
             args=[time.time(), job_id, self.result_ttl_s],
         )
         return _text(outcome)

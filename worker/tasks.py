@@ -11,13 +11,16 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
+from celery import signals
+from celery.exceptions import Reject
 
 from worker import events as ev
 from worker.celery_app import TASK_NAME, app
 from worker.errors import RequestInvalid
+from worker.leases import new_token, wait_time_s
 from worker.request import validate_request
-from worker.runner import JobRunner
-from worker.runtime import Runtime, get_runtime
+from worker.runner import HandBack, JobRunner
+from worker.runtime import Runtime, current_runtime, get_runtime
 from worker.settings import load_settings
 
 log = structlog.get_logger("worker.tasks")
@@ -30,7 +33,16 @@ def _runtime() -> Runtime:
 def _fail_unrunnable(rt: Runtime, job_id: str, reason: str, message: str, payload: Any) -> None:
     """Dead-letter a job that cannot run and end it ``failed`` (once)."""
     rt.store.dead_letter(job_id=job_id, reason=reason, payload=payload)
-    claim = rt.store.claim(job_id, worker=rt.hostname, model="", ttl_s=rt.settings.result_ttl_s)
+    # Recorded whoever holds the lease: what cannot run here cannot run anywhere.
+    claim = rt.store.claim(
+        job_id,
+        worker=rt.hostname,
+        model="",
+        ttl_s=rt.settings.result_ttl_s,
+        token=new_token(rt.hostname),
+        lease_ttl_s=rt.settings.lease_ttl_s,
+        max_deliveries=1_000_000,
+    )
     if claim.already_ended:
         return
     event = ev.make_event(
@@ -53,6 +65,8 @@ def run_job(self: Any, *args: Any, **kwargs: Any) -> None:
     structlog.contextvars.bind_contextvars(job_id=job_id)
     try:
         _run(rt, job_id, args, kwargs)
+    except Reject:
+        raise
     except Exception as exc:
         # A bug of ours: never retried (it would fail the same way), never left hanging.
         log.exception("job_crashed")
@@ -90,23 +104,65 @@ def _run(rt: Runtime, job_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]
         return
     model = request["model"]
     structlog.contextvars.bind_contextvars(model=model)
-    claim = rt.store.claim(
-        job_id,
-        worker=rt.hostname,
-        model=model,
-        ttl_s=int(rt.settings.job_deadline_s + rt.settings.result_ttl_s),
-    )
+    settings = rt.settings
+    token = new_token(rt.hostname)
+    while True:
+        if rt.leases.draining:
+            raise Reject("the worker is shutting down", requeue=True)
+        claim = rt.store.claim(
+            job_id,
+            worker=rt.hostname,
+            model=model,
+            ttl_s=int(settings.job_deadline_s + settings.result_ttl_s),
+            token=token,
+            lease_ttl_s=settings.lease_ttl_s,
+            max_deliveries=settings.max_deliveries,
+        )
+        if claim.state_before != "leased":
+            break
+        # Delivered again while a live worker runs it (the visibility timeout passed, or a
+        # connection dropped): park this copy until that worker ends the job or dies.
+        log.info("job_parked_behind_lease", wait_s=round(claim.lease_wait_s, 3))
+        rt.leases.sleep(wait_time_s(claim.lease_wait_s, settings.lease_ttl_s))
     if claim.already_ended:
         log.info("job_redelivered_after_end", state=claim.state_before)
         return
+    if claim.state_before == "poison":
+        _fail_unrunnable(
+            rt,
+            job_id,
+            "delivery_limit",
+            f"delivered {claim.deliveries - 1} times without finishing (MAX_DELIVERIES="
+            f"{settings.max_deliveries}); a worker died running it each time",
+            payload,
+        )
+        return
     submitted_at = payload.get("submitted_at")
-    JobRunner(
-        rt,
-        job_id,
-        request,
-        claim,
-        submitted_at=float(submitted_at) if isinstance(submitted_at, int | float) else None,
-    ).run()
+    handle = rt.leases.register(job_id, token)
+    try:
+        JobRunner(
+            rt,
+            job_id,
+            request,
+            claim,
+            handle,
+            submitted_at=float(submitted_at) if isinstance(submitted_at, int | float) else None,
+            payload=payload,
+        ).run()
+    except HandBack:
+        rt.store.release(job_id, token)
+        log.info("job_handed_back")
+        raise Reject("the worker is shutting down", requeue=True) from None
+    finally:
+        rt.leases.unregister(handle)
+
+
+@signals.worker_shutting_down.connect
+def _drain(**_: Any) -> None:
+    """Warm shutdown: waiting jobs go back to the queue now, running ones after the grace."""
+    rt = current_runtime()
+    if rt is not None:
+        rt.leases.drain(rt.settings.shutdown_grace_s)
 
 
 def reject_undecodable(message: Any, exc: Exception) -> None:

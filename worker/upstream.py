@@ -11,7 +11,9 @@ gap between reads of a streamed body, so a stalled stream is cut and retried.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+import contextlib
+import socket
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import httpx
@@ -44,6 +46,27 @@ def _network_error(exc: httpx.HTTPError, *, in_body: bool) -> TransientUpstreamE
         reason = "network_error"
     message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return TransientUpstreamError(message, error_type="api_connection_error", reason=reason)
+
+
+#: Called with a function that aborts the call in progress (from any thread or greenlet).
+OnOpen = Callable[[Callable[[], None]], None]
+
+
+def _aborter(response: httpx.Response) -> Callable[[], None]:
+    """Shut the response's socket down: a read blocked on it wakes at once with EOF.
+
+    Closing the response from another thread would race httpcore's own state; a socket
+    shutdown only makes the blocked ``recv`` return, and the reader fails cleanly.
+    """
+
+    def abort() -> None:
+        network_stream = response.extensions.get("network_stream")
+        sock = network_stream.get_extra_info("socket") if network_stream is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):  # already closed
+                sock.shutdown(socket.SHUT_RDWR)
+
+    return abort
 
 
 class UpstreamClient:
@@ -82,13 +105,22 @@ class UpstreamClient:
     def close(self) -> None:
         self._http.close()
 
-    def create(self, request: dict[str, Any]) -> dict[str, Any]:
+    def create(self, request: dict[str, Any], *, on_open: OnOpen | None = None) -> dict[str, Any]:
         """One non-streamed call; returns the message JSON."""
         body = orjson.dumps({**request, "stream": False})
+        http_request = self._http.build_request("POST", "/messages", content=body)
         try:
-            response = self._http.post("/messages", content=body)
+            response = self._http.send(http_request, stream=True)
         except httpx.HTTPError as exc:
             raise _network_error(exc, in_body=False) from exc
+        try:
+            if on_open is not None:
+                on_open(_aborter(response))
+            response.read()
+        except httpx.HTTPError as exc:
+            raise _network_error(exc, in_body=False) from exc
+        finally:
+            response.close()
         if response.status_code >= 300:
             raise error_from_response(response.status_code, response.headers, response.content)
         try:
@@ -103,10 +135,13 @@ class UpstreamClient:
             )
         return message
 
-    def stream(self, request: dict[str, Any]) -> Generator[dict[str, Any], None, None]:
+    def stream(
+        self, request: dict[str, Any], *, on_open: OnOpen | None = None
+    ) -> Generator[dict[str, Any], None, None]:
         """One streamed call; yields each upstream event up to ``message_stop``.
 
-        Closing the generator closes the HTTP response, which is how a job is cancelled.
+        Closing the generator closes the HTTP response. ``on_open`` receives a function that
+        aborts the stream from elsewhere (a cancel while the stream stalls).
         """
         body = orjson.dumps({**request, "stream": True})
         http_request = self._http.build_request("POST", "/messages", content=body)
@@ -115,6 +150,8 @@ class UpstreamClient:
         except httpx.HTTPError as exc:
             raise _network_error(exc, in_body=False) from exc
         try:
+            if on_open is not None:
+                on_open(_aborter(response))
             if response.status_code >= 300:
                 raise error_from_response(
                     response.status_code, response.headers, self._read_error_body(response)

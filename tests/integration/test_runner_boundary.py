@@ -6,6 +6,7 @@ import httpx
 
 from worker import events as ev
 from worker.keys import Keys
+from worker.leases import LeaseKeeper, new_token
 from worker.runner import JobRunner
 from worker.runtime import Runtime, redis_client
 from worker.settings import load_settings
@@ -37,15 +38,30 @@ def test_unfoldable_stream_is_retried_as_malformed_then_fails(redis_url: str) ->
     )
     keys = Keys(settings.key_prefix)
     store = JobStore(redis_client(settings), keys, result_ttl_s=60)
-    rt = Runtime(settings, store, UpstreamClient(settings, transport=transport), "test")
-    claim = store.claim("orphan-job", worker="test", model="m", ttl_s=60)
+    rt = Runtime(
+        settings,
+        store,
+        UpstreamClient(settings, transport=transport),
+        "test",
+        LeaseKeeper(store, lease_ttl_s=settings.lease_ttl_s),
+    )
+    token = new_token("test")
+    claim = store.claim(
+        "orphan-job",
+        worker="test",
+        model="m",
+        ttl_s=60,
+        token=token,
+        lease_ttl_s=settings.lease_ttl_s,
+        max_deliveries=settings.max_deliveries,
+    )
     request = {
         "model": "m",
         "max_tokens": 5,
         "stream": True,
         "messages": [{"role": "user", "content": "hi"}],
     }
-    JobRunner(rt, "orphan-job", request, claim).run()
+    JobRunner(rt, "orphan-job", request, claim, rt.leases.register("orphan-job", token)).run()
     events = [
         ev.loads(fields[b"data"]) for _id, fields in store.redis.xrange(keys.events("orphan-job"))
     ]

@@ -132,7 +132,7 @@ def test_rate_limits_that_are_not_json_name_the_variable(monkeypatch: pytest.Mon
     [
         (
             "LLM_WORKER_VISIBILITY_TIMEOUT_S",
-            {"LLM_WORKER_VISIBILITY_TIMEOUT_S": "600", "LLM_WORKER_JOB_DEADLINE_S": "900"},
+            {"LLM_WORKER_VISIBILITY_TIMEOUT_S": "20", "LLM_WORKER_LEASE_TTL_S": "30"},
         ),
         (
             "LLM_WORKER_BACKOFF_MAX_S",
@@ -151,12 +151,12 @@ def test_inconsistent_pair_names_the_variable(
 @pytest.mark.parametrize(
     "env",
     [
-        {"LLM_WORKER_VISIBILITY_TIMEOUT_S": "600"},
+        {"LLM_WORKER_VISIBILITY_TIMEOUT_S": "20", "LLM_WORKER_LEASE_TTL_S": "30"},
         {"LLM_WORKER_BACKOFF_BASE_S": "5", "LLM_WORKER_BACKOFF_MAX_S": "1"},
     ],
 )
 def test_inconsistent_pair_is_refused(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
-    """visibility timeout not above the deadline, or backoff max below base, is refused."""
+    """visibility timeout not above the lease TTL, or backoff max below base, is refused."""
     error = _error(monkeypatch, **env)
     assert "must" in str(error)
 

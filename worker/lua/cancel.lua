@@ -2,6 +2,7 @@
 -- (the worker that later takes its message finds it ended). A running job is flagged; its
 -- worker closes the upstream stream and ends it. An ended job is left alone.
 -- KEYS[1] job hash   KEYS[2] events stream   KEYS[3] job channel   KEYS[4] results channel
+-- KEYS[5] cancels channel (every worker process listens; the one running the job acts)
 -- ARGV[1] now   ARGV[2] job id   ARGV[3] ttl seconds
 -- Returns the outcome: 'cancelled', 'requested', 'missing', or 'ended:<state>'.
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -13,7 +14,7 @@ if state == 'completed' or state == 'failed' or state == 'cancelled' or state ==
 end
 redis.call('HSET', KEYS[1], 'cancel_requested', ARGV[1])
 if state == 'running' then
-  redis.call('PUBLISH', KEYS[3] .. ':control', 'cancel')
+  redis.call('PUBLISH', KEYS[5], ARGV[2])
   return 'requested'
 end
 local seq = 0

@@ -1,12 +1,26 @@
--- A worker takes a delivered job: count the delivery, mark it running, and tell the worker
--- where the job's event sequence stands (so seq keeps rising across deliveries).
+-- A worker takes a delivered job: unless another live worker holds its lease, take the lease,
+-- count the delivery, mark it running, and tell the worker where the job's event sequence
+-- stands (so seq keeps rising across deliveries).
 -- KEYS[1] job hash   KEYS[2] events stream
--- ARGV[1] now   ARGV[2] worker name   ARGV[3] model (for a job whose hash is missing)
--- ARGV[4] ttl seconds while running
--- Returns {state before, deliveries, attempts, last seq, cancel requested (0/1), deadline}.
+-- ARGV[1] now (client clock, for timestamps only)   ARGV[2] worker name
+-- ARGV[3] model (for a job whose hash is missing)   ARGV[4] ttl seconds while running
+-- ARGV[5] lease token   ARGV[6] lease ttl ms   ARGV[7] delivery limit
+-- Returns {state before, deliveries, attempts, last seq, cancel requested (0/1), deadline,
+--          lease wait ms}. State before is queued, running (taken over from a worker that
+-- died or let its lease lapse), missing, a terminal state, 'leased' (a live worker runs it:
+-- wait lease wait ms and ask again) or 'poison' (delivered more than the limit allows).
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'completed' or state == 'failed' or state == 'cancelled' or state == 'expired' then
-  return {state, 0, 0, 0, 0, ''}
+  return {state, 0, 0, 0, 0, '', 0}
+end
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local holder = redis.call('HGET', KEYS[1], 'lease')
+if holder and holder ~= ARGV[5] then
+  local until_ms = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
+  if until_ms > now_ms then
+    return {'leased', 0, 0, 0, 0, '', until_ms - now_ms}
+  end
 end
 if not state then
   -- The hash expired or the message was pushed by hand: keep a record of the job anyway.
@@ -14,7 +28,14 @@ if not state then
   state = 'missing'
 end
 local deliveries = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
-redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[2])
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+local cancel = redis.call('HGET', KEYS[1], 'cancel_requested') and 1 or 0
+local deadline = redis.call('HGET', KEYS[1], 'deadline_at') or ''
+if deliveries > tonumber(ARGV[7]) then
+  return {'poison', deliveries, attempts, 0, cancel, deadline, 0}
+end
+redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[2],
+  'lease', ARGV[5], 'lease_until', now_ms + tonumber(ARGV[6]))
 if not redis.call('HGET', KEYS[1], 'started_at') then
   redis.call('HSET', KEYS[1], 'started_at', ARGV[1])
 end
@@ -29,6 +50,4 @@ if last[1] then
     end
   end
 end
-local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
-local cancel = redis.call('HGET', KEYS[1], 'cancel_requested') and 1 or 0
-return {state, deliveries, attempts, seq, cancel, redis.call('HGET', KEYS[1], 'deadline_at') or ''}
+return {state, deliveries, attempts, seq, cancel, deadline, 0}

@@ -19,7 +19,7 @@ redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', ARGV[5])
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'usage', ARGV[6]) end
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[7]) end
 if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'stop_reason', ARGV[8]) end
-redis.call('HDEL', KEYS[1], 'worker')
+redis.call('HDEL', KEYS[1], 'worker', 'lease', 'lease_until')
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 1
