@@ -74,7 +74,14 @@ class JobRunner:
             self._stream_expire_set = True
         self.rt.store.publish(self.job_id, events, hash_fields=hash_fields or None, expire_s=expire)
 
-    def _finish(self, type_: str, attempt: int, **fields: Any) -> bool:
+    def _finish(
+        self,
+        type_: str,
+        attempt: int,
+        *,
+        dead_letter: tuple[str, Any] | None = None,
+        **fields: Any,
+    ) -> bool:
         message = fields.get("message")
         error = fields.get("error")
         event = self._event(type_, attempt, **fields)
@@ -85,6 +92,7 @@ class JobRunner:
             usage=message.get("usage") if message else None,
             error=error,
             stop_reason=message.get("stop_reason") if message else None,
+            dead_letter=dead_letter,
         )
         if ended:
             m.JOBS_FINISHED.labels(self.model, type_).inc()
@@ -231,13 +239,11 @@ class JobRunner:
                 error_type=exc.error_type,
                 retryable=exc.retryable,
             )
-            if self._finish(ev.FAILED, attempt, error=exc.to_error()):
-                # The original payload (the request; no secrets) and why, for `llm-worker dlq`.
-                self.rt.store.dead_letter(
-                    job_id=self.job_id,
-                    reason=exc.reason,
-                    payload=self.payload or {"job_id": self.job_id, "request": self.request},
-                )
+            # The original payload (the request; no secrets) and why, for `llm-worker dlq`.
+            payload = self.payload or {"job_id": self.job_id, "request": self.request}
+            self._finish(
+                ev.FAILED, attempt, error=exc.to_error(), dead_letter=(exc.reason, payload)
+            )
             return False
         m.RETRIES.labels(self.model, exc.reason).inc()
         log.info(

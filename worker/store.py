@@ -26,6 +26,10 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _payload_bytes(payload: Any) -> str | bytes:
+    return payload if isinstance(payload, str | bytes) else orjson.dumps(payload)
+
+
 @dataclass(frozen=True, slots=True)
 class Claim:
     """What a worker learns when it takes a delivered job."""
@@ -147,17 +151,23 @@ class JobStore:
         usage: dict[str, Any] | None = None,
         error: dict[str, Any] | None = None,
         stop_reason: str | None = None,
+        dead_letter: tuple[str, Any] | None = None,
     ) -> bool:
-        """Write the terminal event and state; False when the job had ended already."""
+        """Write the terminal event and state; False when the job had ended already.
+
+        ``dead_letter`` is ``(reason, payload)``: kept in the dead-letter stream in the same
+        step when this call ends the job.
+        """
         k = self.keys
+        keys = [k.job(job_id), k.events(job_id), k.channel(job_id), k.results_channel]
+        keys.append(k.result(job_id))
+        dlq_args: list[Any] = []
+        if dead_letter is not None:
+            keys.append(k.dead_letters)
+            reason, payload = dead_letter
+            dlq_args = [job_id, reason, _payload_bytes(payload)]
         ended = self._finish(
-            keys=[
-                k.job(job_id),
-                k.events(job_id),
-                k.channel(job_id),
-                k.results_channel,
-                k.result(job_id),
-            ],
+            keys=keys,
             args=[
                 event["type"],
                 ev.dumps(event),
@@ -167,16 +177,21 @@ class JobStore:
                 orjson.dumps(usage) if usage is not None else "",
                 orjson.dumps(error) if error is not None else "",
                 stop_reason or "",
+                *dlq_args,
             ],
         )
         return bool(ended)
 
     def dead_letter(self, *, job_id: str, reason: str, payload: Any, maxlen: int = 100_000) -> None:
         """Keep what could not be run, with why, for ``llm-worker dlq``."""
-        body = payload if isinstance(payload, str | bytes) else orjson.dumps(payload)
         self.redis.xadd(
             self.keys.dead_letters,
-            {"job_id": job_id, "reason": reason, "payload": body, "ts": str(time.time())},
+            {
+                "job_id": job_id,
+                "reason": reason,
+                "payload": _payload_bytes(payload),
+                "ts": str(time.time()),
+            },
             maxlen=maxlen,
             approximate=True,
         )

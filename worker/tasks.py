@@ -32,7 +32,6 @@ def _runtime() -> Runtime:
 
 def _fail_unrunnable(rt: Runtime, job_id: str, reason: str, message: str, payload: Any) -> None:
     """Dead-letter a job that cannot run and end it ``failed`` (once)."""
-    rt.store.dead_letter(job_id=job_id, reason=reason, payload=payload)
     # Recorded whoever holds the lease: what cannot run here cannot run anywhere.
     claim = rt.store.claim(
         job_id,
@@ -44,6 +43,7 @@ def _fail_unrunnable(rt: Runtime, job_id: str, reason: str, message: str, payloa
         max_deliveries=1_000_000,
     )
     if claim.already_ended:
+        rt.store.dead_letter(job_id=job_id, reason=reason, payload=payload)
         return
     event = ev.make_event(
         job_id,
@@ -52,7 +52,8 @@ def _fail_unrunnable(rt: Runtime, job_id: str, reason: str, message: str, payloa
         ev.FAILED,
         error={"type": reason, "message": message, "status_code": None},
     )
-    rt.store.finish(job_id, event, error=event["error"])
+    if not rt.store.finish(job_id, event, error=event["error"], dead_letter=(reason, payload)):
+        rt.store.dead_letter(job_id=job_id, reason=reason, payload=payload)
     log.error("job_rejected", reason=reason, detail=message)
 
 

@@ -1,9 +1,10 @@
 -- Write a job's one terminal event and its final state as a single step. A job that has
 -- ended already is left alone, so a redelivered or raced job still ends exactly once.
 -- KEYS[1] job hash   KEYS[2] events stream   KEYS[3] job channel   KEYS[4] results channel
--- KEYS[5] result key
+-- KEYS[5] result key   KEYS[6] dead-letter stream (a failure to keep, else absent)
 -- ARGV[1] state   ARGV[2] event JSON   ARGV[3] final message JSON or ''   ARGV[4] ttl
 -- ARGV[5] now   ARGV[6] usage JSON or ''   ARGV[7] error JSON or ''   ARGV[8] stop_reason or ''
+-- ARGV[9] job id   ARGV[10] dead-letter reason   ARGV[11] dead-letter payload (with KEYS[6])
 -- Returns 1 when this call ended the job, 0 when it had ended before.
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'completed' or state == 'failed' or state == 'cancelled' or state == 'expired' then
@@ -20,6 +21,11 @@ if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'usage', ARGV[6]) end
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[7]) end
 if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'stop_reason', ARGV[8]) end
 redis.call('HDEL', KEYS[1], 'worker', 'lease', 'lease_until')
+if KEYS[6] then
+  -- In the same step as the end, so whoever sees the failure also finds its dead letter.
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', 100000, '*',
+    'job_id', ARGV[9], 'reason', ARGV[10], 'payload', ARGV[11], 'ts', ARGV[5])
+end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 1

@@ -1,0 +1,151 @@
+"""Resilience on the session worker: non-streamed faults, idempotent ids, dead letters, expiry,
+and cancelling a stream that has gone silent."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import httpx
+import orjson
+import pytest
+
+from tests.support import WorkerProcess, celery_worker_args, make_request, wait_for, worker_env
+from worker import events as ev
+from worker.client import Client
+from worker.errors import JobCancelled, JobConflict, JobFailed
+from worker.settings import settings_from_env
+
+# fault kind -> the retry reason a non-streamed call must report
+NON_STREAMED_FAULTS = {
+    "429": "http_429",
+    "500": "http_500",
+    "502": "http_502",
+    "503": "http_503",
+    "529": "http_529",
+    "reset": "connection_lost",
+    "cut": "connection_lost",
+    "error_event": "http_529",
+    "malformed": "malformed_response",
+}
+
+
+def _upstream_requests(simulator_url: str) -> int:
+    stats = httpx.get(f"{simulator_url}/stats", params={"log": 0}, timeout=5).json()
+    return int(stats["requests"])
+
+
+@pytest.mark.parametrize(("fault", "reason"), sorted(NON_STREAMED_FAULTS.items()))
+def test_non_streamed_job_recovers_from_one_fault(client: Client, fault: str, reason: str) -> None:
+    """A non-streamed call's fault costs one retry with its reason; the second call completes."""
+    prompt = f"plain {uuid.uuid4().hex} [[sim tokens=7 fault={fault} fault_times=1]]"
+    job = client.submit(make_request(prompt, stream=False))
+    events = list(job.events(timeout=60))
+    kinds = [e["type"] for e in events]
+    assert kinds == [ev.STARTED, ev.RETRY, ev.STARTED, ev.COMPLETED], kinds
+    assert events[1]["reason"] == reason
+    assert events[-1]["message"]["usage"]["output_tokens"] == 7
+    assert job.status()["attempts"] == 2
+
+
+def test_resubmitting_the_same_job_id_and_request_returns_the_same_job(
+    client: Client, simulator_url: str
+) -> None:
+    """Idempotency: the same id with the same request is one job and one upstream call."""
+    job_id = f"idem-{uuid.uuid4().hex}"
+    request = make_request(f"once {job_id} [[sim tokens=3]]")
+    before = _upstream_requests(simulator_url)
+    first = client.submit(request, job_id=job_id)
+    message = first.result(timeout=30)
+    again = client.submit(request, job_id=job_id)
+    assert again.job_id == job_id
+    assert again.result(timeout=5) == message
+    events = list(again.events(timeout=5))
+    assert sum(e["type"] in ev.TERMINAL_TYPES for e in events) == 1
+    # Also after the end: nothing is enqueued again (a queued copy would add an attempt).
+    client.submit(make_request("drain [[sim tokens=1]]")).result(timeout=30)
+    assert _upstream_requests(simulator_url) - before == 2  # our job once, the drain job once
+    assert client.get(job_id).status()["attempts"] == 1
+
+
+def test_resubmitting_a_job_id_with_another_request_is_a_conflict(client: Client) -> None:
+    """The same id with a different request fails clearly and leaves the first job alone."""
+    job_id = f"conflict-{uuid.uuid4().hex}"
+    client.submit(make_request("first [[sim tokens=2]]"), job_id=job_id).result(timeout=30)
+    with pytest.raises(JobConflict, match=job_id):
+        client.submit(make_request("second"), job_id=job_id)
+    assert client.get(job_id).status()["state"] == "completed"
+
+
+def _dead_letters(client: Client) -> list[dict[str, str]]:
+    return [
+        {k.decode(): v.decode() for k, v in fields.items()}
+        for _id, fields in client.redis.xrange(client.keys.dead_letters)
+    ]
+
+
+def test_permanent_failure_is_dead_lettered_with_reason_and_payload(client: Client) -> None:
+    """A 400 from the upstream fails the job and keeps its request in the dead-letter stream."""
+    job_id = f"dead-{uuid.uuid4().hex}"
+    request = make_request("rejected", model="no-such-model")
+    job = client.submit(request, job_id=job_id)
+    with pytest.raises(JobFailed):
+        job.result(timeout=30)
+    entry = next(e for e in _dead_letters(client) if e["job_id"] == job_id)
+    assert entry["reason"] == "http_400"
+    payload = orjson.loads(entry["payload"])
+    assert payload["request"] == request
+    assert payload["job_id"] == job_id
+
+
+def test_retried_then_completed_job_is_not_dead_lettered(client: Client) -> None:
+    """Only jobs that end failed reach the dead letters."""
+    job_id = f"alive-{uuid.uuid4().hex}"
+    prompt = f"{job_id} [[sim tokens=2 fault=500 fault_times=1]]"
+    client.submit(make_request(prompt), job_id=job_id).result(timeout=30)
+    assert all(e["job_id"] != job_id for e in _dead_letters(client))
+
+
+def test_cancel_of_a_stalled_stream_ends_it_within_a_second(
+    client: Client, simulator_url: str
+) -> None:
+    """A stream that has gone silent is closed on cancel, not at the idle timeout (60 s)."""
+    job = client.submit(make_request(f"stall {uuid.uuid4().hex} [[sim tokens=20 fault=stall]]"))
+    chunks = 0
+    for event in job.events(timeout=30):
+        if event["type"] == ev.CHUNK and event["event"]["type"] == "content_block_delta":
+            chunks += 1
+            if chunks == 10:  # half the answer: the stall starts after it
+                break
+    cancelled_at = time.monotonic()
+    assert job.cancel() is True
+    with pytest.raises(JobCancelled):
+        job.result(timeout=10)
+    assert time.monotonic() - cancelled_at < 1.5  # the stall lasts 30 s
+    deltas = [
+        e
+        for e in job.events(timeout=5)
+        if e["type"] == ev.CHUNK and e["event"]["type"] == "content_block_delta"
+    ]
+    assert len(deltas) < 20  # cut in the stall, not waited out
+    assert job.status()["state"] == "cancelled"
+
+
+def test_job_queued_past_its_deadline_expires_without_an_upstream_call(
+    redis_url: str, simulator_url: str
+) -> None:
+    """A job whose deadline passes in the queue ends expired; the upstream never sees it."""
+    queue = f"llmw-expiry-{uuid.uuid4().hex[:6]}"
+    env = worker_env(redis_url, simulator_url, queue=queue, job_deadline_s=1, concurrency=5)
+    with Client(settings_from_env(env)) as producer:
+        job = producer.submit(make_request(f"too late {uuid.uuid4().hex} [[sim tokens=2]]"))
+        wait_for(lambda: time.time() > job.status()["deadline_at"] + 0.2, 10, "the deadline")
+        before = _upstream_requests(simulator_url)
+        worker = WorkerProcess(celery_worker_args(concurrency=5, queue=queue), env)
+        try:
+            events = list(job.events(timeout=60))
+        finally:
+            worker.stop()
+    assert [e["type"] for e in events] == [ev.EXPIRED]
+    assert job.status()["state"] == "expired"
+    assert _upstream_requests(simulator_url) == before
