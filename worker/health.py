@@ -1,45 +1,36 @@
 """The worker's HTTP server: ``/metrics``, ``/healthz`` (consuming) and ``/readyz`` (and Redis).
 
-Liveness looks at consumption itself: workers have been seen to stop consuming after a Redis
-reconnect while their timers kept ticking, so "the process answers" is not enough.
+One server per worker, in the process that runs Celery's consumer (the parent under prefork;
+children close their inherited copy of the socket). Liveness is consumption itself, recorded
+by the broker transport (:mod:`worker.liveness`), not a timer that keeps ticking in a worker
+that stopped consuming.
+
+- ``/healthz``: 200 while the consumer has polled its queues (or was saturated) within
+  ``HEALTH_STALE_S``; 503 before the worker is ready, while it shuts down, or when it stopped
+  consuming. Restart on failure.
+- ``/readyz``: 200 when, in addition, Redis answers a ``PING``. Send no work on failure.
+- ``/metrics``: refreshes the queue-wide gauges from Redis (:mod:`worker.scrape`), then
+  renders every metric (of every process, under prefork).
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from celery import bootsteps, signals
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from worker import metrics as m
+from worker import multiproc
+from worker.liveness import STATE
+from worker.scrape import ScrapeGauges
 from worker.settings import Settings
-
-
-class ConsumerState:
-    """What the health checks read; written by Celery signals and the consumer step."""
-
-    def __init__(self) -> None:
-        self.ready = False
-        self.shutting_down = False
-        self.last_poll = 0.0
-        self.lock = threading.Lock()
-
-    def beat(self) -> None:
-        self.last_poll = time.monotonic()
-
-
-STATE = ConsumerState()
-#: The consumer's event loop must have ticked this recently to count as alive.
-STALE_AFTER_S = 30.0
 
 
 @signals.worker_ready.connect
 def _on_ready(**_: Any) -> None:
     STATE.ready = True
-    STATE.beat()
 
 
 @signals.worker_shutting_down.connect
@@ -47,51 +38,38 @@ def _on_shutdown(**_: Any) -> None:
     STATE.shutting_down = True
 
 
-class HeartbeatStep(bootsteps.StartStopStep):
-    """A consumer step that ticks from the consumer's own event loop."""
+class TimerHeartbeatStep(bootsteps.StartStopStep):
+    """For brokers other than our Redis transport: the consumer's timer ticking is the best
+    evidence there is (weaker: it keeps ticking in a worker that stopped consuming)."""
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
     def start(self, consumer: Any) -> None:
+        from worker.transport import Transport
+
+        if isinstance(consumer.connection.transport, Transport):
+            return  # the transport reports every BRPOP: the real thing
         hub = getattr(consumer.controller, "hub", None)
-        if hub is not None:
-            hub.call_repeatedly(1.0, STATE.beat)
-        else:
-            # Pools without an event loop (gevent, threads, solo) drain events in a loop of
-            # their own; a timer on the consumer's timer tells at least that it runs.
-            consumer.timer.call_repeatedly(1.0, STATE.beat)
-        STATE.beat()
+        timer = hub if hub is not None else consumer.timer
+        timer.call_repeatedly(1.0, STATE.consumed)
+        STATE.consumed()
 
 
-def alive() -> bool:
-    return (
-        STATE.ready
-        and not STATE.shutting_down
-        and time.monotonic() - STATE.last_poll < STALE_AFTER_S
-    )
-
-
-def _make_handler(settings: Settings) -> type[BaseHTTPRequestHandler]:
-    import redis
-
-    client = redis.Redis.from_url(
-        str(settings.redis_url), socket_timeout=2, socket_connect_timeout=2
-    )
+def _make_handler(settings: Settings, gauges: ScrapeGauges) -> type[BaseHTTPRequestHandler]:
+    stale_after_s = settings.health_stale_s
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path == "/metrics":
-                self._send(200, generate_latest(), CONTENT_TYPE_LATEST)
+                multiproc.sweep_dead_processes()
+                gauges.refresh()
+                body = generate_latest(multiproc.serving_registry())
+                self._send(200, body, CONTENT_TYPE_LATEST)
             elif self.path == "/healthz":
-                ok = alive()
+                ok = STATE.alive(stale_after_s)
                 self._send(200 if ok else 503, b"ok\n" if ok else b"not consuming\n")
             elif self.path == "/readyz":
-                try:
-                    redis_ok = bool(client.ping())
-                except Exception:  # any failure to reach Redis means not ready
-                    redis_ok = False
-                ok = redis_ok and alive()
-                m.WORKER_READY.set(1 if ok else 0)
+                ok = gauges.ready()
                 self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
             else:
                 self._send(404, b"not found\n")
@@ -109,11 +87,37 @@ def _make_handler(settings: Settings) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def _scrape_gauges(settings: Settings) -> ScrapeGauges:
+    import redis
+
+    from worker.broker import is_redis_broker
+
+    def client(url: str) -> redis.Redis[bytes]:
+        return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+
+    broker_url = settings.effective_broker_url
+    return ScrapeGauges(
+        settings,
+        results=client(str(settings.redis_url)),
+        broker=client(broker_url) if is_redis_broker(broker_url) else None,
+        alive=lambda: STATE.alive(settings.health_stale_s),
+    )
+
+
 def start_health_server(settings: Settings) -> ThreadingHTTPServer:
     from worker.celery_app import app
 
-    app.steps["consumer"].add(HeartbeatStep)
-    server = ThreadingHTTPServer(("0.0.0.0", settings.metrics_port), _make_handler(settings))
+    app.steps["consumer"].add(TimerHeartbeatStep)
+    server = ThreadingHTTPServer(
+        ("0.0.0.0", settings.metrics_port), _make_handler(settings, _scrape_gauges(settings))
+    )
+
+    def close_in_child(**_: Any) -> None:
+        # A prefork child inherits the listening socket; only the parent may answer on it.
+        server.socket.close()
+
+    signals.worker_process_init.connect(close_in_child, weak=False)
+    signals.worker_process_shutdown.connect(multiproc.on_child_exit, weak=False)
     thread = threading.Thread(target=server.serve_forever, name="llmw-health", daemon=True)
     thread.start()
     return server

@@ -1,4 +1,5 @@
-"""kombu's Redis transport, hardened against bytes on the queue that are not a message.
+"""kombu's Redis transport, hardened against bytes on the queue that are not a message, and
+reporting each poll of the worker's queues to :mod:`worker.liveness`.
 
 kombu pops a list item and parses it inside the consumer's event loop; an item that is not a
 broker envelope (not JSON, or JSON of the wrong shape) raises out of the loop and Celery stops
@@ -13,10 +14,17 @@ from typing import Any
 import structlog
 from kombu.transport import redis as kombu_redis
 
+from worker.liveness import STATE
+
 log = structlog.get_logger("worker.transport")
 
 
 class Channel(kombu_redis.Channel):
+    def _brpop_start(self, timeout: Any = None) -> None:
+        super()._brpop_start(timeout)  # type: ignore[misc]
+        if getattr(self, "_in_poll", None):  # a BRPOP went out for at least one queue
+            STATE.consumed()
+
     def _brpop_read(self, **options: Any) -> Any:
         try:
             return super()._brpop_read(**options)  # type: ignore[misc]
@@ -26,8 +34,22 @@ class Channel(kombu_redis.Channel):
             return True
 
 
+class MultiChannelPoller(kombu_redis.MultiChannelPoller):
+    def on_poll_start(self) -> None:
+        super().on_poll_start()
+        for channel in getattr(self, "_channels", ()):
+            # Every prefetch slot is taken: kombu sends no BRPOP until a job is acked, and a
+            # worker busy with long jobs is healthy, as long as its loop still polls.
+            if channel.active_queues and not channel.qos.can_consume():
+                STATE.consumed()
+
+
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cycle = MultiChannelPoller()
 
 
 def _dead_letter_unreadable(detail: str) -> None:
