@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 from worker.settings import Settings
 
 
 def run_worker(settings: Settings) -> int:
+    from worker import multiproc
+
+    # Before anything creates a metric: under prefork each value must live in a file.
+    multiproc.prepare(settings.pool)
+
     from worker.celery_app import app
     from worker.health import start_health_server
     from worker.logs import configure_logging
@@ -24,8 +30,10 @@ def run_worker(settings: Settings) -> int:
         str(settings.concurrency),
         "--queues",
         settings.queue,
+        # The pid makes the node name unique among workers on one host, so that remote
+        # control (`celery control … --destination`) reaches exactly one of them.
         "--hostname",
-        f"llmw@{socket.gethostname()}",
+        f"llmw-{os.getpid()}@{socket.gethostname()}",
         "--loglevel",
         settings.log_level,
         # Gossip and mingle talk to every other worker at start; a job queue does not need them.
