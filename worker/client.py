@@ -209,9 +209,31 @@ class Client:
                 m.JOBS_SUBMITTED.labels(request["model"]).inc()
             elif result[1].decode() != request_sha(request):
                 raise JobConflict(job_id)
+        if created:
+            self._count_submitted(
+                [
+                    request["model"]
+                    for request, result in zip(requests, results, strict=True)
+                    if int(result[0]) == 1
+                ]
+            )
         if created and not self._same_redis:
             self._send_elsewhere(created)
         return [Job(self, job_id) for job_id in ids]
+
+    def _count_submitted(self, models: list[str]) -> None:
+        """Add to the Redis counter that workers export (llm_worker_queue_jobs_submitted_total).
+
+        A separate round trip after the jobs exist: a producer that dies between the two
+        under-counts by its last batch, which is the safe side for a counter.
+        """
+        per_model: dict[str, int] = {}
+        for model in models:
+            per_model[model] = per_model.get(model, 0) + 1
+        pipe = self.redis.pipeline(transaction=False)
+        for model, count in per_model.items():
+            pipe.hincrby(self.keys.submitted_counts(self.settings.queue), model, count)
+        pipe.execute()
 
     def _send_elsewhere(self, created: list[tuple[str, dict[str, Any], bytes]]) -> None:
         """The broker is not the results Redis: a second pipeline, or Celery's own publish."""

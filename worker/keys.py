@@ -38,10 +38,9 @@ class Keys:
         """Pub/sub channel of cancellation requests for running jobs (message: the job id)."""
         return f"{self.prefix}:cancels"
 
-    @property
-    def submitted_counts(self) -> str:
-        """Hash: jobs ever submitted, by model (every producer adds to it; workers export it)."""
-        return f"{self.prefix}:submitted"
+    def submitted_counts(self, queue: str) -> str:
+        """Hash: jobs ever submitted to ``queue``, by model (producers add, workers export)."""
+        return f"{self.prefix}:submitted:{queue}"
 
     @property
     def dead_letters(self) -> str:

@@ -62,7 +62,19 @@ def status_label(status_code: int | None) -> str:
 
 
 JOBS_SUBMITTED = Counter(
-    "llm_worker_jobs_submitted_total", "Jobs accepted by a producer and enqueued.", ["model"]
+    "llm_worker_jobs_submitted_total",
+    "Jobs enqueued by this producer process (only in a producer that serves its own metrics; "
+    "workers export llm_worker_queue_jobs_submitted_total).",
+    ["model"],
+)
+# Producers are often short-lived scripts that nobody scrapes; every producer also adds to a
+# Redis counter that each worker mirrors here at scrape time. The value is the same on every
+# worker of the queue: aggregate with max(), not sum().
+QUEUE_JOBS_SUBMITTED = Counter(
+    "llm_worker_queue_jobs_submitted_total",
+    "Jobs ever submitted to the queue by every producer, by model, read from Redis when "
+    "scraped (the same on every worker of the queue: aggregate with max).",
+    ["queue", "model"],
 )
 JOBS_FINISHED = Counter(
     "llm_worker_jobs_finished_total",
@@ -131,17 +143,18 @@ JOBS_IN_FLIGHT = Gauge(
 )
 QUEUE_DEPTH = Gauge(
     "llm_worker_queue_depth",
-    "Jobs in the Celery queue: waiting in the list, or delivered and not yet acknowledged.",
+    "Jobs in the Celery queue, read from Redis when scraped: waiting (in the queue's lists, "
+    "priorities included) or unacked (delivered to some worker, not yet acknowledged).",
     ["queue", "state"],
     multiprocess_mode="mostrecent",
 )
 DEAD_LETTERS = Gauge(
     "llm_worker_dead_letters",
-    "Entries in the dead-letter stream.",
+    "Entries in the dead-letter stream, read from Redis when scraped.",
     multiprocess_mode="mostrecent",
 )
 WORKER_READY = Gauge(
     "llm_worker_ready",
-    "1 while this worker reaches Redis and its consumer is consuming, else 0.",
+    "1 while this worker reaches Redis and its consumer is consuming, else 0 (as of the scrape).",
     multiprocess_mode="mostrecent",
 )
