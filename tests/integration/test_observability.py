@@ -5,13 +5,16 @@ Each test runs its own `llm-worker run` on its own queue and key prefix, so coun
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,10 +32,15 @@ MODEL = SEED_MODELS[4]  # make_request's model, and the canary job's
 
 
 def start_worker(
-    redis_url: str, simulator_url: str, pool: str, concurrency: int, **settings: Any
+    redis_url: str,
+    simulator_url: str,
+    pool: str,
+    concurrency: int,
+    env: dict[str, str] | None = None,
+    **settings: Any,
 ) -> WorkerProcess:
     tag = uuid.uuid4().hex[:8]
-    env = worker_env(
+    worker = worker_env(
         redis_url,
         simulator_url,
         queue=f"obs-{tag}",
@@ -41,7 +49,7 @@ def start_worker(
         **settings,
     )
     args = [sys.executable, "-m", "worker.cli", "run", "--pool", pool]
-    return WorkerProcess([*args, "--concurrency", str(concurrency)], env)
+    return WorkerProcess([*args, "--concurrency", str(concurrency)], {**worker, **(env or {})})
 
 
 @pytest.fixture
@@ -266,3 +274,51 @@ def test_unacked_counts_only_this_queues_entries_and_dead_letters_follow_the_str
         wait_for(lambda: r.xlen(keys.dead_letters) == 1, 15, "the item to be dead-lettered")
         assert value(scrape(gevent_worker), "llm_worker_dead_letters") == 1
         assert get(gevent_worker, "/healthz").status_code == 200  # and it kept consuming
+
+
+def children(pid: int) -> set[int]:
+    # ps exits 1 when there are none (between a kill and the respawn): an empty set.
+    out = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(pid)], check=False, capture_output=True, text=True
+    )
+    return {int(p) for p in out.stdout.split()}
+
+
+def test_prefork_keeps_the_counts_of_killed_children(
+    redis_url: str, simulator_url: str, tmp_path: Path
+) -> None:
+    """The multiprocess directory is emptied of a previous run's files at start; SIGKILLed
+    prefork children are replaced, the jobs they finished still count, once, and their
+    in-flight gauges are swept."""
+    multiproc_dir = tmp_path / "metrics"
+    multiproc_dir.mkdir()
+    (multiproc_dir / "counter_1.db").write_bytes(b"left by a previous run")
+    (multiproc_dir / "notes.txt").write_text("not prometheus-client's: kept")
+    proc = start_worker(
+        redis_url, simulator_url, "prefork", 2, env={"PROMETHEUS_MULTIPROC_DIR": str(multiproc_dir)}
+    )
+    try:
+        proc.ready()
+        assert not (multiproc_dir / "counter_1.db").exists()
+        assert (multiproc_dir / "notes.txt").exists()
+        with Client(proc.settings()) as client:
+            tag = uuid.uuid4().hex
+            finish_all(
+                [client.submit(make_request(f"k {i} {tag} [[sim tokens=2]]")) for i in range(4)]
+            )
+        parent = proc.proc.pid
+        old = wait_for(lambda: (c := children(parent)) and len(c) == 2 and c, 10, "two children")
+        for pid in old:
+            os.kill(pid, signal.SIGKILL)
+        wait_for(
+            lambda: (c := children(parent)) and len(c) == 2 and not (c & old), 30, "new children"
+        )
+        samples = scrape(proc)
+        assert (
+            value(samples, "llm_worker_jobs_finished_total", model=MODEL, outcome="completed") == 5
+        )
+        assert value(samples, "llm_worker_jobs_in_flight", model=MODEL) == 0
+        live = [f.name for f in multiproc_dir.glob("gauge_live*")]
+        assert not [f for f in live if any(f.endswith(f"_{pid}.db") for pid in old)], live
+    finally:
+        proc.stop()
