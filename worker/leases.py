@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Literal
@@ -105,6 +106,7 @@ class LeaseKeeper:
         self._closed = threading.Event()
         self._sweep_now = threading.Event()
         self._drained = threading.Event()
+        self._grace_ends: float | None = None
 
     # -- jobs ----------------------------------------------------------------------------
 
@@ -134,14 +136,15 @@ class LeaseKeeper:
         """Warm shutdown: waiting jobs hand back now, running ones after ``grace_s``."""
         if self.draining:
             return
+        # Called from a signal handler (under gevent, in the event loop itself): nothing here
+        # may block, so the renew loop ends the grace, not a timer thread started here.
+        self._grace_ends = time.monotonic() + grace_s
         self.draining = True
         self._drained.set()
         log.info("worker_draining", jobs=len(self._jobs), grace_s=grace_s)
         for handle in self.handles():
             handle.notice_drain()
-        timer = threading.Timer(grace_s, self._grace_over)
-        timer.daemon = True
-        timer.start()
+        self._sweep_now.set()
 
     def _grace_over(self) -> None:
         handles = self.handles()
@@ -173,6 +176,9 @@ class LeaseKeeper:
             [(h.job_id, h.token) for h in handles], lease_ttl_s=self.lease_ttl_s
         )
         for handle, result in zip(handles, results, strict=True):
+            with self._lock:
+                if self._jobs.get(handle.job_id) is not handle:
+                    continue  # it ended while we asked: its lease is gone for that reason
             if result == 0:
                 log.warning("lease_lost", job_id=handle.job_id)
                 handle.stop("lease_lost")
@@ -182,7 +188,15 @@ class LeaseKeeper:
     def _renew_loop(self) -> None:
         interval_s = self.lease_ttl_s / 3
         while not self._closed.is_set():
-            self._sweep_now.wait(interval_s)
+            wait_s = interval_s
+            if self._grace_ends is not None:
+                left_s = self._grace_ends - time.monotonic()
+                if left_s <= 0:
+                    self._grace_ends = None
+                    self._grace_over()
+                else:
+                    wait_s = min(wait_s, left_s)
+            self._sweep_now.wait(wait_s)
             self._sweep_now.clear()
             try:
                 self.renew_once()

@@ -1,0 +1,243 @@
+"""Crash safety with real processes: SIGKILL, SIGTERM, a Redis restart and a poison job.
+
+Each test runs its own workers on its own queue, with a short lease (2 s) and visibility
+timeout (4 s) so that recovery happens within the test, not after the production defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.support import WorkerProcess, celery_worker_args, make_request, wait_for, worker_env
+from worker import events as ev
+from worker.client import Client, Job
+from worker.embedded import EmbeddedRedis
+from worker.settings import settings_from_env
+
+
+def _env(redis_url: str, simulator_url: str, queue: str, **settings: Any) -> dict[str, str]:
+    fast = {"lease_ttl_s": 2, "visibility_timeout_s": 4, "concurrency": 100}
+    return worker_env(redis_url, simulator_url, queue=queue, **{**fast, **settings})
+
+
+def _start(env: dict[str, str]) -> WorkerProcess:
+    settings = settings_from_env(env)
+    return WorkerProcess(
+        celery_worker_args(concurrency=settings.concurrency, queue=settings.queue), env
+    )
+
+
+def _kill(worker: WorkerProcess) -> None:
+    os.killpg(worker.proc.pid, signal.SIGKILL)  # the worker and any child it has
+    worker.proc.wait(timeout=10)
+
+
+def _events(job: Job) -> list[dict[str, Any]]:
+    return list(job.events(timeout=10))
+
+
+def _terminals(events: list[dict[str, Any]]) -> list[str]:
+    return [e["type"] for e in events if e["type"] in ev.TERMINAL_TYPES]
+
+
+def _so_far(job: Job) -> list[dict[str, Any]]:
+    """The events published until now, without waiting for more."""
+    entries = job.client.redis.xrange(job.client.keys.events(job.job_id))
+    return [ev.loads(fields[b"data"]) for _id, fields in entries]
+
+
+def _streaming(jobs: list[Job]) -> int:
+    """Jobs whose current attempt has published at least one chunk."""
+    count = 0
+    for job in jobs:
+        kinds = [e["type"] for e in _so_far(job)]
+        if ev.CHUNK in kinds and kinds[-1] == ev.CHUNK:
+            count += 1
+    return count
+
+
+@pytest.fixture
+def queue() -> str:
+    return f"llmw-crash-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def workers() -> Iterator[list[WorkerProcess]]:
+    started: list[WorkerProcess] = []
+    yield started
+    for worker in started:
+        worker.stop()
+
+
+def test_sigkill_with_fifty_jobs_streaming_loses_none_and_runs_none_twice(
+    redis_url: str, simulator_url: str, queue: str, workers: list[WorkerProcess]
+) -> None:
+    """A gevent worker killed with 60 jobs streaming: a fresh worker completes every one once."""
+    env = _env(redis_url, simulator_url, queue)
+    first = _start(env).ready()
+    workers.append(first)
+    tag = uuid.uuid4().hex
+    with Client(settings_from_env(env)) as client:
+        jobs = client.submit_many(
+            [make_request(f"crash {tag} {i} [[sim tokens=80 tps=16]]") for i in range(60)]
+        )
+        wait_for(lambda: _streaming(jobs) >= 55, 30, "55 jobs streaming", interval_s=0.2)
+        _kill(first)
+        workers.append(_start(env))
+        messages = [job.result(timeout=120) for job in jobs]
+        histories = [_events(job) for job in jobs]
+        statuses = [job.status() for job in jobs]
+    assert all(m["usage"]["output_tokens"] == 80 for m in messages)
+    for events in histories:
+        assert _terminals(events) == [ev.COMPLETED]
+        seqs = [e["seq"] for e in events]
+        assert seqs == list(range(1, len(seqs) + 1))
+    taken_over = [
+        events
+        for events in histories
+        if any(e["type"] == ev.RETRY and e["reason"] == "worker_lost" for e in events)
+    ]
+    assert len(taken_over) >= 55
+    for events, status in zip(histories, statuses, strict=True):
+        # One run by the killed worker, at most one by the second: none ran twice after it.
+        started = [e["type"] for e in events].count(ev.STARTED)
+        assert started == status["deliveries"] <= 2
+
+
+def test_sigterm_lets_streaming_jobs_finish_and_hands_back_a_job_in_backoff(
+    redis_url: str, simulator_url: str, queue: str, workers: list[WorkerProcess]
+) -> None:
+    """Warm shutdown: in-flight streams complete, a job waiting out a 20 s backoff goes back
+    to the queue at once (the worker exits long before the backoff ends), and nothing is lost."""
+    env = _env(
+        redis_url,
+        simulator_url,
+        queue,
+        concurrency=10,
+        backoff_base_s=20,
+        backoff_max_s=20,
+        shutdown_grace_s=30,
+    )
+    first = _start(env).ready()
+    workers.append(first)
+    tag = uuid.uuid4().hex
+    with Client(settings_from_env(env)) as client:
+        streams = client.submit_many(
+            [make_request(f"term {tag} {i} [[sim tokens=40 tps=20]]") for i in range(5)]
+        )
+        waiting = client.submit(
+            make_request(f"backoff {tag} [[sim tokens=3 fault=503 fault_times=1]]")
+        )
+        wait_for(lambda: _streaming(streams) == 5, 30, "5 jobs streaming", interval_s=0.1)
+        wait_for(
+            lambda: any(e["type"] == ev.RETRY for e in _so_far(waiting)),
+            30,
+            "the backoff",
+        )
+        signalled = time.monotonic()
+        first.proc.send_signal(signal.SIGTERM)
+        first.proc.wait(timeout=30)
+        exited_after_s = time.monotonic() - signalled
+        for job in streams:  # finished by the first worker, in one attempt
+            events = _events(job)
+            assert _terminals(events) == [ev.COMPLETED]
+            assert [e["type"] for e in events].count(ev.STARTED) == 1
+        assert waiting.status()["state"] == "queued"
+        assert _terminals(_so_far(waiting)) == []
+        workers.append(_start(env))
+        assert waiting.result(timeout=60)["usage"]["output_tokens"] == 3
+        assert _terminals(_events(waiting)) == [ev.COMPLETED]
+    assert exited_after_s < 15  # not the 20 s backoff
+
+
+def test_sigterm_past_the_grace_hands_a_stalled_stream_back(
+    redis_url: str, simulator_url: str, queue: str, workers: list[WorkerProcess]
+) -> None:
+    """A stream still running when SHUTDOWN_GRACE_S ends is interrupted and handed back; its
+    chunks are voided by a retry event and the next worker completes it."""
+    env = _env(redis_url, simulator_url, queue, concurrency=5, shutdown_grace_s=1)
+    first = _start(env).ready()
+    workers.append(first)
+    with Client(settings_from_env(env)) as client:
+        prompt = f"grace {uuid.uuid4().hex} [[sim tokens=10 fault=stall fault_times=1]]"
+        job = client.submit(make_request(prompt))
+        wait_for(lambda: _streaming([job]) == 1, 30, "the stream")
+        signalled = time.monotonic()
+        first.proc.send_signal(signal.SIGTERM)
+        first.proc.wait(timeout=30)
+        assert time.monotonic() - signalled < 10  # the stall lasts 30 s
+        assert job.status()["state"] == "queued"
+        workers.append(_start(env))
+        assert job.result(timeout=60)["usage"]["output_tokens"] == 10
+        events = _events(job)
+    retries = [e for e in events if e["type"] == ev.RETRY]
+    assert [r["reason"] for r in retries] == ["worker_shutdown"]
+    assert _terminals(events) == [ev.COMPLETED]
+
+
+def test_jobs_complete_once_across_a_redis_restart(
+    simulator_url: str, queue: str, workers: list[WorkerProcess]
+) -> None:
+    """Redis (with AOF) restarted while 30 jobs stream: every job completes, exactly once."""
+    with EmbeddedRedis(appendonly=True) as server:
+        env = _env(server.url, simulator_url, queue, concurrency=50)
+        workers.append(_start(env).ready())
+        tag = uuid.uuid4().hex
+        with Client(settings_from_env(env)) as client:
+            jobs = client.submit_many(
+                [make_request(f"restart {tag} {i} [[sim tokens=60 tps=20]]") for i in range(30)]
+            )
+            wait_for(lambda: _streaming(jobs) >= 20, 30, "20 jobs streaming", interval_s=0.2)
+            server.restart()
+            messages = [job.result(timeout=120) for job in jobs]
+            histories = [_events(job) for job in jobs]
+        assert all(m["usage"]["output_tokens"] == 60 for m in messages)
+        for events in histories:
+            assert _terminals(events) == [ev.COMPLETED]
+        # The worker is still consuming after the restart.
+        with Client(settings_from_env(env)) as client:
+            client.submit(make_request("after the restart [[sim tokens=2]]")).result(timeout=60)
+
+
+def test_a_job_that_kills_its_worker_is_dead_lettered_at_the_delivery_limit(
+    redis_url: str, simulator_url: str, queue: str, workers: list[WorkerProcess]
+) -> None:
+    """A job whose worker dies every time it runs it stops after MAX_DELIVERIES deliveries:
+    failed with delivery_limit and kept in the dead letters, instead of killing workers forever."""
+    env = _env(redis_url, simulator_url, queue, concurrency=5, max_deliveries=2)
+    with Client(settings_from_env(env)) as client:
+        job_id = f"poison-{uuid.uuid4().hex}"
+        job = client.submit(make_request(f"{job_id} [[sim tokens=10 fault=stall]]"), job_id=job_id)
+        for delivery in (1, 2):  # each worker dies while it runs the job
+            worker = _start(env)
+            workers.append(worker)
+            wait_for(
+                lambda d=delivery: (
+                    job.status().get("deliveries") == d  # type: ignore[misc]
+                    and _streaming([job]) == 1
+                    and job.status()["state"] == "running"
+                ),
+                60,
+                f"delivery {delivery}",
+            )
+            _kill(worker)
+        workers.append(_start(env))
+        events = _events(job)
+        failed = events[-1]
+        assert _terminals(events) == [ev.FAILED]
+        assert failed["error"]["type"] == "delivery_limit"
+        dead = [
+            {k.decode(): v.decode() for k, v in fields.items()}
+            for _id, fields in client.redis.xrange(client.keys.dead_letters)
+        ]
+        entry = next(d for d in dead if d["job_id"] == job_id)
+        assert entry["reason"] == "delivery_limit"
+        assert orjson.loads(entry["payload"])["job_id"] == job_id
