@@ -9,6 +9,7 @@ and carry on consuming.
 
 from __future__ import annotations
 
+from time import monotonic
 from typing import Any
 
 import structlog
@@ -35,13 +36,32 @@ class Channel(kombu_redis.Channel):
 
 
 class MultiChannelPoller(kombu_redis.MultiChannelPoller):
+    _next_restore = 0.0
+
     def on_poll_start(self) -> None:
         super().on_poll_start()
+        self._restore_on_schedule()
         for channel in getattr(self, "_channels", ()):
             # Every prefetch slot is taken: kombu sends no BRPOP until a job is acked, and a
             # worker busy with long jobs is healthy, as long as its loop still polls.
             if channel.active_queues and not channel.qos.can_consume():
                 STATE.consumed()
+
+    def _restore_on_schedule(self) -> None:
+        """Give back messages whose visibility timeout passed (a killed worker's jobs).
+
+        kombu restores them from the event loop's timer (prefork) or when a poll times out
+        with no reply at all; without an event loop (gevent, threads, solo) an idle queue's
+        BRPOP answers nil every second, which counts as a reply, so the restore never ran.
+        """
+        now = monotonic()
+        if now < self._next_restore:
+            return
+        channels = [c for c in getattr(self, "_channels", ()) if c.active_queues]
+        if not channels:
+            return
+        self._next_restore = now + float(channels[0].unacked_restore_interval)
+        self.maybe_restore_messages()
 
 
 class Transport(kombu_redis.Transport):
