@@ -216,6 +216,93 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- dlq -----------------------------------------------------------------------------------
+
+
+def _dlq_selection(args: argparse.Namespace, dead: Any) -> Any:
+    """The entries a requeue/purge names: ids, or --all (optionally of one --reason)."""
+    if args.all == bool(args.ids):
+        raise _Usage("name dead-letter ids, or --all (optionally with --reason), not both")
+    if args.ids:
+        if args.reason:
+            raise _Usage("--reason selects with --all, not with ids")
+        return dead.get(args.ids)
+    return dead.entries(reason=args.reason)
+
+
+class _Usage(Exception):
+    pass
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from worker.client import Client
+    from worker.dlq import DeadLetterError, DeadLetters
+
+    err = _console(stderr=True)
+    with Client() as client:
+        dead = DeadLetters(client)
+        try:
+            if args.action == "list":
+                return _dlq_list(dead, args)
+            entries = _dlq_selection(args, dead)
+            if args.action == "requeue":
+                failed = 0
+                for outcome in dead.requeue(entries):
+                    if outcome.job is None:
+                        failed += 1
+                        err.print(f"{outcome.entry.entry_id}: kept: {outcome.error}", markup=False)
+                    else:
+                        print(
+                            f"{outcome.entry.entry_id}: job {outcome.entry.job_id or '-'} "
+                            f"requeued as {outcome.job.job_id}"
+                        )
+                return EXIT_FAILED if failed else 0
+            if args.ids is None or not args.ids:
+                if not args.yes:
+                    raise _Usage("purging every dead letter needs --yes")
+                if args.reason is None:
+                    print(f"purged {dead.purge()} dead letters")
+                    return 0
+            print(f"purged {dead.purge(entries)} dead letters")
+            return 0
+        except (DeadLetterError, _Usage) as exc:
+            err.print(f"llm-worker dlq {args.action}: {exc}", markup=False)
+            return EXIT_USAGE
+
+
+def _dlq_list(dead: Any, args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    entries = dead.entries(reason=args.reason, limit=args.limit)
+    if args.json:
+        for entry in entries:
+            print(json.dumps(entry.to_json()))
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"{len(dead)} dead letters")
+    table.add_column("id", no_wrap=True)
+    table.add_column("time (UTC)", no_wrap=True)
+    table.add_column("job", overflow="fold")
+    table.add_column("reason", no_wrap=True)
+    table.add_column("payload", no_wrap=True, overflow="ellipsis", max_width=40)
+    for entry in entries:
+        when = dt.datetime.fromtimestamp(entry.ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        preview = entry.payload.decode("utf-8", "replace")
+        table.add_row(
+            entry.entry_id,
+            when,
+            entry.job_id or "-",
+            entry.reason,
+            preview[:60] + ("…" if len(preview) > 60 else ""),
+        )
+    console = _console()
+    if not console.is_terminal:
+        console.width = 200  # piped: keep each entry on one line for grep
+    console.print(table)
+    return 0
+
+
 # -- simulate / dev / demo -----------------------------------------------------------------
 
 
@@ -228,7 +315,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             if args.faults
             else FaultMix()
         )
-        limits = RateLimits(rpm=args.rpm, tpm=args.tpm)
+        limits = RateLimits(rpm=args.rpm, tpm=args.tpm, window_s=args.window_s)
     except ValueError as exc:
         _console(stderr=True).print(f"llm-worker simulate: {exc}", markup=False)
         return EXIT_USAGE
@@ -311,6 +398,24 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat list 
     cancel.add_argument("job_id")
     cancel.set_defaults(func=cmd_cancel)
 
+    dlq = sub.add_parser("dlq", help="list, requeue or purge the dead letters")
+    dlq_sub = dlq.add_subparsers(dest="action", required=True, metavar="ACTION")
+    dlq_list = dlq_sub.add_parser("list", help="show the dead letters, oldest first")
+    dlq_list.add_argument("--reason", help="only this reason (e.g. http_400, delivery_limit)")
+    dlq_list.add_argument("--limit", type=int, help="at most this many")
+    dlq_list.add_argument("--json", action="store_true", help="one JSON object per line")
+    for action, text in (
+        ("requeue", "submit the requests again as new jobs and drop the entries"),
+        ("purge", "delete dead letters"),
+    ):
+        cmd = dlq_sub.add_parser(action, help=text)
+        cmd.add_argument("ids", nargs="*", metavar="ID", help="dead-letter ids (from `dlq list`)")
+        cmd.add_argument("--all", action="store_true", help="every entry (of --reason, if given)")
+        cmd.add_argument("--reason", help="with --all: only this reason")
+        if action == "purge":
+            cmd.add_argument("--yes", action="store_true", help="confirm purging with --all")
+    dlq.set_defaults(func=cmd_dlq)
+
     sim = sub.add_parser("simulate", help="serve the fake Anthropic-compatible upstream")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8080)
@@ -322,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat list 
     sim.add_argument("--retry-after-s", type=float, default=1.0, help="retry-after of 429 faults")
     sim.add_argument("--rpm", type=int, help="requests per minute before 429")
     sim.add_argument("--tpm", type=int, help="tokens per minute before 429")
+    sim.add_argument(
+        "--window-s", type=float, default=60.0, help="the window --rpm and --tpm count over"
+    )
     sim.add_argument("--models", help="comma-separated models served (default: any)")
     sim.set_defaults(func=cmd_simulate)
 
