@@ -290,9 +290,9 @@ class Job:
 
     def cancel(self) -> bool:
         """Ask the job to stop: a queued job ends ``cancelled`` at once and never reaches the
-        upstream; a running streamed job within about half a second of its next stream event
-        (the upstream response is closed), a running non-streamed one when its call returns or
-        before its next retry. False when it had ended already."""
+        upstream; a running one within about a second (its worker hears of it on the cancels
+        channel and shuts the upstream connection down, even mid-stall, or wakes it from a
+        backoff). False when it had ended already."""
         outcome = self.client.store.cancel(self.job_id)
         if outcome == "missing":
             raise JobNotFound(self.job_id)
