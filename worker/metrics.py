@@ -126,6 +126,13 @@ RATE_LIMIT_COOLDOWNS = Counter(
     "Global cooldowns started after the upstream answered 429/529 with a retry-after.",
     ["model"],
 )
+RATE_LIMIT_REQUEUES = Counter(
+    "llm_worker_rate_limit_requeues_total",
+    "Jobs sent back to the queue with a countdown because the rate limiter would keep them "
+    "waiting longer than RATE_LIMIT_MAX_WAIT_S, by the limit that refused "
+    "(cooldown, rpm, input_tpm, output_tpm, in_flight).",
+    ["model", "reason"],
+)
 INPUT_TOKENS = Counter(
     "llm_worker_input_tokens_total", "Input tokens billed by the upstream.", ["model"]
 )

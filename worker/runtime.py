@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 from dataclasses import dataclass
+from functools import cached_property
 
 import redis
 from redis.backoff import EqualJitterBackoff
@@ -17,6 +18,7 @@ from redis.retry import Retry
 
 from worker.keys import Keys
 from worker.leases import LeaseKeeper
+from worker.ratelimit.gate import RateLimitGate
 from worker.settings import Settings
 from worker.store import JobStore
 from worker.upstream import UpstreamClient
@@ -48,6 +50,13 @@ class Runtime:
     upstream: UpstreamClient
     hostname: str
     leases: LeaseKeeper
+
+    @cached_property
+    def rate_limit(self) -> RateLimitGate:
+        """The shared rate limiter's gate, built on first use; inert without RATE_LIMITS."""
+        return RateLimitGate.from_settings(
+            self.settings, self.store.redis, metadata_of=self.store.metadata
+        )
 
     def close(self) -> None:
         self.leases.close()

@@ -99,6 +99,14 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(default=30.0, ge=0)
 
     rate_limits: dict[str, RateLimit] = Field(default_factory=dict)
+    # The longest a job waits for the limiter inside a worker before it goes back to the
+    # queue with a countdown (0: never wait in the worker).
+    rate_limit_max_wait_s: float = Field(default=60.0, ge=0)
+    # The period the "per minute" limits count over; shorter only to mirror a provider that
+    # counts differently, or to keep tests and benchmarks short.
+    rate_limit_period_s: PositiveSeconds = 60.0
+    # How long a killed worker's in-flight slot stays taken; live calls renew theirs.
+    rate_limit_lease_ttl_s: PositiveSeconds = 60.0
     result_ttl_s: int = Field(default=86_400, ge=1)
 
     queue: str = Field(default="llmw", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
@@ -130,6 +138,33 @@ class Settings(BaseSettings):
         # docker-compose passes ``${LLM_WORKER_API_KEY:-}`` as an empty string: no key.
         if value is None or (isinstance(value, str) and not value.strip()):
             return None
+        return value
+
+    @field_validator("rate_limits", mode="before")
+    @classmethod
+    def _parse_limits(cls, value: Any) -> Any:
+        # The environment source decodes JSON itself; a string passed in code (or by
+        # settings_from_env) gets the same treatment.
+        if isinstance(value, str):
+            import json
+
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError(
+                    'is not valid JSON; expected e.g. {"default": {"rpm": 60}}'
+                ) from None
+        return value
+
+    @field_validator("rate_limits")
+    @classmethod
+    def _check_limit_keys(cls, value: dict[str, RateLimit]) -> dict[str, RateLimit]:
+        for key in value:
+            if not key.strip() or len(key) > 200:
+                raise ValueError(
+                    f"limit key {key[:40]!r} must be a model name, a metadata limit_key or "
+                    "'default' (1-200 characters)"
+                )
         return value
 
     @field_validator("log_level", mode="before")

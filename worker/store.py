@@ -199,6 +199,15 @@ class JobStore:
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self.redis.hexists(self.keys.job(job_id), "cancel_requested"))
 
+    def metadata(self, job_id: str) -> dict[str, Any]:
+        """The job's ``metadata`` object as submitted; empty when absent or unreadable."""
+        raw = self.redis.hget(self.keys.job(job_id), "metadata")
+        try:
+            value = orjson.loads(raw) if raw else {}
+        except orjson.JSONDecodeError:
+            return {}
+        return value if isinstance(value, dict) else {}
+
     def cancel(self, job_id: str) -> str:
         """``cancelled`` (was queued), ``requested`` (running), ``missing`` or ``ended:<state>``."""
         k = self.keys
