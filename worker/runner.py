@@ -17,6 +17,8 @@ from worker import metrics as m
 from worker.accumulate import AccumulateError, accumulate, final_message
 from worker.errors import PermanentUpstreamError, TransientUpstreamError, UpstreamError
 from worker.leases import JobHandle
+from worker.ratelimit.gate import JobPostponed, WaitInterrupted
+from worker.ratelimit.limiter import Reservation
 from worker.retry_policy import backoff_delay_s, should_give_up
 from worker.runtime import Runtime
 from worker.store import Claim
@@ -266,8 +268,45 @@ class JobRunner:
         self.handle.sleep(delay_s)  # wakes early on cancel or shutdown
         return True
 
+    def _reserve(self, attempt: int) -> Reservation:
+        """Wait for the shared rate limiter (:mod:`worker.ratelimit.gate`) before an attempt.
+
+        A wait too long for this worker raises :class:`JobPostponed` (the task requeues the
+        job with a countdown), a drain :class:`HandBack`; both announce it with a ``retry``
+        event, and the attempt, which never reached the upstream, does not count.
+        """
+        try:
+            return self.rt.rate_limit.reserve(
+                self.job_id,
+                self.request,
+                model=self.model,
+                deadline_at=self.deadline_at,
+                sleep=self.handle.sleep,
+            )
+        except WaitInterrupted:
+            if self.handle.stop_reason is not None:
+                raise _Stopped from None
+            postponed = JobPostponed(
+                0.0,
+                reason="worker_shutdown",
+                detail="the worker shut down; the job went back to the queue",
+            )
+            requeue: Exception = HandBack()
+        except JobPostponed as exc:
+            postponed = requeue = exc
+        event = self._event(
+            ev.RETRY,
+            attempt,
+            reason=postponed.reason,
+            delay_s=round(postponed.countdown_s, 3),
+            error=postponed.to_error(),
+        )
+        self._publish([event], state=ev.QUEUED, attempts=attempt - 1)
+        raise requeue
+
     def _attempt(self, attempt: int) -> dict[str, Any]:
         """One upstream call; returns the final message or raises UpstreamError."""
+        reservation = self._reserve(attempt)
         sent_at = time.monotonic()
         status = None
         # Set by the first streamed event: the response arrived with a 2xx status, so a later
@@ -280,10 +319,13 @@ class JobRunner:
             else:
                 message = self._stream(attempt, sent_at)
                 status = 200
+            self.rt.rate_limit.settle(reservation, message)
         except UpstreamError as exc:
             status = 200 if self._response_arrived else exc.status_code
+            self.rt.rate_limit.after_error(reservation, exc, model=self.model)
             raise
         finally:
+            self.rt.rate_limit.release(reservation)
             self.handle.set_interrupt(None)
             m.UPSTREAM_REQUESTS.labels(self.model, m.status_label(status)).inc()
             m.UPSTREAM_LATENCY.labels(self.model).observe(time.monotonic() - sent_at)

@@ -18,6 +18,7 @@ from worker import events as ev
 from worker.celery_app import TASK_NAME, app
 from worker.errors import RequestInvalid
 from worker.leases import new_token, wait_time_s
+from worker.ratelimit.gate import JobPostponed
 from worker.request import validate_request
 from worker.runner import HandBack, JobRunner
 from worker.runtime import Runtime, current_runtime, get_runtime
@@ -154,8 +155,34 @@ def _run(rt: Runtime, job_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]
         rt.store.release(job_id, token)
         log.info("job_handed_back")
         raise Reject("the worker is shutting down", requeue=True) from None
+    except JobPostponed as postponed:
+        rt.store.release(job_id, token)  # not a crash: the delivery does not count
+        _requeue(job_id, args, kwargs, postponed.countdown_s)
     finally:
         rt.leases.unregister(handle)
+
+
+def _requeue(
+    job_id: str, args: tuple[Any, ...], kwargs: dict[str, Any], countdown_s: float
+) -> None:
+    """Send the job back to its queue, due in ``countdown_s``; this delivery then ends (acked).
+
+    As Celery's own retry does (same id, queue and priority), without its ``max_retries``. A
+    crash before the ack leaves two messages, which the job's lease and end tolerate; a send
+    that fails leaves the message to the broker.
+    """
+    try:
+        run_job.signature_from_request(
+            run_job.request,
+            args,
+            kwargs,
+            countdown=countdown_s,
+            argsrepr=f"[<job {job_id}>]",  # the request holds the prompt: keep it out of logs
+            kwargsrepr="{}",
+        ).apply_async()
+    except Exception as exc:
+        log.warning("job_requeue_failed", error=type(exc).__name__)
+        raise Reject("could not requeue with a countdown", requeue=True) from exc
 
 
 @signals.worker_shutting_down.connect
