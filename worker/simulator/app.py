@@ -194,13 +194,18 @@ class Simulator:
                 ttft_s=ttft_s,
                 tokens_per_s=tps,
                 ping_every=self.config.ping_every,
+                stamp=directives.extra.get("stamp") == "1",
             )
             close = False
             if kind in faults.MID_STREAM_FAULTS:
                 deltas = wire.delta_count(generation)
                 frames, close = faults.rewrite_plan(frames, kind, deltas, mix.stall_s)
             return SSEResponse(
-                frames, lambda: _mark_first_byte(record), self._ender(record), close_at_end=close
+                frames,
+                lambda: _mark_first_byte(record),
+                self._ender(record),
+                close_at_end=close,
+                stamp=directives.extra.get("stamp") == "1",
             )
         if kind == "error_event":  # no stream to put the event in: the status it stands for
             return error_response(529, "Overloaded (injected)", "overloaded_error")

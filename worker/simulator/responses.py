@@ -22,6 +22,7 @@ import contextlib
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -148,9 +149,11 @@ class SSEResponse(Response):
         on_end: Callable[[], None],
         *,
         close_at_end: bool = False,
+        stamp: bool = False,
     ) -> None:
         self.frames = frames
         self.close_at_end = close_at_end
+        self.stamp = stamp
         self.status_code = 200
         self.background = None
         self.on_first_byte = on_first_byte
@@ -173,7 +176,8 @@ class SSEResponse(Response):
                         await asyncio.sleep(delay)
                     if gone.done():  # the client left: stop spending time on it
                         return
-                await send({"type": "http.response.body", "body": frame.data, "more_body": True})
+                data = wire.stamp_frame(frame.data, time.time()) if self.stamp else frame.data
+                await send({"type": "http.response.body", "body": data, "more_body": True})
                 if number == 0:
                     self.on_first_byte()
             if self.close_at_end:  # the cut fault: no clean end of the body

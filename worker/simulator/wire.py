@@ -26,6 +26,10 @@ import orjson
 from worker.simulator.textgen import Generation, TextBlock, ToolUseBlock
 
 DONE = b"data: [DONE]\n\n"
+#: With the ``stamp=1`` directive each delta event carries ``sim_sent_at``; this placeholder
+#: is replaced with the wall-clock time when its frame is written (:func:`stamp_frame`), so
+#: benchmarks can measure a chunk's delay from leaving the upstream to reaching a consumer.
+STAMP_MARK = b'"sim_sent_at":0.0'
 PING = b'event: ping\ndata: {"type":"ping"}\n\n'
 
 
@@ -95,8 +99,13 @@ def stream_frames(
     ttft_s: float,
     tokens_per_s: float,
     ping_every: int = 0,
+    stamp: bool = False,
 ) -> list[Frame]:
-    """The SSE body as a timed plan; delta ``i`` is due at ``ttft_s + i / tokens_per_s``."""
+    """The SSE body as a timed plan; delta ``i`` is due at ``ttft_s + i / tokens_per_s``.
+
+    ``stamp`` adds :data:`STAMP_MARK` to every delta event, for :func:`stamp_frame`.
+    """
+    tail = b"}," + STAMP_MARK + b"}\n\n" if stamp else b"}}\n\n"
     plan = _Planner()
     plan.add(0.0, _message_start(generation, message_id, model) + PING)
     step_s = 1.0 / tokens_per_s if tokens_per_s > 0 else 0.0
@@ -108,12 +117,17 @@ def stream_frames(
         for piece in pieces:
             if ping_every and sent and sent % ping_every == 0:
                 plan.add(ttft_s + sent * step_s, PING)
-            plan.add(ttft_s + sent * step_s, prefix + orjson.dumps(piece) + b"}}\n\n")
+            plan.add(ttft_s + sent * step_s, prefix + orjson.dumps(piece) + tail)
             sent += 1
         plan.add(ttft_s + max(0, sent - 1) * step_s, _block_stop(index))
     end = ttft_s + max(0, sent - 1) * step_s
     plan.add(end, _message_end(generation))
     return plan.frames()
+
+
+def stamp_frame(data: bytes, now_s: float) -> bytes:
+    """The frame with every :data:`STAMP_MARK` set to ``now_s`` (Unix time, seconds)."""
+    return data.replace(STAMP_MARK, b'"sim_sent_at":%.6f' % now_s)
 
 
 class _Planner:
