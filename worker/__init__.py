@@ -23,12 +23,15 @@ from worker.errors import (
 )
 
 if TYPE_CHECKING:
+    from worker.aclient import AsyncClient, AsyncJob
     from worker.client import Client, Job
     from worker.settings import Settings
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncClient",
+    "AsyncJob",
     "Client",
     "Job",
     "JobCancelled",
@@ -53,6 +56,10 @@ def __getattr__(name: str) -> Any:
         from worker import client
 
         return getattr(client, name)
+    if name in {"AsyncClient", "AsyncJob"}:
+        from worker import aclient
+
+        return getattr(aclient, name)
     if name == "Settings":
         from worker.settings import Settings
 

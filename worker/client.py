@@ -8,10 +8,7 @@ message = job.result(timeout=60)        # or JobFailed / JobCancelled / JobExpir
 
 from __future__ import annotations
 
-import hashlib
-import re
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -20,56 +17,15 @@ import redis
 
 from worker import events as ev
 from worker import metrics as m
-from worker.broker import is_redis_broker, task_message
-from worker.errors import (
-    JobCancelled,
-    JobConflict,
-    JobExpired,
-    JobFailed,
-    JobNotFound,
-    RequestInvalid,
-)
+from worker import producer as p
+from worker.broker import is_redis_broker
+from worker.errors import JobNotFound
 from worker.keys import Keys
-from worker.request import validate_request
+from worker.producer import JOB_ID_PATTERN, MAX_METADATA_BYTES, request_sha
 from worker.settings import Settings, load_settings
 from worker.store import JobStore
 
-JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
-MAX_METADATA_BYTES = 16_384
-_READ_BLOCK_MS = 1_000
-
-
-def request_sha(request: Mapping[str, Any]) -> str:
-    """The idempotency fingerprint of a validated request (key order does not matter)."""
-    return hashlib.sha256(orjson.dumps(request, option=orjson.OPT_SORT_KEYS)).hexdigest()
-
-
-def _check_options(job_id: Any, metadata: Any, prefix: str = "") -> list[dict[str, str]]:
-    errors = []
-    if job_id is not None and not (isinstance(job_id, str) and JOB_ID_PATTERN.match(job_id)):
-        errors.append(
-            {
-                "loc": f"{prefix}job_id",
-                "msg": "must be 1-128 characters of letters, digits, '_', '.', ':' or '-'",
-            }
-        )
-    if metadata is not None:
-        if not isinstance(metadata, Mapping):
-            errors.append({"loc": f"{prefix}metadata", "msg": "must be a JSON object"})
-        else:
-            try:
-                size = len(orjson.dumps(dict(metadata)))
-            except TypeError as exc:
-                errors.append({"loc": f"{prefix}metadata", "msg": f"not JSON-serialisable: {exc}"})
-            else:
-                if size > MAX_METADATA_BYTES:
-                    errors.append(
-                        {
-                            "loc": f"{prefix}metadata",
-                            "msg": f"{size} bytes, over the limit of {MAX_METADATA_BYTES}",
-                        }
-                    )
-    return errors
+__all__ = ["JOB_ID_PATTERN", "MAX_METADATA_BYTES", "Client", "Job", "request_sha"]
 
 
 class Client:
@@ -116,20 +72,6 @@ class Client:
 
     # -- submitting ----------------------------------------------------------------------
 
-    def _validate(self, request: Any, loc_prefix: str = "") -> dict[str, Any]:
-        try:
-            return validate_request(
-                request,
-                allowed_models=self.settings.allowed_models,
-                max_request_bytes=self.settings.max_request_bytes,
-            )
-        except RequestInvalid as exc:
-            if not loc_prefix:
-                raise
-            raise RequestInvalid(
-                [{"loc": f"{loc_prefix}{e['loc']}", "msg": e["msg"]} for e in exc.errors]
-            ) from None
-
     def submit(
         self,
         request: Mapping[str, Any],
@@ -150,76 +92,35 @@ class Client:
     ) -> list[Job]:
         """Validate every request first (one error lists every problem, nothing is written),
         then create and enqueue all of them in one pipeline."""
-        items = list(requests)
-        ids = list(job_ids) if job_ids is not None else [None] * len(items)
-        metas = list(metadata) if isinstance(metadata, Sequence) else [metadata] * len(items)
-        if len(ids) != len(items) or len(metas) != len(items):
-            raise ValueError("job_ids and metadata must have one entry per request")
-        single = len(items) == 1
-        validated: list[dict[str, Any]] = []
-        errors: list[dict[str, str]] = []
-        for index, (request, job_id, meta) in enumerate(zip(items, ids, metas, strict=True)):
-            prefix = "" if single else f"requests[{index}]."
-            try:
-                validated.append(self._validate(request, prefix))
-            except RequestInvalid as exc:
-                errors.extend(exc.errors)
-            errors.extend(_check_options(job_id, meta, prefix))
-        if errors:
-            raise RequestInvalid(errors)
-        final_ids = [job_id or uuid.uuid4().hex for job_id in ids]
-        if len(set(final_ids)) != len(final_ids):
-            raise RequestInvalid([{"loc": "job_ids", "msg": "the same job_id appears twice"}])
-        return self._enqueue(final_ids, validated, metas)
+        submission = p.prepare_submission(self.settings, requests, job_ids, metadata)
+        return self._enqueue(submission)
 
-    def _enqueue(
-        self, ids: list[str], requests: list[dict[str, Any]], metas: list[Mapping[str, Any] | None]
-    ) -> list[Job]:
-        s = self.settings
-        now = time.time()
-        queued_ttl_s = int(s.job_deadline_s + s.result_ttl_s)
+    def _enqueue(self, submission: p.Submission) -> list[Job]:
+        calls = p.submit_calls(
+            self.settings, self.keys, submission, now=time.time(), same_redis=self._same_redis
+        )
         script = self.store.submit_script()
         pipe = self.redis.pipeline(transaction=False)
-        messages = []
-        for job_id, request, meta in zip(ids, requests, metas, strict=True):
-            payload = {"job_id": job_id, "request": request, "submitted_at": now}
-            message = task_message(job_id, payload, queue=s.queue)
-            messages.append((job_id, payload, message))
-            keys = [self.keys.job(job_id)] + ([s.queue] if self._same_redis else [])
-            script(
-                keys=keys,
-                client=pipe,
-                args=[
-                    request_sha(request),
-                    now,
-                    request["model"],
-                    orjson.dumps(dict(meta or {})),
-                    queued_ttl_s,
-                    message if self._same_redis else "",
-                    now + s.job_deadline_s,
-                ],
-            )
-        results = pipe.execute()
-        created = []
-        for (job_id, payload, message), request, result in zip(
-            messages, requests, results, strict=True
-        ):
-            if int(result[0]) == 1:
-                created.append((job_id, payload, message))
-                m.JOBS_SUBMITTED.labels(request["model"]).inc()
-            elif result[1].decode() != request_sha(request):
-                raise JobConflict(job_id)
-        if created:
-            self._count_submitted(
-                [
-                    request["model"]
-                    for request, result in zip(requests, results, strict=True)
-                    if int(result[0]) == 1
-                ]
-            )
-        if created and not self._same_redis:
-            self._send_elsewhere(created)
-        return [Job(self, job_id) for job_id in ids]
+        for call in calls:
+            script(keys=call.keys, args=call.args, client=pipe)
+        created = p.created_flags(calls, pipe.execute())
+        models = [
+            request["model"]
+            for request, new in zip(submission.requests, created, strict=True)
+            if new
+        ]
+        for model in models:
+            m.JOBS_SUBMITTED.labels(model).inc()
+        if models:
+            self._count_submitted(models)
+        fresh = [
+            (call.job_id, call.payload, call.message)
+            for call, new in zip(calls, created, strict=True)
+            if new
+        ]
+        if fresh and not self._same_redis:
+            self._send_elsewhere(fresh)
+        return [Job(self, job_id) for job_id in submission.ids]
 
     def _count_submitted(self, models: list[str]) -> None:
         """Add to the Redis counter that workers export (llm_worker_queue_jobs_submitted_total).
@@ -227,11 +128,8 @@ class Client:
         A separate round trip after the jobs exist: a producer that dies between the two
         under-counts by its last batch, which is the safe side for a counter.
         """
-        per_model: dict[str, int] = {}
-        for model in models:
-            per_model[model] = per_model.get(model, 0) + 1
         pipe = self.redis.pipeline(transaction=False)
-        for model, count in per_model.items():
+        for model, count in p.count_by_model(models).items():
             pipe.hincrby(self.keys.submitted_counts(self.settings.queue), model, count)
         pipe.execute()
 
@@ -254,7 +152,7 @@ class Client:
 
     def get(self, job_id: str) -> Job:
         """The handle of an existing job; :class:`JobNotFound` when there is none."""
-        if not isinstance(job_id, str) or not JOB_ID_PATTERN.match(job_id):
+        if not p.valid_job_id(job_id):
             raise JobNotFound(str(job_id))
         if not self.redis.exists(self.keys.job(job_id)):
             raise JobNotFound(job_id)
@@ -276,17 +174,7 @@ class Job:
         raw = self.client.store.job_hash(self.job_id)
         if raw is None:
             raise JobNotFound(self.job_id)
-        status: dict[str, Any] = {"job_id": self.job_id}
-        for key, value in raw.items():
-            if key in {"usage", "error", "metadata"}:
-                status[key] = orjson.loads(value) if value else None
-            elif key in {"attempts", "deliveries"}:
-                status[key] = int(value)
-            elif key.endswith("_at") and value:
-                status[key] = float(value)
-            else:
-                status[key] = value
-        return status
+        return p.parse_status(self.job_id, raw)
 
     def cancel(self) -> bool:
         """Ask the job to stop: a queued job ends ``cancelled`` at once and never reaches the
@@ -309,7 +197,7 @@ class Job:
         last_id = after
         checked_exists = False
         while True:
-            block_ms = _READ_BLOCK_MS
+            block_ms = p.READ_BLOCK_MS
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -323,9 +211,8 @@ class Job:
                     checked_exists = True
                 continue
             for entry_id, fields in reply[0][1]:
-                last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                event = ev.loads(fields[b"data"])
-                event["stream_id"] = last_id
+                event = p.event_from_entry(entry_id, fields)
+                last_id = event["stream_id"]
                 yield event
                 if ev.is_terminal(event):
                     return
@@ -342,18 +229,5 @@ class Job:
                 return message
         for event in self.events(timeout=timeout):
             if ev.is_terminal(event):
-                return _outcome(self.job_id, event)
+                return p.outcome(self.job_id, event)
         raise JobNotFound(self.job_id)  # the stream expired under us
-
-
-def _outcome(job_id: str, event: dict[str, Any]) -> dict[str, Any]:
-    kind = event["type"]
-    if kind == ev.COMPLETED:
-        message: dict[str, Any] = event["message"]
-        return message
-    error = event.get("error") or {"type": kind, "message": f"job {kind}", "status_code": None}
-    if kind == ev.CANCELLED:
-        raise JobCancelled(job_id, error)
-    if kind == ev.EXPIRED:
-        raise JobExpired(job_id, error)
-    raise JobFailed(job_id, error)
