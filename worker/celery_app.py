@@ -38,6 +38,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # the visibility timeout, not ten times the sweep (kombu's default throttle).
             "unacked_restore_throttle": 1,
             "unacked_restore_interval": max(1.0, min(10.0, visibility_s / 4)),
+            # The sweep's mutex outlives a worker killed while sweeping: kombu's 300 s would
+            # stop every other worker from recovering jobs for five minutes. Each restore is
+            # a WATCH transaction on its own, so overlapping sweeps cannot duplicate a message.
+            "unacked_mutex_expire": 10,
         },
         "broker_pool_limit": 10,
         "result_backend": None,

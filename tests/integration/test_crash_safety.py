@@ -91,8 +91,18 @@ def test_sigkill_with_fifty_jobs_streaming_loses_none_and_runs_none_twice(
         )
         wait_for(lambda: _streaming(jobs) >= 55, 30, "55 jobs streaming", interval_s=0.2)
         _kill(first)
-        workers.append(_start(env))
-        messages = [job.result(timeout=120) for job in jobs]
+        second = _start(env)
+        workers.append(second)
+        try:
+            messages = [job.result(timeout=60) for job in jobs]
+        except TimeoutError:
+            stuck = [(j.job_id, j.status()) for j in jobs if j.status()["state"] != "completed"]
+            unacked = client.redis.hlen("unacked")
+            mutex = client.redis.get("unacked_mutex")
+            raise AssertionError(
+                f"{len(stuck)} jobs stuck, unacked={unacked} mutex={mutex!r}: {stuck[:3]}\n"
+                f"{second.log()[-3000:]}"
+            ) from None
         histories = [_events(job) for job in jobs]
         statuses = [job.status() for job in jobs]
     assert all(m["usage"]["output_tokens"] == 80 for m in messages)
