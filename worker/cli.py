@@ -216,6 +216,17 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- batch ---------------------------------------------------------------------------------
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from worker.batch_runner import run_batch
+
+    return run_batch(
+        Path(args.file), Path(args.out), batch_id=args.batch_id, timeout_s=args.timeout
+    )
+
+
 # -- dlq -----------------------------------------------------------------------------------
 
 
@@ -397,6 +408,23 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat list 
     cancel = sub.add_parser("cancel", help="cancel a queued or running job")
     cancel.add_argument("job_id")
     cancel.set_defaults(func=cmd_cancel)
+
+    batch = sub.add_parser(
+        "batch",
+        help="run a JSONL file of {custom_id, params} requests; resumable",
+        description="Validate every line (a file with bad lines is refused, nothing "
+        "submitted), submit the requests, show progress, and write one result line per "
+        "custom_id. Running the same command again after an interruption submits nothing "
+        "twice and completes the results file.",
+    )
+    batch.add_argument("file", help="requests, one JSON object per line")
+    batch.add_argument("--out", required=True, help="results JSONL (appended to on a rerun)")
+    batch.add_argument(
+        "--batch-id",
+        help="name the batch (default: from the file's bytes, so an edited file is a new batch)",
+    )
+    batch.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+    batch.set_defaults(func=cmd_batch)
 
     dlq = sub.add_parser("dlq", help="list, requeue or purge the dead letters")
     dlq_sub = dlq.add_subparsers(dest="action", required=True, metavar="ACTION")
