@@ -297,16 +297,16 @@ def test_embedded_redis_is_wired_to_the_workers(
 
 
 @pytest.mark.parametrize("name", list(VALUE_SETS))
-def test_grace_period_exceeds_job_deadline(
+def test_grace_period_exceeds_the_shutdown_grace(
     rendered: dict[str, list[dict[str, Any]]], name: str
 ) -> None:
-    """terminationGracePeriodSeconds is above LLM_WORKER_JOB_DEADLINE_S from the ConfigMap."""
+    """terminationGracePeriodSeconds leaves the worker its SHUTDOWN_GRACE_S and time to exit."""
     objects = rendered[name]
-    deadline = float(config_data(objects).get("LLM_WORKER_JOB_DEADLINE_S", "900"))
+    shutdown_grace = float(config_data(objects).get("LLM_WORKER_SHUTDOWN_GRACE_S", "30"))
     grace = only(objects, "Deployment", "worker")["spec"]["template"]["spec"][
         "terminationGracePeriodSeconds"
     ]
-    assert grace > deadline
+    assert grace > shutdown_grace + 10
 
 
 @pytest.mark.parametrize("name", ["all-on", "inline"])
@@ -442,14 +442,14 @@ BAD_VALUES = [
         id="keda-and-hpa",
     ),
     pytest.param(
-        {"terminationGracePeriodSeconds": 900},
-        ["terminationGracePeriodSeconds (900) must be greater than", "JOB_DEADLINE_S (900)"],
-        id="grace-equals-deadline",
+        {"terminationGracePeriodSeconds": 40},
+        ["terminationGracePeriodSeconds (40) must be greater than", "SHUTDOWN_GRACE_S (30) + 10"],
+        id="grace-without-margin",
     ),
     pytest.param(
-        {"config": {"LLM_WORKER_JOB_DEADLINE_S": "1000"}},
-        ["terminationGracePeriodSeconds (960) must be greater than", "JOB_DEADLINE_S (1000)"],
-        id="deadline-above-grace",
+        {"config": {"LLM_WORKER_SHUTDOWN_GRACE_S": "120"}},
+        ["terminationGracePeriodSeconds (60) must be greater than", "SHUTDOWN_GRACE_S (120)"],
+        id="shutdown-grace-above-pod-grace",
     ),
     pytest.param(
         {
@@ -465,9 +465,9 @@ BAD_VALUES = [
         id="api-key-in-config",
     ),
     pytest.param(
-        {"config": {"LLM_WORKER_VISIBILITY_TIMEOUT_S": "600"}},
-        ["LLM_WORKER_VISIBILITY_TIMEOUT_S (600) must be greater than"],
-        id="visibility-below-deadline",
+        {"config": {"LLM_WORKER_VISIBILITY_TIMEOUT_S": "20"}},
+        ["LLM_WORKER_VISIBILITY_TIMEOUT_S (20) must be greater than", "LEASE_TTL_S (30)"],
+        id="visibility-below-lease",
     ),
     pytest.param(
         {"redis": {"existingSecret": "r", "embedded": {"enabled": True}}},

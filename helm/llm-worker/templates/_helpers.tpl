@@ -138,12 +138,14 @@ Checks that the schema cannot express; each failure names the values to change.
 */}}
 {{- define "llm-worker.validate" -}}
 {{- $deadline := include "llm-worker.jobDeadline" . | float64 }}
-{{- if le (float64 .Values.terminationGracePeriodSeconds) $deadline }}
-{{- fail (printf "terminationGracePeriodSeconds (%v) must be greater than config.LLM_WORKER_JOB_DEADLINE_S (%v): SIGTERM starts a warm shutdown that lets running jobs finish" .Values.terminationGracePeriodSeconds (include "llm-worker.jobDeadline" .)) }}
+{{- $shutdownGrace := index .Values.config "LLM_WORKER_SHUTDOWN_GRACE_S" | default "30" | float64 }}
+{{- if le (float64 .Values.terminationGracePeriodSeconds) (addf $shutdownGrace 10) }}
+{{- fail (printf "terminationGracePeriodSeconds (%v) must be greater than config.LLM_WORKER_SHUTDOWN_GRACE_S (%v) + 10: SIGTERM lets running streams finish for that long, then hands them back to the queue" .Values.terminationGracePeriodSeconds $shutdownGrace) }}
 {{- end }}
+{{- $leaseTtl := index .Values.config "LLM_WORKER_LEASE_TTL_S" | default "30" | float64 }}
 {{- with index .Values.config "LLM_WORKER_VISIBILITY_TIMEOUT_S" }}
-{{- if le (float64 .) $deadline }}
-{{- fail (printf "config.LLM_WORKER_VISIBILITY_TIMEOUT_S (%v) must be greater than config.LLM_WORKER_JOB_DEADLINE_S (%v), or a running job is delivered to a second worker" . $deadline) }}
+{{- if le (float64 .) $leaseTtl }}
+{{- fail (printf "config.LLM_WORKER_VISIBILITY_TIMEOUT_S (%v) must be greater than config.LLM_WORKER_LEASE_TTL_S (%v), or every running job is delivered again before its lease shows it alive" . $leaseTtl) }}
 {{- end }}
 {{- end }}
 {{- if hasKey .Values.config "LLM_WORKER_API_KEY" }}
