@@ -35,6 +35,7 @@ ANTHROPIC_ERROR_TYPES = frozenset(
         "billing_error",
         "permission_error",
         "not_found_error",
+        "request_too_large",
         "rate_limit_error",
         "timeout_error",
         "api_error",

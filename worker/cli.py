@@ -227,6 +227,26 @@ def cmd_batch(args: argparse.Namespace) -> int:
     )
 
 
+# -- gateway -------------------------------------------------------------------------------
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    settings = _settings()
+    if not settings.gateway_api_keys:
+        _console(stderr=True).print(
+            "llm-worker gateway: LLM_WORKER_GATEWAY_API_KEYS is not set. Give the producers' "
+            "API keys (comma-separated); the gateway does not serve without them.",
+            markup=False,
+        )
+        return EXIT_USAGE
+    from worker.gateway.app import serve
+
+    port = settings.gateway_port if args.port is None else args.port
+    _console(stderr=True).print(f"gateway on http://{args.host}:{port}", markup=False)
+    serve(settings, host=args.host, port=port)
+    return 0
+
+
 # -- dlq -----------------------------------------------------------------------------------
 
 
@@ -425,6 +445,13 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat list 
     )
     batch.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
     batch.set_defaults(func=cmd_batch)
+
+    gateway = sub.add_parser(
+        "gateway", help="serve Anthropic's /v1/messages and Message Batches over the queue"
+    )
+    gateway.add_argument("--host", default="127.0.0.1")
+    gateway.add_argument("--port", type=int, help="default: LLM_WORKER_GATEWAY_PORT (8000)")
+    gateway.set_defaults(func=cmd_gateway)
 
     dlq = sub.add_parser("dlq", help="list, requeue or purge the dead letters")
     dlq_sub = dlq.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -42,6 +42,19 @@ class Keys:
         """Hash: jobs ever submitted to ``queue``, by model (producers add, workers export)."""
         return f"{self.prefix}:submitted:{queue}"
 
+    def batch(self, batch_id: str) -> str:
+        """Hash of one Message Batch (gateway): created_at, expires_at, count, cancel time."""
+        return f"{self.prefix}:batch:{batch_id}"
+
+    def batch_items(self, batch_id: str) -> str:
+        """List of a batch's custom_ids in request order (their jobs' ids derive from them)."""
+        return f"{self.prefix}:batch:{batch_id}:items"
+
+    @property
+    def batches(self) -> str:
+        """Sorted set of batch ids by creation time, for listing."""
+        return f"{self.prefix}:batches"
+
     @property
     def dead_letters(self) -> str:
         """Stream of jobs that could not be run, with the reason and the payload."""

@@ -119,6 +119,12 @@ class Settings(BaseSettings):
     log_content: bool = False
     key_prefix: str = Field(default="llmw", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
 
+    # `llm-worker gateway`: the producers' API keys (comma-separated; it will not start
+    # without one), the largest request body it reads (a batch create), and its port.
+    gateway_api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    gateway_max_body_bytes: int = Field(default=33_554_432, ge=1024)
+    gateway_port: int = Field(default=8000, ge=0, le=65_535)
+
     @field_validator("allowed_models", mode="before")
     @classmethod
     def _split_models(cls, value: Any) -> Any:
@@ -130,6 +136,13 @@ class Settings(BaseSettings):
 
                 return tuple(json.loads(text))
             return tuple(part.strip() for part in text.split(",") if part.strip())
+        return value
+
+    @field_validator("gateway_api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 
     @field_validator("api_key", mode="before")

@@ -1,0 +1,209 @@
+"""Message Batches on Redis, for the gateway: a batch is a hash, the list of its custom_ids,
+and one job per request whose id derives from both (:func:`worker.batch.job_id_for`).
+
+Counts and status are read from the jobs themselves, so they never drift from what ran.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import orjson
+
+from worker import batch as b
+from worker import events as ev
+from worker import producer as p
+from worker.aclient import AsyncClient
+from worker.errors import RequestInvalid
+
+MAX_REQUESTS = 100_000
+SUBMIT_CHUNK = 500
+READ_CHUNK = 1_000
+#: Anthropic keeps a batch open for 24 hours; ours end sooner or at the job deadline.
+EXPIRES_AFTER_S = 86_400
+
+
+def rfc3339(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def parse_requests(client: AsyncClient, body: Any) -> list[b.BatchItem]:
+    """A create body's requests, or :class:`RequestInvalid` naming each bad one by index."""
+    requests = body.get("requests") if isinstance(body, Mapping) else None
+    if not isinstance(requests, list) or not requests:
+        raise RequestInvalid([{"loc": "requests", "msg": "a non-empty list is required"}])
+    errors: list[dict[str, str]] = []
+    unknown = sorted(set(body) - {"requests"})
+    if unknown:
+        errors.append({"loc": "(body)", "msg": f"unknown fields: {', '.join(unknown)}"})
+    if len(requests) > MAX_REQUESTS:
+        errors.append({"loc": "requests", "msg": f"at most {MAX_REQUESTS} requests"})
+    items: list[b.BatchItem] = []
+    seen: dict[str, int] = {}
+    for index, data in enumerate(requests):
+        item, problems = b.parse_item(client.settings, data, f"requests[{index}].")
+        errors.extend(problems)
+        if item is None:
+            continue
+        if item.custom_id in seen:
+            errors.append(
+                {
+                    "loc": f"requests[{index}].custom_id",
+                    "msg": f"{item.custom_id!r} repeats requests[{seen[item.custom_id]}]",
+                }
+            )
+        seen[item.custom_id] = index
+        items.append(b.BatchItem(index, item.custom_id, item.params))
+    if errors:
+        raise RequestInvalid(errors)
+    return items
+
+
+class BatchStore:
+    def __init__(self, client: AsyncClient) -> None:
+        self.client = client
+        self.keys = client.keys
+        self.redis = client.redis
+        self.ttl_s = int(client.settings.job_deadline_s + client.settings.result_ttl_s)
+
+    async def create(self, items: list[b.BatchItem]) -> str:
+        """Submit every request as a job, then record the batch. Returns its id."""
+        batch_id = "msgbatch_" + uuid.uuid4().hex[:24]
+        for start in range(0, len(items), SUBMIT_CHUNK):
+            chunk = items[start : start + SUBMIT_CHUNK]
+            await self.client.submit_many(
+                [item.params for item in chunk],
+                job_ids=[b.job_id_for(batch_id, item.custom_id) for item in chunk],
+                metadata=[{"batch_id": batch_id, "custom_id": i.custom_id} for i in chunk],
+            )
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(
+            self.keys.batch(batch_id),
+            mapping={"created_at": now, "expires_at": now + EXPIRES_AFTER_S, "count": len(items)},
+        )
+        pipe.rpush(self.keys.batch_items(batch_id), *[item.custom_id for item in items])
+        pipe.zadd(self.keys.batches, {batch_id: now})
+        pipe.expire(self.keys.batch(batch_id), self.ttl_s)
+        pipe.expire(self.keys.batch_items(batch_id), self.ttl_s)
+        await pipe.execute()
+        return batch_id
+
+    async def _meta(self, batch_id: str) -> dict[str, str] | None:
+        if not batch_id.startswith("msgbatch_") or not p.valid_job_id(batch_id):
+            return None
+        raw = await self.redis.hgetall(self.keys.batch(batch_id))
+        return {p.text(k): p.text(v) for k, v in raw.items()} if raw else None
+
+    async def _custom_ids(self, batch_id: str) -> list[str]:
+        return [p.text(c) for c in await self.redis.lrange(self.keys.batch_items(batch_id), 0, -1)]
+
+    async def _states(self, batch_id: str, custom_ids: list[str]) -> list[tuple[str | None, str]]:
+        out: list[tuple[str | None, str]] = []
+        for start in range(0, len(custom_ids), READ_CHUNK):
+            pipe = self.redis.pipeline(transaction=False)
+            for custom_id in custom_ids[start : start + READ_CHUNK]:
+                pipe.hmget(
+                    self.keys.job(b.job_id_for(batch_id, custom_id)), ["state", "finished_at"]
+                )
+            for state, finished in await pipe.execute():
+                out.append((p.text(state) if state else None, p.text(finished) if finished else ""))
+        return out
+
+    async def retrieve(self, batch_id: str, base_url: str) -> dict[str, Any] | None:
+        """Anthropic's ``MessageBatch`` object, or None when there is no such batch."""
+        meta = await self._meta(batch_id)
+        if meta is None:
+            return None
+        states = await self._states(batch_id, await self._custom_ids(batch_id))
+        counts = dict.fromkeys(("processing", *b.RESULT_TYPES), 0)
+        ended_at = 0.0
+        for state, finished in states:
+            # A job gone from Redis has outlived RESULT_TTL_S: nothing is left to return.
+            kind = b.result_type(state) if state else "expired"
+            counts[kind or "processing"] += 1
+            if finished:
+                ended_at = max(ended_at, float(finished))
+        cancel_at = float(meta["cancel_initiated_at"]) if meta.get("cancel_initiated_at") else None
+        status = "ended"
+        if counts["processing"]:
+            status = "canceling" if cancel_at else "in_progress"
+        return {
+            "id": batch_id,
+            "type": "message_batch",
+            "processing_status": status,
+            "request_counts": counts,
+            "ended_at": rfc3339(ended_at or float(meta["created_at"]))
+            if status == "ended"
+            else None,
+            "created_at": rfc3339(float(meta["created_at"])),
+            "expires_at": rfc3339(float(meta["expires_at"])),
+            "archived_at": None,
+            "cancel_initiated_at": rfc3339(cancel_at),
+            "results_url": (
+                f"{base_url}/v1/messages/batches/{batch_id}/results" if status == "ended" else None
+            ),
+        }
+
+    async def list_page(
+        self, base_url: str, *, limit: int, before_id: str | None, after_id: str | None
+    ) -> dict[str, Any]:
+        """Newest first, paged the way Anthropic's list is (``after_id`` goes older)."""
+        ids = [p.text(x) for x in await self.redis.zrevrange(self.keys.batches, 0, -1)]
+        if after_id is not None:
+            start = ids.index(after_id) + 1 if after_id in ids else len(ids)
+            page, has_more = ids[start : start + limit], start + limit < len(ids)
+        elif before_id is not None:
+            end = ids.index(before_id) if before_id in ids else 0
+            page, has_more = ids[max(0, end - limit) : end], end - limit > 0
+        else:
+            page, has_more = ids[:limit], limit < len(ids)
+        data = [batch for i in page if (batch := await self.retrieve(i, base_url)) is not None]
+        return {
+            "data": data,
+            "has_more": has_more,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+        }
+
+    async def cancel(self, batch_id: str) -> bool:
+        """Cancel every request not yet ended; False when there is no such batch."""
+        if await self._meta(batch_id) is None:
+            return False
+        await self.redis.hsetnx(self.keys.batch(batch_id), "cancel_initiated_at", time.time())
+        custom_ids = await self._custom_ids(batch_id)
+        states = await self._states(batch_id, custom_ids)
+        for custom_id, (state, _) in zip(custom_ids, states, strict=True):
+            if state in {ev.QUEUED, ev.RUNNING}:
+                job = await self.client.get(b.job_id_for(batch_id, custom_id))
+                await job.cancel()
+        return True
+
+    async def results(self, batch_id: str) -> AsyncIterator[bytes]:
+        """The results JSONL, in request order."""
+        custom_ids = await self._custom_ids(batch_id)
+        for start in range(0, len(custom_ids), READ_CHUNK):
+            chunk = custom_ids[start : start + READ_CHUNK]
+            pipe = self.redis.pipeline(transaction=False)
+            for custom_id in chunk:
+                job_id = b.job_id_for(batch_id, custom_id)
+                pipe.hmget(self.keys.job(job_id), ["state", "error"])
+                pipe.get(self.keys.result(job_id))
+            replies = await pipe.execute()
+            lines = []
+            for index, custom_id in enumerate(chunk):
+                state, error = replies[2 * index]
+                stored = replies[2 * index + 1]
+                result = b.batch_result(
+                    p.text(state) if state else "expired",
+                    orjson.loads(stored) if stored else None,
+                    orjson.loads(error) if error else None,
+                ) or {"type": "expired"}
+                lines.append(b.result_line(custom_id, result))
+            yield b"".join(lines)
