@@ -111,12 +111,11 @@ def test_cancel_of_a_stalled_stream_ends_it_within_a_second(
 ) -> None:
     """A stream that has gone silent is closed on cancel, not at the idle timeout (60 s)."""
     job = client.submit(make_request(f"stall {uuid.uuid4().hex} [[sim tokens=20 fault=stall]]"))
-    chunks = 0
     for event in job.events(timeout=30):
+        # Unpaced, the first half of the answer arrives at once (and may be one coalesced
+        # chunk); the stall follows it.
         if event["type"] == ev.CHUNK and event["event"]["type"] == "content_block_delta":
-            chunks += 1
-            if chunks == 10:  # half the answer: the stall starts after it
-                break
+            break
     cancelled_at = time.monotonic()
     assert job.cancel() is True
     with pytest.raises(JobCancelled):
