@@ -15,6 +15,7 @@ import structlog
 from worker import events as ev
 from worker import metrics as m
 from worker.accumulate import AccumulateError, accumulate, final_message
+from worker.coalesce import coalesce
 from worker.errors import PermanentUpstreamError, TransientUpstreamError, UpstreamError
 from worker.leases import JobHandle
 from worker.ratelimit.gate import JobPostponed, WaitInterrupted
@@ -337,38 +338,45 @@ class JobRunner:
     def _stream(self, attempt: int, sent_at: float) -> dict[str, Any]:
         snapshot: dict[str, Any] | None = None
         first_token = True
-        stream = self.rt.upstream.stream(self.request, on_open=self.handle.set_interrupt)
+        stream = self.rt.upstream.stream_batches(self.request, on_open=self.handle.set_interrupt)
         try:
-            for upstream_event in stream:
+            for batch in stream:
                 if self.handle.stop_reason is not None:
                     raise _Stopped
-                snapshot = self._on_event(attempt, sent_at, snapshot, upstream_event, first_token)
-                first_token = first_token and upstream_event.get("type") != "content_block_delta"
+                snapshot = self._on_events(attempt, sent_at, snapshot, batch, first_token)
+                first_token = first_token and all(
+                    e.get("type") != "content_block_delta" for e in batch
+                )
         finally:
             stream.close()  # closes the HTTP response: the upstream stops generating
         assert snapshot is not None  # the client raises when no message_stop arrived
         return final_message(snapshot)
 
-    def _on_event(
+    def _on_events(
         self,
         attempt: int,
         sent_at: float,
         snapshot: dict[str, Any] | None,
-        upstream_event: dict[str, Any],
+        batch: list[dict[str, Any]],
         first_token: bool,
     ) -> dict[str, Any]:
-        """Fold one upstream event into the message and publish it as a chunk."""
-        try:
-            self._response_arrived = True
-            snapshot = accumulate(snapshot, upstream_event)
-        except AccumulateError as exc:
-            # Events that cannot apply (a delta before message_start, broken tool JSON) are
-            # the upstream's malformed stream, worth another attempt, not a bug of ours.
-            raise TransientUpstreamError(
-                f"malformed stream: {exc}", error_type="api_error", reason="malformed_sse"
-            ) from exc
-        if first_token and upstream_event.get("type") == "content_block_delta":
-            m.TIME_TO_FIRST_TOKEN.labels(self.model).observe(time.monotonic() - sent_at)
-        self._publish([self._event(ev.CHUNK, attempt, event=upstream_event)])
-        m.CHUNKS_PUBLISHED.labels(self.model).inc()
+        """Fold the upstream events of one network read into the message and publish them
+        as chunks, their text deltas coalesced (:mod:`worker.coalesce`), in one round trip."""
+        self._response_arrived = True
+        for upstream_event in batch:
+            try:
+                snapshot = accumulate(snapshot, upstream_event)
+            except AccumulateError as exc:
+                # Events that cannot apply (a delta before message_start, broken tool JSON)
+                # are the upstream's malformed stream, worth another attempt, not our bug.
+                raise TransientUpstreamError(
+                    f"malformed stream: {exc}", error_type="api_error", reason="malformed_sse"
+                ) from exc
+            if first_token and upstream_event.get("type") == "content_block_delta":
+                m.TIME_TO_FIRST_TOKEN.labels(self.model).observe(time.monotonic() - sent_at)
+                first_token = False
+        chunks = coalesce(batch)
+        self._publish([self._event(ev.CHUNK, attempt, event=chunk) for chunk in chunks])
+        m.CHUNKS_PUBLISHED.labels(self.model).inc(len(chunks))
+        assert snapshot is not None  # a batch is never empty
         return snapshot
