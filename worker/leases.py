@@ -132,8 +132,12 @@ class LeaseKeeper:
 
     # -- shutdown ------------------------------------------------------------------------
 
-    def drain(self, grace_s: float) -> None:
-        """Warm shutdown: waiting jobs hand back now, running ones after ``grace_s``."""
+    def drain(self, grace_s: float, *, quiet: bool = False) -> None:
+        """Warm shutdown: waiting jobs hand back now, running ones after ``grace_s``.
+
+        ``quiet`` skips the log line: from a signal handler, logging could deadlock on a
+        lock the interrupted code holds.
+        """
         if self.draining:
             return
         # Called from a signal handler (under gevent, in the event loop itself): nothing here
@@ -141,7 +145,8 @@ class LeaseKeeper:
         self._grace_ends = time.monotonic() + grace_s
         self.draining = True
         self._drained.set()
-        log.info("worker_draining", jobs=len(self._jobs), grace_s=grace_s)
+        if not quiet:
+            log.info("worker_draining", jobs=len(self._jobs), grace_s=grace_s)
         for handle in self.handles():
             handle.notice_drain()
         self._sweep_now.set()

@@ -8,6 +8,9 @@ the message, see ``task_acks_on_failure_or_timeout``).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 from typing import Any
 
 import structlog
@@ -187,10 +190,32 @@ def _requeue(
 
 @signals.worker_shutting_down.connect
 def _drain(**_: Any) -> None:
-    """Warm shutdown: waiting jobs go back to the queue now, running ones after the grace."""
+    """Warm shutdown: waiting jobs go back to the queue now, running ones after the grace.
+
+    Gevent, threads and solo run jobs in this process. Prefork children learn of it by a
+    SIGUSR2 from here (Celery's warm shutdown only waits for them to finish).
+    """
     rt = current_runtime()
     if rt is not None:
         rt.leases.drain(rt.settings.shutdown_grace_s)
+    from billiard.process import active_children
+
+    for child in active_children():
+        if child.pid:
+            with contextlib.suppress(OSError):
+                os.kill(child.pid, signal.SIGUSR2)
+
+
+@signals.worker_process_init.connect
+def _child_listens_for_drain(**_: Any) -> None:
+    """In a prefork child: SIGUSR2 from the parent starts the same drain here."""
+    signal.signal(signal.SIGUSR2, _child_drain)
+
+
+def _child_drain(signum: int, frame: Any) -> None:
+    rt = current_runtime()
+    if rt is not None:  # a child that never ran a job has nothing to hand back
+        rt.leases.drain(rt.settings.shutdown_grace_s, quiet=True)
 
 
 def reject_undecodable(message: Any, exc: Exception) -> None:

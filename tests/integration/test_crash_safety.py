@@ -168,6 +168,38 @@ def test_sigterm_lets_streaming_jobs_finish_and_hands_back_a_job_in_backoff(
     assert exited_after_s < 15  # not the 20 s backoff
 
 
+def test_sigterm_hands_back_a_job_in_backoff_under_prefork(
+    redis_url: str, simulator_url: str, queue: str, workers: list[WorkerProcess]
+) -> None:
+    """Prefork children hear of the warm shutdown too: a child waiting out a 20 s backoff
+    hands its job back at once instead of holding the shutdown for the whole backoff."""
+    env = _env(
+        redis_url,
+        simulator_url,
+        queue,
+        pool="prefork",
+        concurrency=2,
+        backoff_base_s=20,
+        backoff_max_s=20,
+        metrics_port=0,
+    )
+    settings = settings_from_env(env)
+    first = WorkerProcess(celery_worker_args("prefork", 2, settings.queue), env).ready()
+    workers.append(first)
+    with Client(settings) as client:
+        prompt = f"prefork backoff {uuid.uuid4().hex} [[sim tokens=3 fault=503 fault_times=1]]"
+        waiting = client.submit(make_request(prompt))
+        wait_for(lambda: any(e["type"] == ev.RETRY for e in _so_far(waiting)), 30, "the backoff")
+        signalled = time.monotonic()
+        first.proc.send_signal(signal.SIGTERM)
+        first.proc.wait(timeout=30)
+        assert time.monotonic() - signalled < 15  # not the 20 s backoff
+        assert waiting.status()["state"] == "queued"
+        workers.append(_start(env))
+        assert waiting.result(timeout=60)["usage"]["output_tokens"] == 3
+        assert _terminals(_events(waiting)) == [ev.COMPLETED]
+
+
 def test_sigterm_past_the_grace_hands_a_stalled_stream_back(
     redis_url: str, simulator_url: str, queue: str, workers: list[WorkerProcess]
 ) -> None:
