@@ -55,8 +55,9 @@ class JobHandle:
     def stop(self, reason: StopReason) -> None:
         """Ask the job to stop; the first reason wins. Safe from any thread or greenlet."""
         with self._lock:
-            if self.stop_reason is None:
-                self.stop_reason = reason
+            if self.stop_reason is not None:
+                return  # stopped already (pub/sub and the renewal can both report a cancel)
+            self.stop_reason = reason
             interrupt = self._interrupt
         self._wake.set()
         if interrupt is not None:
