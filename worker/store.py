@@ -15,6 +15,7 @@ import orjson
 import redis
 
 from worker import events as ev
+from worker.group_commit import GroupCommitter
 from worker.keys import Keys
 
 
@@ -63,6 +64,7 @@ class JobStore:
         self._cancel = client.register_script(load_lua("cancel.lua"))
         self._renew = client.register_script(load_lua("renew.lua"))
         self._release = client.register_script(load_lua("release.lua"))
+        self._writer = GroupCommitter(client)
 
     # -- producer side -------------------------------------------------------------------
 
@@ -129,18 +131,23 @@ class JobStore:
         hash_fields: dict[str, Any] | None = None,
         expire_s: int | None = None,
     ) -> None:
-        """Append events to the job's stream and channel in one round trip."""
+        """Append events to the job's stream and channel; returns once they are stored.
+
+        The round trip is shared with every other job of the process that writes at the same
+        time (:mod:`worker.group_commit`).
+        """
         stream, channel = self.keys.events(job_id), self.keys.channel(job_id)
-        pipe = self.redis.pipeline(transaction=False)
+        commands: list[tuple[Any, ...]] = []
         for event in events:
             data = ev.dumps(event)
-            pipe.xadd(stream, {"data": data})
-            pipe.publish(channel, data)
+            commands.append(("XADD", stream, "*", "data", data))
+            commands.append(("PUBLISH", channel, data))
         if hash_fields:
-            pipe.hset(self.keys.job(job_id), mapping=hash_fields)  # type: ignore[arg-type]
+            flat = [part for item in hash_fields.items() for part in item]
+            commands.append(("HSET", self.keys.job(job_id), *flat))
         if expire_s is not None:
-            pipe.expire(stream, expire_s)
-        pipe.execute()
+            commands.append(("EXPIRE", stream, expire_s))
+        self._writer.write(commands)
 
     def finish(
         self,
