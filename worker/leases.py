@@ -108,6 +108,7 @@ class LeaseKeeper:
         self._sweep_now = threading.Event()
         self._drained = threading.Event()
         self._grace_ends: float | None = None
+        self._drain_noticed = False
 
     # -- jobs ----------------------------------------------------------------------------
 
@@ -142,15 +143,23 @@ class LeaseKeeper:
         if self.draining:
             return
         # Called from a signal handler (under gevent, in the event loop itself): nothing here
-        # may block, so the renew loop ends the grace, not a timer thread started here.
+        # may block or take a lock: a lock held by a greenlet would raise there and could be
+        # left taken, and a job unregistering later would wait on it forever (a worker that
+        # never finished its warm shutdown). Flags and events only; the renew loop tells the
+        # jobs and ends the grace.
         self._grace_ends = time.monotonic() + grace_s
         self.draining = True
         self._drained.set()
         if not quiet:
-            log.info("worker_draining", jobs=len(self._jobs), grace_s=grace_s)
-        for handle in self.handles():
-            handle.notice_drain()
+            log.info("worker_draining", grace_s=grace_s)
         self._sweep_now.set()
+
+    def _notice_drain(self) -> None:
+        """In the renew loop: tell every job that the worker is draining."""
+        handles = self.handles()
+        log.info("worker_draining", jobs=len(handles))
+        for handle in handles:
+            handle.notice_drain()
 
     def _grace_over(self) -> None:
         handles = self.handles()
@@ -204,6 +213,9 @@ class LeaseKeeper:
                     wait_s = min(wait_s, left_s)
             self._sweep_now.wait(wait_s)
             self._sweep_now.clear()
+            if self.draining and not self._drain_noticed:
+                self._drain_noticed = True
+                self._notice_drain()
             try:
                 self.renew_once()
             except redis.RedisError as exc:

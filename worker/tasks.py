@@ -14,6 +14,7 @@ import signal
 from typing import Any
 
 import structlog
+from billiard.process import active_children
 from celery import signals
 from celery.exceptions import Reject
 
@@ -197,9 +198,7 @@ def _drain(**_: Any) -> None:
     """
     rt = current_runtime()
     if rt is not None:
-        rt.leases.drain(rt.settings.shutdown_grace_s)
-    from billiard.process import active_children
-
+        rt.leases.drain(rt.settings.shutdown_grace_s, quiet=True)
     for child in active_children():
         if child.pid:
             with contextlib.suppress(OSError):
