@@ -161,6 +161,9 @@ class DevStack:
 
         signal.signal(signal.SIGTERM, on_term)
         self._previous_sigterm = previous
+        # A shell starting us in the background (`cmd &`) leaves SIGINT ignored, and Python
+        # then keeps it ignored: Ctrl-C (or a supervisor's SIGINT) would not stop the stack.
+        self._previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             return self.start()
         except BaseException:
@@ -170,6 +173,7 @@ class DevStack:
     def __exit__(self, *exc: object) -> None:
         self.stop()
         signal.signal(signal.SIGTERM, self._previous_sigterm)
+        signal.signal(signal.SIGINT, self._previous_sigint)
 
 
 def run_dev(*, concurrency: int) -> int:
