@@ -209,6 +209,7 @@ class AsyncJob:
         stream = keys.events(self.job_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         last_id = after
+        seen = p.SeqTracker()
         checked_exists = False
         while True:
             block_ms = p.READ_BLOCK_MS
@@ -228,6 +229,8 @@ class AsyncJob:
             for entry_id, fields in reply[0][1]:
                 event = p.event_from_entry(entry_id, fields)
                 last_id = event["stream_id"]
+                if p.is_repeat(event, seen):
+                    continue
                 yield event
                 if ev.is_terminal(event):
                     return

@@ -237,3 +237,27 @@ def outcome(job_id: str, event: dict[str, Any]) -> dict[str, Any]:
     if kind == ev.EXPIRED:
         raise JobExpired(job_id, error)
     raise JobFailed(job_id, error)
+
+
+class SeqTracker:
+    """The highest ``seq`` a reader has yielded (see :func:`is_repeat`)."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last = 0
+
+
+def is_repeat(event: dict[str, Any], seen: SeqTracker) -> bool:
+    """True for an event whose ``seq`` was already yielded: skip it.
+
+    Writes retried after a lost connection can store an event twice (XADD is not idempotent);
+    ``seq`` rises by one per event of a job, so a repeat is recognisable and dropped here.
+    """
+    seq = event.get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool):
+        return False
+    if seq <= seen.last:
+        return True
+    seen.last = seq
+    return False

@@ -150,3 +150,30 @@ def test_job_queued_past_its_deadline_expires_without_an_upstream_call(
     assert [e["type"] for e in events] == [ev.EXPIRED]
     assert job.status()["state"] == "expired"
     assert _upstream_requests(simulator_url) == before
+
+
+def test_an_event_stored_twice_is_read_once(client: Client) -> None:
+    """A write retried after a lost connection can store an event twice; readers skip the
+    repeat by its seq, so consumers never see a chunk twice."""
+    job_id = f"twice-{uuid.uuid4().hex}"
+    stream = client.keys.events(job_id)
+    client.redis.hset(client.keys.job(job_id), mapping={"state": "running"})
+    events = [
+        ev.make_event(job_id, 1, 1, ev.STARTED),
+        ev.make_event(job_id, 2, 1, ev.CHUNK, event={"type": "ping"}),
+        ev.make_event(job_id, 3, 1, ev.CANCELLED),
+    ]
+    for event in (events[0], events[1], events[1], events[2]):  # seq 2 stored twice
+        client.redis.xadd(stream, {"data": ev.dumps(event)})
+    assert [e["seq"] for e in client.get(job_id).events(timeout=5)] == [1, 2, 3]
+
+    import asyncio
+
+    from worker.aclient import AsyncClient
+
+    async def read() -> list[int]:
+        async with AsyncClient(client.settings) as aclient:
+            job = await aclient.get(job_id)
+            return [e["seq"] async for e in job.events(timeout=5)]
+
+    assert asyncio.run(read()) == [1, 2, 3]
