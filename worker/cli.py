@@ -341,11 +341,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from worker.simulator import FaultMix, RateLimits, SimulatorConfig, serve
 
     try:
-        faults = (
-            FaultMix.from_json(args.faults, retry_after_s=args.retry_after_s)
-            if args.faults
-            else FaultMix()
-        )
+        # --retry-after-s applies to forced 429s too (directives), and wins over the JSON's.
+        timing = {} if args.retry_after_s is None else {"retry_after_s": args.retry_after_s}
+        faults = FaultMix.from_json(args.faults, **timing) if args.faults else FaultMix(**timing)
         limits = RateLimits(rpm=args.rpm, tpm=args.tpm, window_s=args.window_s)
     except ValueError as exc:
         _console(stderr=True).print(f"llm-worker simulate: {exc}", markup=False)
@@ -481,7 +479,9 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat list 
     sim.add_argument("--tps", type=float, default=0.0, help="tokens per second (0 = no delay)")
     sim.add_argument("--api-key", help="the only Bearer token accepted (default: any)")
     sim.add_argument("--faults", help='fault mix as JSON, e.g. {"429": 0.1, "cut": 0.02}')
-    sim.add_argument("--retry-after-s", type=float, default=1.0, help="retry-after of 429 faults")
+    sim.add_argument(
+        "--retry-after-s", type=float, help="retry-after of injected 429s (default 1, or --faults')"
+    )
     sim.add_argument("--rpm", type=int, help="requests per minute before 429")
     sim.add_argument("--tpm", type=int, help="tokens per minute before 429")
     sim.add_argument(

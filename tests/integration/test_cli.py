@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
@@ -178,3 +179,31 @@ def test_dev_stack_comes_up_and_cleans_up_on_ctrl_c(tmp_path: Path) -> None:
     assert proc.wait(timeout=60) == 0
     with pytest.raises(redis.ConnectionError):
         client.ping()
+
+
+@pytest.mark.parametrize(
+    ("args", "retry_after"),
+    [
+        (("--retry-after-s", "3"), "3"),  # applies to forced 429s without --faults too
+        (("--faults", '{"retry_after_s": 2}'), "2"),  # the JSON's value is kept...
+        (("--faults", '{"retry_after_s": 2}', "--retry-after-s", "4"), "4"),  # ...unless given
+        ((), "1"),
+    ],
+)
+def test_simulate_retry_after_of_injected_429s(args: tuple[str, ...], retry_after: str) -> None:
+    """`simulate --retry-after-s` sets the retry-after of every injected 429."""
+    from tests.support import TEST_API_KEY, make_request, start_simulator, stop_process
+
+    proc, url = start_simulator(*args)
+    try:
+        body = make_request("limited [[sim tokens=2 fault=429]]", stream=False)
+        response = httpx.post(
+            f"{url}/messages",
+            json=body,
+            headers={"authorization": f"Bearer {TEST_API_KEY}"},
+            timeout=10,
+        )
+    finally:
+        stop_process(proc)
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == retry_after

@@ -86,7 +86,7 @@ def stack(redis_url: str) -> Iterator[Stack]:
         "--window-s",
         str(PERIOD_S),
         "--faults",
-        "{}",  # no random faults; without --faults the simulator ignores --retry-after-s
+        "{}",  # no random faults
         "--retry-after-s",
         str(RETRY_AFTER_S),
     )
