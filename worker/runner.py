@@ -143,7 +143,7 @@ class JobRunner:
                 ]
             )
             m.RETRIES.labels(self.model, "worker_lost").inc()
-        if self.submitted_at is not None and self.claim.deliveries == 1:
+        if self.submitted_at is not None and self.claim.first_start:
             m.QUEUE_WAIT.labels(self.model).observe(max(0.0, self.started_at - self.submitted_at))
         m.JOBS_IN_FLIGHT.labels(self.model).inc()
         try:

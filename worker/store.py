@@ -45,6 +45,8 @@ class Claim:
     deadline_at: float | None
     #: For ``leased``: how long the current holder's lease still runs.
     lease_wait_s: float = 0.0
+    #: No worker had started the job before this claim (time in queue is measured once).
+    first_start: bool = False
 
     @property
     def already_ended(self) -> bool:
@@ -97,7 +99,7 @@ class JobStore:
                 max_deliveries,
             ],
         )
-        state, deliveries, attempts, seq, cancel, deadline, wait_ms = raw
+        state, deliveries, attempts, seq, cancel, deadline, wait_ms = raw[:7]
         deadline_text = _text(deadline)
         return Claim(
             state_before=_text(state),
@@ -107,6 +109,7 @@ class JobStore:
             cancel_requested=bool(int(cancel)),
             deadline_at=float(deadline_text) if deadline_text else None,
             lease_wait_s=int(wait_ms) / 1000,
+            first_start=len(raw) > 7 and bool(int(raw[7])),
         )
 
     def renew(self, leases: list[tuple[str, str]], *, lease_ttl_s: float) -> list[int]:

@@ -146,3 +146,13 @@ def test_drain_wakes_waiters_at_once_and_stops_running_jobs_after_the_grace(
         wait_for(lambda: handle.stop_reason == "shutdown", 5, "the end of the grace")
     finally:
         keeper.close()
+
+
+def test_only_the_first_start_of_a_job_is_reported_as_first(store: JobStore) -> None:
+    """Time in queue is measured once: a hand-back (shutdown, rate-limit requeue) or a
+    takeover does not make the next claim a first start."""
+    a, b = new_token("a"), new_token("b")
+    assert _claim(store, "job", a).first_start is True
+    assert _claim(store, "job", a).first_start is False
+    store.release("job", a)
+    assert _claim(store, "job", b).first_start is False

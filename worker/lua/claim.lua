@@ -6,7 +6,7 @@
 -- ARGV[3] model (for a job whose hash is missing)   ARGV[4] ttl seconds while running
 -- ARGV[5] lease token   ARGV[6] lease ttl ms   ARGV[7] delivery limit
 -- Returns {state before, deliveries, attempts, last seq, cancel requested (0/1), deadline,
---          lease wait ms}. State before is queued, running (taken over from a worker that
+--          lease wait ms, first start (1 when no worker had started the job before)}. State before is queued, running (taken over from a worker that
 -- died or let its lease lapse), missing, a terminal state, 'leased' (a live worker runs it:
 -- wait lease wait ms and ask again) or 'poison' (delivered more than the limit allows).
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -36,8 +36,10 @@ if deliveries > tonumber(ARGV[7]) then
 end
 redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[2],
   'lease', ARGV[5], 'lease_until', now_ms + tonumber(ARGV[6]))
+local first = 0
 if not redis.call('HGET', KEYS[1], 'started_at') then
   redis.call('HSET', KEYS[1], 'started_at', ARGV[1])
+  first = 1
 end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 local seq = 0
@@ -50,4 +52,4 @@ if last[1] then
     end
   end
 end
-return {state, deliveries, attempts, seq, cancel, deadline, 0}
+return {state, deliveries, attempts, seq, cancel, deadline, 0, first}
