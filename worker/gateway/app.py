@@ -8,6 +8,7 @@ and refused with 413 beyond it. Errors have Anthropic's shape:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 from collections.abc import AsyncIterator
@@ -244,10 +245,45 @@ def _describe(exc: RequestInvalid) -> str:
     return "; ".join(f"{e['loc']}: {e['msg']}" for e in shown) + more
 
 
-def _sse(frames: AsyncIterator[bytes], headers: dict[str, str]) -> Response:
+#: An SSE comment sent when a stream has been silent this long (a job waiting in the queue),
+#: so that proxies and load balancers with idle timeouts keep the connection open.
+KEEP_ALIVE_S = 15.0
+KEEP_ALIVE_FRAME = b": keep-alive\n\n"
+
+
+async def _with_keep_alive(frames: AsyncIterator[bytes], every_s: float) -> AsyncIterator[bytes]:
+    """``frames``, with a comment frame whenever none came for ``every_s``.
+
+    The pending read is awaited again after a keep-alive, never cancelled: cancelling it
+    would close the generator underneath.
+    """
+    iterator = frames.__aiter__()
+    pending: asyncio.Future[bytes] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(iterator.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=every_s)
+            if not done:
+                yield KEEP_ALIVE_FRAME
+                continue
+            try:
+                data = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield data
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+
+
+def _sse(
+    frames: AsyncIterator[bytes], headers: dict[str, str], *, keep_alive_s: float = KEEP_ALIVE_S
+) -> Response:
     async def guarded() -> AsyncIterator[bytes]:
         try:
-            async for data in frames:
+            async for data in _with_keep_alive(frames, keep_alive_s):
                 yield data
         except TimeoutError:
             error = {"type": "timeout_error", "message": "the job did not end in time"}
