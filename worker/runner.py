@@ -58,6 +58,7 @@ class JobRunner:
         self.handle = handle
         self.payload = payload
         self.seq = claim.last_seq
+        self._attempt_seq = claim.last_seq  # the seq at the current attempt's start
         self.started_at = time.time()
         self.submitted_at = submitted_at
         self.deadline_at = claim.deadline_at or (self.started_at + self.settings.job_deadline_s)
@@ -125,6 +126,9 @@ class JobRunner:
             )
             return
         if self.claim.state_before == "running" and self.claim.attempts > 0:
+            if self.claim.last_event_type == ev.CHUNK and not self.settings.retry_mid_stream:
+                self._fail_mid_stream(self.claim.attempts, "worker_lost", "stopped mid-stream")
+                return
             # The worker that ran the job died (or let its lease lapse): the chunks of its
             # last attempt are void, exactly as after a failed attempt.
             self._publish(
@@ -159,7 +163,7 @@ class JobRunner:
             attempt += 1
             structlog.contextvars.bind_contextvars(attempt=attempt)
             self._publish([self._event(ev.STARTED, attempt)], attempts=attempt)
-            chunks_before = self.seq
+            chunks_before = self._attempt_seq = self.seq
             try:
                 message = self._attempt(attempt)
             except _Stopped:
@@ -198,6 +202,9 @@ class JobRunner:
         elif reason == "lease_lost":
             log.warning("job_left_to_lease_holder")
         else:
+            if interrupted and self.seq > self._attempt_seq and not self.settings.retry_mid_stream:
+                self._fail_mid_stream(attempt, "worker_shutdown", "shut down mid-stream")
+                return True
             if interrupted:
                 # The interrupted attempt's chunks are void; the next delivery starts over.
                 self._publish(
@@ -217,6 +224,21 @@ class JobRunner:
                 )
             raise HandBack
         return True
+
+    def _fail_mid_stream(self, attempt: int, reason: str, what: str) -> None:
+        """With RETRY_MID_STREAM off, a stream that cannot go on here ends the job ``failed``
+        rather than restarting it elsewhere."""
+        payload = self.payload or {"job_id": self.job_id, "request": self.request}
+        self._finish(
+            ev.FAILED,
+            attempt,
+            error={
+                "type": reason,
+                "message": f"the worker running this job {what}, and mid-stream retries are off",
+                "status_code": None,
+            },
+            dead_letter=(reason, payload),
+        )
 
     def _retry_or_fail(self, exc: UpstreamError, attempt: int) -> bool:
         """Publish a ``retry`` and wait, or end the job ``failed``; True means try again."""

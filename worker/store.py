@@ -47,6 +47,8 @@ class Claim:
     lease_wait_s: float = 0.0
     #: No worker had started the job before this claim (time in queue is measured once).
     first_start: bool = False
+    #: The type of the job's last event (``chunk``: a worker died mid-stream).
+    last_event_type: str = ""
 
     @property
     def already_ended(self) -> bool:
@@ -110,6 +112,7 @@ class JobStore:
             deadline_at=float(deadline_text) if deadline_text else None,
             lease_wait_s=int(wait_ms) / 1000,
             first_start=len(raw) > 7 and bool(int(raw[7])),
+            last_event_type=_text(raw[8]) if len(raw) > 8 else "",
         )
 
     def renew(self, leases: list[tuple[str, str]], *, lease_ttl_s: float) -> list[int]:

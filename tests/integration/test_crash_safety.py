@@ -283,3 +283,31 @@ def test_a_job_that_kills_its_worker_is_dead_lettered_at_the_delivery_limit(
         entry = next(d for d in dead if d["job_id"] == job_id)
         assert entry["reason"] == "delivery_limit"
         assert orjson.loads(entry["payload"])["job_id"] == job_id
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigterm"])
+def test_without_mid_stream_retries_a_stream_cut_by_its_worker_fails_instead_of_restarting(
+    redis_url: str, simulator_url: str, queue: str, workers: list[WorkerProcess], how: str
+) -> None:
+    """RETRY_MID_STREAM=false: a stream whose worker died (or shut down past the grace) ends
+    the job failed and dead-lettered; no second worker restarts the answer."""
+    env = _env(
+        redis_url, simulator_url, queue, concurrency=5, retry_mid_stream="false", shutdown_grace_s=1
+    )
+    first = _start(env).ready()
+    workers.append(first)
+    with Client(settings_from_env(env)) as client:
+        job_id = f"no-restart-{how}-{uuid.uuid4().hex}"
+        job = client.submit(make_request(f"{job_id} [[sim tokens=10 fault=stall]]"), job_id=job_id)
+        wait_for(lambda: _streaming([job]) == 1, 30, "the stream")
+        if how == "sigkill":
+            _kill(first)
+            workers.append(_start(env))
+        else:
+            first.proc.send_signal(signal.SIGTERM)
+            first.proc.wait(timeout=30)
+        events = _events(job)
+    reason = "worker_lost" if how == "sigkill" else "worker_shutdown"
+    assert _terminals(events) == [ev.FAILED]
+    assert events[-1]["error"]["type"] == reason
+    assert [e["type"] for e in events].count(ev.STARTED) == 1

@@ -6,7 +6,8 @@
 -- ARGV[3] model (for a job whose hash is missing)   ARGV[4] ttl seconds while running
 -- ARGV[5] lease token   ARGV[6] lease ttl ms   ARGV[7] delivery limit
 -- Returns {state before, deliveries, attempts, last seq, cancel requested (0/1), deadline,
---          lease wait ms, first start (1 when no worker had started the job before)}. State before is queued, running (taken over from a worker that
+--          lease wait ms, first start (1 when no worker had started the job before),
+--          type of the job's last event}. State before is queued, running (taken over from a worker that
 -- died or let its lease lapse), missing, a terminal state, 'leased' (a live worker runs it:
 -- wait lease wait ms and ask again) or 'poison' (delivered more than the limit allows).
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -43,13 +44,16 @@ if not redis.call('HGET', KEYS[1], 'started_at') then
 end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 local seq = 0
+local last_type = ''
 local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 if last[1] then
   local fields = last[1][2]
   for i = 1, #fields, 2 do
     if fields[i] == 'data' then
-      seq = cjson.decode(fields[i + 1])['seq'] or 0
+      local event = cjson.decode(fields[i + 1])
+      seq = event['seq'] or 0
+      last_type = event['type'] or ''
     end
   end
 end
-return {state, deliveries, attempts, seq, cancel, deadline, 0, first}
+return {state, deliveries, attempts, seq, cancel, deadline, 0, first, last_type}
