@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import json
 import uuid
+from typing import Any
 
 import httpx
 
@@ -18,6 +19,7 @@ from tests.support import (
     make_request,
     start_simulator,
     stop_process,
+    wait_for,
     worker_env,
 )
 from worker import events as ev
@@ -65,7 +67,15 @@ def test_five_hundred_jobs_through_a_fault_mix(redis_url: str) -> None:
                 [make_request(f"mix {tag} {i} [[sim tokens=6]]") for i in range(JOBS)]
             )
             histories = [list(job.events(timeout=180)) for job in jobs]
-        stats = httpx.get(f"{url}/stats", params={"log": 0}, timeout=5).json()
+
+        def settled() -> dict[str, Any] | None:
+            # A stalled request is counted when its handler ends, after the stall (3 s), which
+            # can be after the worker cut it, retried and finished the job: wait for the count
+            # to reach one call per job plus one per fault (more would fail the test below).
+            stats: dict[str, Any] = httpx.get(f"{url}/stats", params={"log": 0}, timeout=5).json()
+            return stats if stats["requests"] >= JOBS + sum(stats["faults"].values()) else None
+
+        stats = wait_for(settled, 15, "the simulator to finish its stalled requests")
     finally:
         worker.stop()
         stop_process(simulator)
