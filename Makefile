@@ -33,8 +33,8 @@ tools:
 		|| echo "docker-compose not installed: the compose file check will skip"; }
 
 lint: $(STAMP)
-	$(BIN)/ruff check worker tests
-	$(BIN)/ruff format --check worker tests
+	$(BIN)/ruff check worker tests bench
+	$(BIN)/ruff format --check worker tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy worker

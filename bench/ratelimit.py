@@ -30,28 +30,15 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from bench.stack import MODEL, ROOT, stop, wait_for
 from worker.embedded import EmbeddedRedis, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "sk-bench-ratelimit"
-MODEL = "deepseek-ai/DeepSeek-V3"
-
-
-def _wait(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def _start_simulator(rpm: int, window_s: float) -> tuple[subprocess.Popen[bytes], str]:
@@ -72,7 +59,7 @@ def _start_simulator(rpm: int, window_s: float) -> tuple[subprocess.Popen[bytes]
         except httpx.TransportError:
             return False
 
-    _wait(up, 20, "the simulator")
+    wait_for(up, 20, "the simulator")
     return proc, url
 
 
@@ -95,17 +82,16 @@ def _wait_consuming(broker_url: str, n: int) -> None:
     from celery import Celery
 
     probe = Celery("bench-probe", broker=broker_url)
-    _wait(lambda: len(probe.control.ping(timeout=1.0) or []) >= n, 60, f"{n} workers")
+    wait_for(lambda: len(probe.control.ping(timeout=1.0) or []) >= n, 60, f"{n} workers")
 
 
 def _stop(procs: list[Any]) -> None:
+    """Stop them all at once: terminate every one, then wait for each."""
     for proc in procs:
-        proc.terminate()
+        if proc.poll() is None:
+            proc.terminate()
     for proc in procs:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, timeout_s=30)
 
 
 def _request(i: int) -> dict[str, Any]:
@@ -191,7 +177,7 @@ def run_celery(
             return int(counter.get(f"{queue}:done") or 0) >= jobs
 
         with contextlib.suppress(TimeoutError):  # reported as fewer jobs done
-            _wait(finished, opts.timeout_s, "the baseline jobs")
+            wait_for(finished, opts.timeout_s, "the baseline jobs")
         wall_s = time.monotonic() - started
         done = int(counter.get(f"{queue}:done") or 0)
         stats = httpx.get(f"{sim_url}/stats", timeout=30).json()

@@ -73,6 +73,12 @@ def start_simulator(
     return proc, url
 
 
+def upstream_requests(simulator_url: str) -> int:
+    """How many requests the simulator has received so far."""
+    stats = httpx.get(f"{simulator_url}/stats", params={"log": 0}, timeout=5).json()
+    return int(stats["requests"])
+
+
 def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 15) -> None:
     if proc.poll() is None:
         proc.terminate()

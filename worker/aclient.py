@@ -26,7 +26,7 @@ from worker import producer as p
 from worker.broker import is_redis_broker
 from worker.errors import JobNotFound
 from worker.keys import Keys
-from worker.settings import Settings, load_settings
+from worker.settings import Settings
 from worker.store import load_lua
 
 
@@ -40,16 +40,9 @@ class AsyncClient:
         redis_url: str | None = None,
         broker_url: str | None = None,
     ) -> None:
-        overrides: dict[str, Any] = {}
-        if redis_url is not None:
-            overrides["redis_url"] = redis_url
-        if broker_url is not None:
-            overrides["broker_url"] = broker_url
-        if settings is None:
-            settings = load_settings(**overrides)
-        elif overrides:
-            settings = load_settings(**{**dict(settings), **overrides})
-        self.settings = settings
+        self.settings = settings = p.client_settings(
+            settings, redis_url=redis_url, broker_url=broker_url
+        )
         self.keys = Keys(settings.key_prefix)
         # No connection is opened here: redis.asyncio connects on first use, in the loop
         # that uses it.

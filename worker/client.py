@@ -22,7 +22,7 @@ from worker.broker import is_redis_broker
 from worker.errors import JobNotFound
 from worker.keys import Keys
 from worker.producer import JOB_ID_PATTERN, MAX_METADATA_BYTES, request_sha
-from worker.settings import Settings, load_settings
+from worker.settings import Settings
 from worker.store import JobStore
 
 __all__ = ["JOB_ID_PATTERN", "MAX_METADATA_BYTES", "Client", "Job", "request_sha"]
@@ -38,16 +38,9 @@ class Client:
         redis_url: str | None = None,
         broker_url: str | None = None,
     ) -> None:
-        overrides: dict[str, Any] = {}
-        if redis_url is not None:
-            overrides["redis_url"] = redis_url
-        if broker_url is not None:
-            overrides["broker_url"] = broker_url
-        if settings is None:
-            settings = load_settings(**overrides)
-        elif overrides:
-            settings = load_settings(**{**dict(settings), **overrides})
-        self.settings = settings
+        self.settings = settings = p.client_settings(
+            settings, redis_url=redis_url, broker_url=broker_url
+        )
         self.keys = Keys(self.settings.key_prefix)
         self.redis = redis.Redis.from_url(str(self.settings.redis_url), socket_keepalive=True)
         self.store = JobStore(self.redis, self.keys, result_ttl_s=self.settings.result_ttl_s)

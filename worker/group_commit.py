@@ -76,7 +76,7 @@ class GroupCommitter:
                     size += len(item.commands)
             self._send(batch)
             with self._lock:
-                if own.done.is_set() and own in batch:
+                if own in batch:  # _send has answered it
                     if self._queue:
                         heir = self._queue[0]
                         heir.lead = True

@@ -21,7 +21,7 @@ from worker.broker import task_message
 from worker.errors import JobCancelled, JobExpired, JobFailed, RequestInvalid
 from worker.keys import Keys
 from worker.request import validate_request
-from worker.settings import Settings
+from worker.settings import Settings, load_settings
 
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 MAX_METADATA_BYTES = 16_384
@@ -261,3 +261,19 @@ def is_repeat(event: dict[str, Any], seen: SeqTracker) -> bool:
         return True
     seen.last = seq
     return False
+
+
+def client_settings(
+    settings: Settings | None, *, redis_url: str | None, broker_url: str | None
+) -> Settings:
+    """A client's settings: the given ones (or the environment's), with explicit URLs on top."""
+    overrides: dict[str, Any] = {}
+    if redis_url is not None:
+        overrides["redis_url"] = redis_url
+    if broker_url is not None:
+        overrides["broker_url"] = broker_url
+    if settings is None:
+        return load_settings(**overrides)
+    if overrides:
+        return load_settings(**{**dict(settings), **overrides})
+    return settings

@@ -209,9 +209,6 @@ class JobStore:
             approximate=True,
         )
 
-    def cancel_requested(self, job_id: str) -> bool:
-        return bool(self.redis.hexists(self.keys.job(job_id), "cancel_requested"))
-
     def metadata(self, job_id: str) -> dict[str, Any]:
         """The job's ``metadata`` object as submitted; empty when absent or unreadable."""
         raw = self.redis.hget(self.keys.job(job_id), "metadata")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import pytest
 
-from tests.support import make_request
+from tests.support import make_request, upstream_requests
 from worker import events as ev
 from worker.client import Client
 from worker.errors import JobCancelled, JobNotFound
@@ -47,7 +46,7 @@ def test_cancel_of_a_queued_job_means_it_never_reaches_the_upstream(
         args=["sha", time.time(), request["model"], "{}", 3600, "", time.time() + 900],
     )
     assert client.get(job_id).cancel() is True
-    before = httpx.get(f"{simulator_url}/stats", params={"log": 0}, timeout=5).json()["requests"]
+    before = upstream_requests(simulator_url)
     payload = {"job_id": job_id, "request": request, "submitted_at": time.time()}
     client.redis.lpush(
         client.settings.queue, task_message(job_id, payload, queue=client.settings.queue)
@@ -55,7 +54,7 @@ def test_cancel_of_a_queued_job_means_it_never_reaches_the_upstream(
     client.submit(make_request("after [[sim tokens=2]]")).result(timeout=30)  # the queue drained
     events = list(client.get(job_id).events(timeout=5))
     assert [e["type"] for e in events] == [ev.CANCELLED]
-    after = httpx.get(f"{simulator_url}/stats", params={"log": 0}, timeout=5).json()["requests"]
+    after = upstream_requests(simulator_url)
     assert after - before == 1  # only the second job reached the upstream
 
 

@@ -12,6 +12,7 @@ import uuid
 
 import httpx
 
+from tests.integration.test_retries import FAULTS
 from tests.support import (
     WorkerProcess,
     celery_worker_args,
@@ -37,18 +38,7 @@ MIX = {
     "stall": 0.01,
 }
 # fault kind -> the retry reason the worker reports for it (streamed requests)
-REASONS = {
-    "429": "http_429",
-    "500": "http_500",
-    "502": "http_502",
-    "503": "http_503",
-    "529": "http_529",
-    "reset": "connection_lost",
-    "cut": "connection_lost",
-    "error_event": "stream_error_event",
-    "malformed": "malformed_sse",
-    "stall": "idle_timeout",
-}
+REASONS = {**FAULTS, "stall": "idle_timeout"}
 JOBS = 500
 
 

@@ -3,14 +3,22 @@ and cancelling a stream that has gone silent."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
-import httpx
 import orjson
 import pytest
 
-from tests.support import WorkerProcess, celery_worker_args, make_request, wait_for, worker_env
+from tests.support import (
+    WorkerProcess,
+    celery_worker_args,
+    make_request,
+    upstream_requests,
+    wait_for,
+    worker_env,
+)
+from worker import AsyncClient
 from worker import events as ev
 from worker.client import Client
 from worker.errors import JobCancelled, JobConflict, JobFailed
@@ -28,11 +36,6 @@ NON_STREAMED_FAULTS = {
     "error_event": "http_529",
     "malformed": "malformed_response",
 }
-
-
-def _upstream_requests(simulator_url: str) -> int:
-    stats = httpx.get(f"{simulator_url}/stats", params={"log": 0}, timeout=5).json()
-    return int(stats["requests"])
 
 
 @pytest.mark.parametrize(("fault", "reason"), sorted(NON_STREAMED_FAULTS.items()))
@@ -54,7 +57,7 @@ def test_resubmitting_the_same_job_id_and_request_returns_the_same_job(
     """Idempotency: the same id with the same request is one job and one upstream call."""
     job_id = f"idem-{uuid.uuid4().hex}"
     request = make_request(f"once {job_id} [[sim tokens=3]]")
-    before = _upstream_requests(simulator_url)
+    before = upstream_requests(simulator_url)
     first = client.submit(request, job_id=job_id)
     message = first.result(timeout=30)
     again = client.submit(request, job_id=job_id)
@@ -64,7 +67,7 @@ def test_resubmitting_the_same_job_id_and_request_returns_the_same_job(
     assert sum(e["type"] in ev.TERMINAL_TYPES for e in events) == 1
     # Also after the end: nothing is enqueued again (a queued copy would add an attempt).
     client.submit(make_request("drain [[sim tokens=1]]")).result(timeout=30)
-    assert _upstream_requests(simulator_url) - before == 2  # our job once, the drain job once
+    assert upstream_requests(simulator_url) - before == 2  # our job once, the drain job once
     assert client.get(job_id).status()["attempts"] == 1
 
 
@@ -141,7 +144,7 @@ def test_job_queued_past_its_deadline_expires_without_an_upstream_call(
     with Client(settings_from_env(env)) as producer:
         job = producer.submit(make_request(f"too late {uuid.uuid4().hex} [[sim tokens=2]]"))
         wait_for(lambda: time.time() > job.status()["deadline_at"] + 0.2, 10, "the deadline")
-        before = _upstream_requests(simulator_url)
+        before = upstream_requests(simulator_url)
         worker = WorkerProcess(celery_worker_args(concurrency=5, queue=queue), env)
         try:
             events = list(job.events(timeout=60))
@@ -149,7 +152,7 @@ def test_job_queued_past_its_deadline_expires_without_an_upstream_call(
             worker.stop()
     assert [e["type"] for e in events] == [ev.EXPIRED]
     assert job.status()["state"] == "expired"
-    assert _upstream_requests(simulator_url) == before
+    assert upstream_requests(simulator_url) == before
 
 
 def test_an_event_stored_twice_is_read_once(client: Client) -> None:
@@ -166,10 +169,6 @@ def test_an_event_stored_twice_is_read_once(client: Client) -> None:
     for event in (events[0], events[1], events[1], events[2]):  # seq 2 stored twice
         client.redis.xadd(stream, {"data": ev.dumps(event)})
     assert [e["seq"] for e in client.get(job_id).events(timeout=5)] == [1, 2, 3]
-
-    import asyncio
-
-    from worker.aclient import AsyncClient
 
     async def read() -> list[int]:
         async with AsyncClient(client.settings) as aclient:
