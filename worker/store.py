@@ -115,6 +115,15 @@ class JobStore:
             last_event_type=_text(raw[8]) if len(raw) > 8 else "",
         )
 
+    def position(self, job_id: str) -> tuple[int, int]:
+        """The job's last event ``seq`` and its attempts so far (0, 0 for an unknown job)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xrevrange(self.keys.events(job_id), "+", "-", count=1)
+        pipe.hget(self.keys.job(job_id), "attempts")
+        last, attempts = pipe.execute()
+        seq = int(ev.loads(last[0][1][b"data"]).get("seq", 0)) if last else 0
+        return seq, int(attempts or 0)
+
     def renew(self, leases: list[tuple[str, str]], *, lease_ttl_s: float) -> list[int]:
         """Renew ``(job_id, token)`` leases: per job 1 held, 2 held and cancelled, 0 lost."""
         if not leases:

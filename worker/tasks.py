@@ -37,27 +37,19 @@ def _runtime() -> Runtime:
 
 def _fail_unrunnable(rt: Runtime, job_id: str, reason: str, message: str, payload: Any) -> None:
     """Dead-letter a job that cannot run and end it ``failed`` (once)."""
-    # Recorded whoever holds the lease: what cannot run here cannot run anywhere.
-    claim = rt.store.claim(
-        job_id,
-        worker=rt.hostname,
-        model="",
-        ttl_s=rt.settings.result_ttl_s,
-        token=new_token(rt.hostname),
-        lease_ttl_s=rt.settings.lease_ttl_s,
-        max_deliveries=1_000_000,
-    )
-    if claim.already_ended:
-        rt.store.dead_letter(job_id=job_id, reason=reason, payload=payload)
-        return
+    # Whoever holds the lease (this worker, when the crash was ours): what cannot run here
+    # cannot run anywhere. The terminal event continues the job's sequence, or readers, who
+    # skip a seq they have seen, would never see it.
+    last_seq, attempts = rt.store.position(job_id)
     event = ev.make_event(
         job_id,
-        claim.last_seq + 1,
-        claim.attempts,
+        last_seq + 1,
+        attempts,
         ev.FAILED,
         error={"type": reason, "message": message, "status_code": None},
     )
     if not rt.store.finish(job_id, event, error=event["error"], dead_letter=(reason, payload)):
+        # It had ended already; keep what could not be run all the same.
         rt.store.dead_letter(job_id=job_id, reason=reason, payload=payload)
     log.error("job_rejected", reason=reason, detail=message)
 

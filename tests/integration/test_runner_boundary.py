@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from worker import events as ev
 from worker.keys import Keys
@@ -68,4 +69,52 @@ def test_unfoldable_stream_is_retried_as_malformed_then_fails(redis_url: str) ->
     assert [e["type"] for e in events] == [ev.STARTED, ev.RETRY, ev.STARTED, ev.FAILED]
     assert events[1]["reason"] == "malformed_sse"
     assert events[-1]["error"]["type"] == "api_error"
+    rt.close()
+
+
+def test_a_crash_of_ours_mid_job_ends_it_failed_where_readers_see_it(redis_url: str) -> None:
+    """A bug that escapes the runner while its worker holds the lease ends the job failed with
+    the next seq (readers skip a seq they have seen), and keeps the payload as a dead letter."""
+    from worker.client import Client
+    from worker.errors import JobFailed
+    from worker.tasks import _fail_unrunnable
+
+    settings = load_settings(redis_url=redis_url, key_prefix="llmw-crash-of-ours")
+    keys = Keys(settings.key_prefix)
+    store = JobStore(redis_client(settings), keys, result_ttl_s=60)
+    rt = Runtime(
+        settings,
+        store,
+        UpstreamClient(settings),
+        "test",
+        LeaseKeeper(store, lease_ttl_s=settings.lease_ttl_s),
+    )
+    job_id = "crashed-job"
+    token = new_token("test")
+    claim = store.claim(
+        job_id,
+        worker="test",
+        model="m",
+        ttl_s=60,
+        token=token,
+        lease_ttl_s=settings.lease_ttl_s,
+        max_deliveries=settings.max_deliveries,
+    )
+    runner = JobRunner(rt, job_id, {"model": "m"}, claim, rt.leases.register(job_id, token))
+    runner._publish([runner._event(ev.STARTED, 1)], attempts=1)
+    runner._publish([runner._event(ev.CHUNK, 1, event={"type": "ping"})])
+
+    _fail_unrunnable(rt, job_id, "internal_error", "KeyError: 'x'", {"job_id": job_id})
+
+    with Client(settings) as client:
+        events = list(client.get(job_id).events(timeout=5))
+        assert [(e["seq"], e["type"]) for e in events] == [
+            (1, ev.STARTED),
+            (2, ev.CHUNK),
+            (3, ev.FAILED),
+        ]
+        with pytest.raises(JobFailed, match="KeyError"):
+            client.get(job_id).result(timeout=5)
+    dead = [f for _id, f in store.redis.xrange(keys.dead_letters)]
+    assert [d[b"reason"] for d in dead] == [b"internal_error"]
     rt.close()
