@@ -62,7 +62,7 @@ class JobRunner:
         self.started_at = time.time()
         self.submitted_at = submitted_at
         self.deadline_at = claim.deadline_at or (self.started_at + self.settings.job_deadline_s)
-        self._stream_expire_set = False
+        self._stream_expire_set = claim.started  # claim.lua set it with the started event
 
     # -- writing events ------------------------------------------------------------------
 
@@ -157,12 +157,19 @@ class JobRunner:
 
     def _attempts(self) -> None:
         attempt = self.claim.attempts
+        started = self.claim.started  # the claim started the first attempt here already
         while True:
-            if self._stop_requested(attempt):
-                return
-            attempt += 1
+            if started:
+                # Begun, so a drain lets it run like any attempt in progress.
+                if self._stop_requested(attempt, interrupted=True):
+                    return
+                started = False
+            else:
+                if self._stop_requested(attempt):
+                    return
+                attempt += 1
+                self._publish([self._event(ev.STARTED, attempt)], attempts=attempt)
             structlog.contextvars.bind_contextvars(attempt=attempt)
-            self._publish([self._event(ev.STARTED, attempt)], attempts=attempt)
             chunks_before = self._attempt_seq = self.seq
             try:
                 message = self._attempt(attempt)

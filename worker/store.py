@@ -49,6 +49,9 @@ class Claim:
     first_start: bool = False
     #: The type of the job's last event (``chunk``: a worker died mid-stream).
     last_event_type: str = ""
+    #: The claim also started the next attempt (its ``started`` event is written, and
+    #: ``attempts`` and ``last_seq`` include it); see ``start_attempt``.
+    started: bool = False
 
     @property
     def already_ended(self) -> bool:
@@ -87,10 +90,15 @@ class JobStore:
         token: str,
         lease_ttl_s: float,
         max_deliveries: int,
+        start_attempt: bool = False,
     ) -> Claim:
-        """Take the job's lease (see ``claim.lua``) unless a live worker holds it."""
+        """Take the job's lease (see ``claim.lua``) unless a live worker holds it.
+
+        With ``start_attempt`` the same step starts the next attempt when nothing stands in
+        its way (cancel, deadline, a takeover): one round trip fewer per job.
+        """
         raw = self._claim(
-            keys=[self.keys.job(job_id), self.keys.events(job_id)],
+            keys=[self.keys.job(job_id), self.keys.events(job_id), self.keys.channel(job_id)],
             args=[
                 time.time(),
                 worker,
@@ -99,6 +107,9 @@ class JobStore:
                 token,
                 int(lease_ttl_s * 1000),
                 max_deliveries,
+                1 if start_attempt else 0,
+                job_id,
+                self.result_ttl_s,
             ],
         )
         state, deliveries, attempts, seq, cancel, deadline, wait_ms = raw[:7]
@@ -113,6 +124,7 @@ class JobStore:
             lease_wait_s=int(wait_ms) / 1000,
             first_start=len(raw) > 7 and bool(int(raw[7])),
             last_event_type=_text(raw[8]) if len(raw) > 8 else "",
+            started=len(raw) > 9 and bool(int(raw[9])),
         )
 
     def position(self, job_id: str) -> tuple[int, int]:

@@ -115,6 +115,7 @@ def _run(rt: Runtime, job_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]
             token=token,
             lease_ttl_s=settings.lease_ttl_s,
             max_deliveries=settings.max_deliveries,
+            start_attempt=True,
         )
         if claim.state_before != "leased":
             break

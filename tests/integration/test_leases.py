@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support import wait_for
+from worker import events as ev
 from worker.keys import Keys
 from worker.leases import LeaseKeeper, new_token
 from worker.runtime import redis_client
@@ -25,7 +26,15 @@ def store(redis_url: str) -> Iterator[JobStore]:
     client.close()
 
 
-def _claim(store: JobStore, job_id: str, token: str, *, ttl_s: float = 5, limit: int = 5) -> Claim:
+def _claim(
+    store: JobStore,
+    job_id: str,
+    token: str,
+    *,
+    ttl_s: float = 5,
+    limit: int = 5,
+    start: bool = False,
+) -> Claim:
     return store.claim(
         job_id,
         worker=token.split(":", maxsplit=1)[0],
@@ -34,7 +43,12 @@ def _claim(store: JobStore, job_id: str, token: str, *, ttl_s: float = 5, limit:
         token=token,
         lease_ttl_s=ttl_s,
         max_deliveries=limit,
+        start_attempt=start,
     )
+
+
+def _events(store: JobStore, job_id: str) -> list[bytes]:
+    return [fields[b"data"] for _, fields in store.redis.xrange(store.keys.events(job_id))]
 
 
 def test_a_live_lease_parks_a_second_delivery_without_counting_it(store: JobStore) -> None:
@@ -156,3 +170,53 @@ def test_only_the_first_start_of_a_job_is_reported_as_first(store: JobStore) -> 
     assert _claim(store, "job", a).first_start is False
     store.release("job", a)
     assert _claim(store, "job", b).first_start is False
+
+
+def test_a_claim_can_start_the_first_attempt_in_the_same_step(store: JobStore) -> None:
+    """The `started` event claim.lua writes is the one the runner would have written: same
+    fields in the same order, on the stream and the channel, with the stream's expiry."""
+    job_id = 'job-"quoted"/1'
+    pubsub = store.redis.pubsub()
+    pubsub.subscribe(store.keys.channel(job_id))
+    wait_for(lambda: pubsub.get_message(timeout=0.1), 5, "the subscription")
+    claim = _claim(store, job_id, new_token("a"), start=True)
+    assert (claim.started, claim.attempts, claim.last_seq) == (True, 1, 1)
+    [data] = _events(store, job_id)
+    event = ev.loads(data)
+    expected = ev.make_event(job_id, 1, 1, ev.STARTED)
+    assert list(event) == list(expected)
+    assert {**event, "ts": 0} == {**expected, "ts": 0}
+    assert abs(event["ts"] - time.time()) < 60
+    message = wait_for(lambda: pubsub.get_message(timeout=0.1), 5, "the published event")
+    assert ev.loads(message["data"]) == event
+    pubsub.close()
+    assert store.job_hash(job_id)["attempts"] == "1"  # type: ignore[index]
+    assert 0 < store.redis.ttl(store.keys.events(job_id)) <= 60
+
+
+def test_a_claim_starts_the_attempt_after_the_last_one(store: JobStore) -> None:
+    """After a hand-back the next attempt continues the sequence and the attempt count."""
+    a, b = new_token("a"), new_token("b")
+    _claim(store, "job", a, start=True)
+    store.release("job", a)
+    claim = _claim(store, "job", b, start=True)
+    assert (claim.started, claim.attempts, claim.last_seq) == (True, 2, 2)
+    assert [ev.loads(d)["attempt"] for d in _events(store, "job")] == [1, 2]
+
+
+@pytest.mark.parametrize("obstacle", ["cancel", "deadline", "takeover"])
+def test_a_claim_leaves_the_start_to_the_worker_when_something_stands_in_the_way(
+    store: JobStore, obstacle: str
+) -> None:
+    job_key = store.keys.job("job")
+    if obstacle == "cancel":
+        store.redis.hset(job_key, mapping={"state": "queued", "cancel_requested": "1"})
+    elif obstacle == "deadline":
+        store.redis.hset(job_key, mapping={"state": "queued", "deadline_at": time.time() - 1})
+    else:  # a worker died during its attempt: the next must publish a retry first
+        _claim(store, "job", new_token("dead"), start=True)
+        store.redis.hset(job_key, "lease_until", 0)  # its lease lapsed
+    before = len(_events(store, "job"))
+    claim = _claim(store, "job", new_token("a"), start=True)
+    assert claim.started is False
+    assert len(_events(store, "job")) == before

@@ -1,13 +1,17 @@
 -- A worker takes a delivered job: unless another live worker holds its lease, take the lease,
 -- count the delivery, mark it running, and tell the worker where the job's event sequence
 -- stands (so seq keeps rising across deliveries).
--- KEYS[1] job hash   KEYS[2] events stream
+-- KEYS[1] job hash   KEYS[2] events stream   KEYS[3] events channel
 -- ARGV[1] now (client clock, for timestamps only)   ARGV[2] worker name
 -- ARGV[3] model (for a job whose hash is missing)   ARGV[4] ttl seconds while running
 -- ARGV[5] lease token   ARGV[6] lease ttl ms   ARGV[7] delivery limit
+-- ARGV[8] '1': also start the next attempt when nothing stands in its way (no cancel, deadline
+--         not passed, not taken over from a dead worker): write its `started` event, as
+--         the worker would have in its next round trip   ARGV[9] job id   ARGV[10] result ttl s
 -- Returns {state before, deliveries, attempts, last seq, cancel requested (0/1), deadline,
 --          lease wait ms, first start (1 when no worker had started the job before),
---          type of the job's last event}. State before is queued, running (taken over from a worker that
+--          type of the job's last event, started (1 when this call started an attempt; the
+--          attempts and last seq returned then include it)}. State before is queued, running (taken over from a worker that
 -- died or let its lease lapse), missing, a terminal state, 'leased' (a live worker runs it:
 -- wait lease wait ms and ask again) or 'poison' (delivered more than the limit allows).
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -56,4 +60,26 @@ if last[1] then
     end
   end
 end
-return {state, deliveries, attempts, seq, cancel, deadline, 0, first, last_type}
+local started = 0
+local fresh = state == 'queued' or state == 'missing' or (state == 'running' and attempts == 0)
+local now = tonumber(ARGV[1])
+local deadline_at = tonumber(deadline)
+if ARGV[8] == '1' and fresh and cancel == 0 and (not deadline_at or now < deadline_at) then
+  attempts = attempts + 1
+  seq = seq + 1
+  -- The same bytes the worker's events.make_event + orjson would write.
+  local data = '{"job_id":' .. cjson.encode(ARGV[9]) .. ',"seq":' .. seq .. ',"attempt":'
+    .. attempts .. ',"type":"started","ts":' .. ARGV[1] .. '}'
+  redis.call('XADD', KEYS[2], '*', 'data', data)
+  redis.call('PUBLISH', KEYS[3], data)
+  redis.call('HSET', KEYS[1], 'attempts', attempts)
+  -- Until the job ends, its stream lives as long as the job could, plus the result TTL.
+  local ttl = tonumber(ARGV[4])
+  if deadline_at then
+    ttl = math.max(1, math.ceil(deadline_at - now) + tonumber(ARGV[10]))
+  end
+  redis.call('EXPIRE', KEYS[2], ttl)
+  started = 1
+  last_type = 'started'
+end
+return {state, deliveries, attempts, seq, cancel, deadline, 0, first, last_type, started}
