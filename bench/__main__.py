@@ -26,12 +26,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 FULL = {
     "overhead": {"jobs": 5000, "concurrency": 100},
     "streaming": {"jobs": 10, "tokens": 1000, "tps": 100, "throughput_jobs": 20},
-    "fanout": {"jobs": 2000, "concurrencies": [100, 200, 500, 1000]},
+    "fanout": {"jobs": 2000, "concurrencies": [100, 200, 500, 1000], "processes": [1, 2]},
 }
 QUICK = {
     "overhead": {"jobs": 500, "concurrency": 50},
     "streaming": {"jobs": 4, "tokens": 200, "tps": 100, "throughput_jobs": 8},
-    "fanout": {"jobs": 200, "concurrencies": [50, 100, 200]},
+    "fanout": {"jobs": 200, "concurrencies": [50, 100, 200], "processes": [1, 2]},
 }
 
 
@@ -106,8 +106,9 @@ def table(results: dict[str, Any]) -> str:
         for p in f["points"]:
             lines.append(
                 _row(
-                    f"fan-out: {f['jobs']} x {f['job_s']:.0f} s streams, c={p['concurrency']}:"
-                    f" wall s (ideal {p['ideal_s']:.0f}); peak RSS MB",
+                    f"fan-out: {f['jobs']} x {f['job_s']:.0f} s streams, c={p['concurrency']}, "
+                    f"{p.get('processes', 1)} process(es): wall s (ideal {p['ideal_s']:.0f}); "
+                    "peak RSS MB",
                     f"{p['wall_s']:.1f} ({p['vs_ideal']:.2f}x ideal); {p['peak_rss_mb']:.0f}",
                     f"direct {p['direct_wall_s']:.1f} ({p['direct_vs_ideal']:.2f}x ideal); "
                     f"{p['direct_peak_rss_mb']:.0f}",
@@ -125,11 +126,21 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     points = results["fanout"]["points"]
-    cs = [p["concurrency"] for p in points]
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot(cs, [p["jobs_per_s"] for p in points], "o-", label="llm-worker (1 process)")
-    ax.plot(cs, [p["direct_jobs_per_s"] for p in points], "s--", label="direct asyncio httpx")
-    ax.plot(cs, [results["fanout"]["jobs"] / p["ideal_s"] for p in points], ":", label="ideal")
+    for count, style in ((1, "o-"), (2, "^-")):
+        mine = [p for p in points if p.get("processes", 1) == count]
+        if mine:
+            label = f"llm-worker ({count} process{'es' if count > 1 else ''})"
+            ax.plot(
+                [p["concurrency"] for p in mine],
+                [p["jobs_per_s"] for p in mine],
+                style,
+                label=label,
+            )
+    single = [p for p in points if p.get("processes", 1) == 1]
+    cs = [p["concurrency"] for p in single]
+    ax.plot(cs, [p["direct_jobs_per_s"] for p in single], "s--", label="direct asyncio httpx")
+    ax.plot(cs, [results["fanout"]["jobs"] / p["ideal_s"] for p in single], ":", label="ideal")
     ax.set_xlabel("concurrency (streams in flight)")
     ax.set_ylabel("jobs/s (2 s streams)")
     ax.set_title(f"Fan-out of {results['fanout']['jobs']} streamed jobs, 2 cores")

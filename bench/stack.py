@@ -175,6 +175,22 @@ class Stack:
         finally:
             proc.stop()
 
+    @contextmanager
+    def llmw_run(
+        self, *, concurrency: int, processes: int, queue: str, **settings: Any
+    ) -> Iterator[Process]:
+        """``llm-worker run --processes N`` (gevent), each process with ``concurrency`` jobs;
+        the returned process's CPU time and RSS include its worker processes."""
+        args = [sys.executable, "-m", "worker.cli", "run", "--pool", "gevent"]
+        args += ["--concurrency", str(concurrency), "--processes", str(processes)]
+        args += ["--queue", queue, "--loglevel", "WARNING"]
+        env = self.worker_env(concurrency=concurrency, queue=queue, **settings)
+        proc = Process(args, env, "llm-worker-run")
+        try:
+            yield proc
+        finally:
+            proc.stop()
+
     def queue_idle(self, queue: str) -> bool:
         """Nothing waiting on ``queue`` and nothing delivered but unacknowledged."""
         pipe = self.redis.pipeline(transaction=False)

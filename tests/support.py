@@ -152,6 +152,11 @@ class WorkerProcess:
         stop_process(self.proc, timeout_s=30)
         self._log.close()
 
+    def http_get(self, path: str) -> httpx.Response:
+        """GET ``path`` from the worker's metrics and health server."""
+        port = self.env["LLM_WORKER_METRICS_PORT"]
+        return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=10)
+
 
 def celery_worker_args(
     pool: str = "gevent", concurrency: int = 50, queue: str = "llmw"

@@ -34,7 +34,11 @@ def _console(stderr: bool = False) -> Any:
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(
-        pool=args.pool, concurrency=args.concurrency, queue=args.queue, log_level=args.loglevel
+        pool=args.pool,
+        concurrency=args.concurrency,
+        processes=args.processes,
+        queue=args.queue,
+        log_level=args.loglevel,
     )
     if settings.api_key is None:
         _console(stderr=True).print(
@@ -42,7 +46,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             "upstream's API key; for a local stack with the simulator use `llm-worker dev`."
         )
         return EXIT_USAGE
-    if settings.pool in {"gevent", "eventlet"}:
+    if settings.pool in {"gevent", "eventlet"} and settings.processes == 1:
+        # (A supervisor of several processes runs no jobs itself: nothing to patch.)
         from celery import maybe_patch_concurrency
 
         maybe_patch_concurrency(["celery", "worker", "-P", settings.pool])
@@ -393,6 +398,12 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat list 
     run = sub.add_parser("run", help="run a worker (plus its /metrics, /healthz, /readyz server)")
     run.add_argument("--pool", choices=["gevent", "eventlet", "threads", "prefork", "solo"])
     run.add_argument("--concurrency", type=int)
+    run.add_argument(
+        "--processes",
+        type=int,
+        help="worker processes, each with --concurrency jobs, under one supervisor "
+        "(gevent, threads, solo; default 1)",
+    )
     run.add_argument("--queue")
     run.add_argument("--loglevel")
     run.set_defaults(func=cmd_run)

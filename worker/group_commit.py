@@ -1,113 +1,220 @@
 """Group commit: the writes of many concurrent jobs share one Redis round trip.
 
-A streaming job writes each network read's events (``XADD`` + ``PUBLISH``) and must know
-they are stored before it goes on (its terminal event, written by a separate script, must
-come after them). With hundreds of streams per process, one pipeline per read is hundreds of
-round trips per second, each paying a pool checkout, a send and a wait.
+A streaming job writes each network read's events (``XADD`` + ``PUBLISH``). With hundreds
+of streams per process, one pipeline per read is hundreds of round trips per second, each
+paying a pool checkout, a send and a wait; and a job that waits for each of its writes pays
+two greenlet switches per read besides.
 
-:class:`GroupCommitter` queues each caller's commands and blocks it until they are written.
-The first caller to find nobody flushing becomes the *leader*: it sends everything queued in
-one pipeline, wakes the callers whose commands it carried, and hands the lead to the first
-caller still waiting (so no job flushes for others forever). While a flush is on the wire,
-new writes gather for the next one. No timer: an idle process flushes at once, a busy one
-batches as much as arrived during one round trip. Works with threads and with gevent
-(``threading`` is patched).
+:class:`GroupCommitter` queues writes and one flusher (a thread; a greenlet under gevent)
+sends everything queued in one pipeline, then the next batch. No timer: an idle process
+flushes at once, a busy one batches as much as arrived during one round trip.
+
+- :meth:`GroupCommitter.post` queues and returns at once; the job checks the outcome later
+  (:class:`Pending`). Its chunks go this way: nothing waits for a round trip per read.
+- :meth:`GroupCommitter.write` queues and waits until stored; so does :meth:`Pending.settle`
+  for everything a job posted. A job settles before its terminal event (written by another
+  script, which must come after them).
 
 Order is kept per caller (its commands are contiguous, batches are sent in order), and a
-failed command fails only the caller that queued it.
+failed command fails only the write that queued it. Commands are packed into RESP here,
+about three times cheaper than redis-py's pipeline, and replies are returned raw (no
+response callbacks). A connection error is retried with the client's retry policy; a write
+retried after a lost connection may be stored twice (readers skip a repeated ``seq``).
+Past ``max_pending`` queued commands, :meth:`post` waits like :meth:`write` (back-pressure
+when Redis is slower than the jobs).
 """
 
 from __future__ import annotations
 
+import os
 import threading
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
 import redis
+from redis.exceptions import ResponseError
 
 Command = tuple[Any, ...]
 
 
+def pack(command: Command) -> bytes:
+    """One command in RESP: ``*<n>`` then ``$<len>`` + bytes per argument."""
+    parts = [b"*%d\r\n" % len(command)]
+    for arg in command:
+        if isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, str):
+            data = arg.encode()
+        elif isinstance(arg, bool):
+            raise TypeError("a bool is not a Redis argument")  # as redis-py refuses it
+        elif isinstance(arg, int):
+            data = b"%d" % arg
+        elif isinstance(arg, float):
+            data = repr(arg).encode()
+        else:
+            raise TypeError(f"cannot send a {type(arg).__name__} to Redis")
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
 class _Write:
-    __slots__ = ("commands", "done", "error", "lead", "results")
+    __slots__ = ("commands", "done", "error", "results")
 
     def __init__(self, commands: Sequence[Command]) -> None:
         self.commands = commands
         self.done = threading.Event()
-        self.lead = False
         self.error: BaseException | None = None
         self.results: list[Any] = []
 
+    def outcome(self) -> list[Any]:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.results
+
+
+class Pending:
+    """One job's posted writes not yet known to be stored (one per job, one greenlet)."""
+
+    __slots__ = ("_writes",)
+
+    def __init__(self) -> None:
+        self._writes: deque[_Write] = deque()
+
+    def add(self, write: _Write) -> None:
+        self.reap()
+        self._writes.append(write)
+
+    def reap(self) -> None:
+        """Forget the writes already stored; raise the error of one that failed."""
+        writes = self._writes
+        while writes and writes[0].done.is_set():
+            error = writes.popleft().error
+            if error is not None:
+                writes.clear()
+                raise error
+
+    def drain(self) -> None:
+        """Wait until every posted write is done, ignoring errors (the job is over)."""
+        while self._writes:
+            self._writes.popleft().done.wait()
+
+    def settle(self) -> None:
+        """Wait until every posted write is stored; raise the first error."""
+        while self._writes:
+            write = self._writes.popleft()
+            write.done.wait()
+            if write.error is not None:
+                self._writes.clear()
+                raise write.error
+
 
 class GroupCommitter:
-    """Shared by every job of a process; ``write`` is safe from any thread or greenlet."""
+    """Shared by every job of a process; safe from any thread or greenlet."""
 
-    def __init__(self, client: redis.Redis[bytes], *, max_commands: int = 2000) -> None:
+    def __init__(
+        self, client: redis.Redis[bytes], *, max_commands: int = 2000, max_pending: int = 20_000
+    ) -> None:
         self.redis = client
         self.max_commands = max_commands
-        self._lock = threading.Lock()
-        self._queue: list[_Write] = []
-        self._flushing = False
+        self.max_pending = max_pending
+        self._pid = -1
+        self._start()
+
+    def _start(self) -> None:
+        """State for this process (again in a forked child, whose flusher did not survive)."""
+        self._pid = os.getpid()
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: deque[_Write] = deque()
+        self._queued_commands = 0
+        self._idle = False  # the flusher waits for work
+        self._flusher: threading.Thread | None = None
+
+    def post(self, commands: Sequence[Command]) -> _Write:
+        """Queue ``commands`` (tuples of command arguments); returns without waiting."""
+        item = _Write(commands)
+        if self._pid != os.getpid():
+            self._start()
+        with self._cond:
+            if self._flusher is None:
+                self._flusher = threading.Thread(
+                    target=self._run, name="llmw-group-commit", daemon=True
+                )
+                self._flusher.start()
+            self._queue.append(item)
+            self._queued_commands += len(commands)
+            backlog = self._queued_commands > self.max_pending
+            if self._idle:
+                self._idle = False
+                self._cond.notify()
+        if backlog:
+            item.done.wait()
+        return item
 
     def write(self, commands: Sequence[Command]) -> list[Any]:
-        """Send ``commands`` (tuples of command arguments) and return their replies."""
-        item = _Write(commands)
-        with self._lock:
-            self._queue.append(item)
-            lead = not self._flushing
-            if lead:
-                self._flushing = True
-        if not lead:
-            item.done.wait()
-            if not item.lead:
-                return _outcome(item)
-        self._flush_until(item)
-        return _outcome(item)
+        """Send ``commands`` and return their raw replies once stored."""
+        return self.post(commands).outcome()
 
-    def _flush_until(self, own: _Write) -> None:
-        """Lead: flush batches until our own write is out, then pass the lead on."""
+    def _run(self) -> None:
+        try:
+            self._flush_forever()
+        finally:  # killed (interpreter or hub shutting down): the next post starts another
+            with self._cond:
+                self._flusher = None
+                self._idle = False
+
+    def _flush_forever(self) -> None:
         while True:
-            with self._lock:
+            with self._cond:
+                while not self._queue:
+                    self._idle = True
+                    self._cond.wait()
                 batch: list[_Write] = []
                 size = 0
                 while self._queue and (not batch or size < self.max_commands):
-                    item = self._queue.pop(0)
+                    item = self._queue.popleft()
                     batch.append(item)
                     size += len(item.commands)
+                self._queued_commands -= size
             self._send(batch)
-            with self._lock:
-                if own in batch:  # _send has answered it
-                    if self._queue:
-                        heir = self._queue[0]
-                        heir.lead = True
-                        heir.done.set()  # wakes it as the next leader, its write not sent
-                    else:
-                        self._flushing = False
-                    return
 
     def _send(self, batch: list[_Write]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for item in batch:
-            for command in item.commands:
-                pipe.execute_command(*command)  # type: ignore[no-untyped-call]
         try:
-            replies = pipe.execute(raise_on_error=False)
+            payload = b"".join(pack(c) for item in batch for c in item.commands)
+            replies = self._round_trip(payload, sum(len(item.commands) for item in batch))
         except BaseException as exc:  # the connection failed: every write of the batch did
             for item in batch:
                 item.error = exc
-                item.lead = False
                 item.done.set()
+            if not isinstance(exc, Exception):
+                raise
             return
         offset = 0
         for item in batch:
-            item.results = list(replies[offset : offset + len(item.commands)])
+            item.results = replies[offset : offset + len(item.commands)]
             offset += len(item.commands)
             item.error = next((r for r in item.results if isinstance(r, Exception)), None)
-            item.lead = False
             item.done.set()
 
+    def _round_trip(self, payload: bytes, count: int) -> list[Any]:
+        pool = self.redis.connection_pool
+        conn = pool.get_connection()
 
-def _outcome(item: _Write) -> list[Any]:
-    if item.error is not None:
-        raise item.error
-    return item.results
+        def send_and_read() -> list[Any]:
+            conn.send_packed_command([payload])
+            replies: list[Any] = []
+            for _ in range(count):
+                try:
+                    replies.append(conn.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+            return replies
+
+        try:
+            return conn.retry.call_with_retry(send_and_read, lambda _: conn.disconnect())  # type: ignore[no-any-return]
+        except BaseException:
+            conn.disconnect()  # the replies of what was sent may still be on the way
+            raise
+        finally:
+            pool.release(conn)

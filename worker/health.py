@@ -16,6 +16,7 @@ that stopped consuming.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -55,8 +56,9 @@ class TimerHeartbeatStep(bootsteps.StartStopStep):
         STATE.consumed()
 
 
-def _make_handler(settings: Settings, gauges: ScrapeGauges) -> type[BaseHTTPRequestHandler]:
-    stale_after_s = settings.health_stale_s
+def _make_handler(
+    settings: Settings, gauges: ScrapeGauges, alive: Callable[[], bool]
+) -> type[BaseHTTPRequestHandler]:
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -66,7 +68,7 @@ def _make_handler(settings: Settings, gauges: ScrapeGauges) -> type[BaseHTTPRequ
                 body = generate_latest(multiproc.serving_registry())
                 self._send(200, body, CONTENT_TYPE_LATEST)
             elif self.path == "/healthz":
-                ok = STATE.alive(stale_after_s)
+                ok = alive()
                 self._send(200 if ok else 503, b"ok\n" if ok else b"not consuming\n")
             elif self.path == "/readyz":
                 ok = gauges.ready()
@@ -87,7 +89,7 @@ def _make_handler(settings: Settings, gauges: ScrapeGauges) -> type[BaseHTTPRequ
     return Handler
 
 
-def _scrape_gauges(settings: Settings) -> ScrapeGauges:
+def _scrape_gauges(settings: Settings, alive: Callable[[], bool]) -> ScrapeGauges:
     import redis
 
     from worker.broker import is_redis_broker
@@ -100,17 +102,29 @@ def _scrape_gauges(settings: Settings) -> ScrapeGauges:
         settings,
         results=client(str(settings.redis_url)),
         broker=client(broker_url) if is_redis_broker(broker_url) else None,
-        alive=lambda: STATE.alive(settings.health_stale_s),
+        alive=alive,
     )
 
 
-def start_health_server(settings: Settings) -> ThreadingHTTPServer:
-    from worker.celery_app import app
+def start_health_server(
+    settings: Settings, *, alive: Callable[[], bool] | None = None
+) -> ThreadingHTTPServer:
+    """Serve in a thread. ``alive`` replaces this process's consumer state (a supervisor
+    answers for its worker processes)."""
+    own_consumer = alive is None
+    if alive is None:
+        from worker.celery_app import app
 
-    app.steps["consumer"].add(TimerHeartbeatStep)
+        app.steps["consumer"].add(TimerHeartbeatStep)
+        alive = lambda: STATE.alive(settings.health_stale_s)  # noqa: E731
     server = ThreadingHTTPServer(
-        ("0.0.0.0", settings.metrics_port), _make_handler(settings, _scrape_gauges(settings))
+        ("0.0.0.0", settings.metrics_port),
+        _make_handler(settings, _scrape_gauges(settings, alive), alive),
     )
+    thread = threading.Thread(target=server.serve_forever, name="llmw-health", daemon=True)
+    thread.start()
+    if not own_consumer:
+        return server
 
     def close_in_child(**_: Any) -> None:
         # A prefork child inherits the listening socket; only the parent may answer on it.
@@ -118,6 +132,4 @@ def start_health_server(settings: Settings) -> ThreadingHTTPServer:
 
     signals.worker_process_init.connect(close_in_child, weak=False)
     signals.worker_process_shutdown.connect(multiproc.on_child_exit, weak=False)
-    thread = threading.Thread(target=server.serve_forever, name="llmw-health", daemon=True)
-    thread.start()
     return server

@@ -165,3 +165,8 @@ WORKER_READY = Gauge(
     "1 while this worker reaches Redis and its consumer is consuming, else 0 (as of the scrape).",
     multiprocess_mode="mostrecent",
 )
+PROCESS_RESTARTS = Counter(
+    "llm_worker_process_restarts_total",
+    "Worker processes the supervisor started again after one exited unexpectedly "
+    "(`llm-worker run --processes N`; always 0 with one process).",
+)

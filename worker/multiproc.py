@@ -1,7 +1,8 @@
-"""prometheus-client's multiprocess mode, for the prefork pool.
+"""prometheus-client's multiprocess mode, for the prefork pool and ``run --processes N``.
 
 Under prefork the jobs run in child processes, each with its own copy of every metric, while
-only the parent serves HTTP. prometheus-client's multiprocess mode has each process write its
+only the parent serves HTTP; with ``--processes N`` a supervisor serves HTTP for N worker
+processes. prometheus-client's multiprocess mode has each process write its
 values to memory-mapped files in ``PROMETHEUS_MULTIPROC_DIR`` and the server add them up:
 
 - the directory is created (a fresh temporary one unless ``PROMETHEUS_MULTIPROC_DIR`` is set)
@@ -34,21 +35,33 @@ ENV = "PROMETHEUS_MULTIPROC_DIR"
 _LIVE_FILE = re.compile(r"^gauge_live\w*_(\d+)\.db$")
 
 
-def prepare(pool: str) -> Path | None:
-    """For the prefork pool, set up the directory and switch prometheus-client to it."""
-    if pool != "prefork":
+def prepare(pool: str, processes: int = 1) -> Path | None:
+    """For the prefork pool or several processes, set up the directory (emptied) and switch
+    prometheus-client to it."""
+    if pool != "prefork" and processes <= 1:
         return None
-    if "worker.metrics" in sys.modules:
-        raise RuntimeError("worker.metrics was imported before multiprocess mode was set up")
     path = Path(os.environ.get(ENV) or tempfile.mkdtemp(prefix="llmw-metrics-"))
     path.mkdir(parents=True, exist_ok=True)
     for stale in path.glob("*.db"):  # only the library's files: the directory may be shared
         stale.unlink()
     os.environ[ENV] = str(path)
+    _switch()
+    return path
+
+
+def join() -> None:
+    """In a process a supervisor started: write to its directory, as it is (not emptied)."""
+    if not directory():
+        raise RuntimeError(f"{ENV} is not set: this process was not started by a supervisor")
+    _switch()
+
+
+def _switch() -> None:
+    if "worker.metrics" in sys.modules:
+        raise RuntimeError("worker.metrics was imported before multiprocess mode was set up")
     from prometheus_client import values
 
     values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
-    return path
 
 
 def directory() -> str | None:

@@ -17,6 +17,7 @@ from worker import metrics as m
 from worker.accumulate import AccumulateError, accumulate, final_message
 from worker.coalesce import coalesce
 from worker.errors import PermanentUpstreamError, TransientUpstreamError, UpstreamError
+from worker.group_commit import Pending
 from worker.leases import JobHandle
 from worker.ratelimit.gate import JobPostponed, WaitInterrupted
 from worker.ratelimit.limiter import Reservation
@@ -63,6 +64,9 @@ class JobRunner:
         self.submitted_at = submitted_at
         self.deadline_at = claim.deadline_at or (self.started_at + self.settings.job_deadline_s)
         self._stream_expire_set = claim.started  # claim.lua set it with the started event
+        #: Chunk writes posted without waiting (:mod:`worker.group_commit`); settled before
+        #: any other write of the job, so its events stay in order.
+        self._pending = Pending()
 
     # -- writing events ------------------------------------------------------------------
 
@@ -70,13 +74,24 @@ class JobRunner:
         self.seq += 1
         return ev.make_event(self.job_id, self.seq, attempt, type_, **fields)
 
-    def _publish(self, events: list[dict[str, Any]], **hash_fields: Any) -> None:
+    def _publish(
+        self, events: list[dict[str, Any]], *, wait: bool = True, **hash_fields: Any
+    ) -> None:
+        """Write events; ``wait=False`` returns before they are stored (chunks only)."""
+        if wait:
+            self._pending.settle()
         expire = None
         if not self._stream_expire_set:
             # Until the job ends, its stream lives as long as the job could, plus the TTL.
             expire = int(self.deadline_at - time.time() + self.settings.result_ttl_s)
             self._stream_expire_set = True
-        self.rt.store.publish(self.job_id, events, hash_fields=hash_fields or None, expire_s=expire)
+        self.rt.store.publish(
+            self.job_id,
+            events,
+            hash_fields=hash_fields or None,
+            expire_s=expire,
+            pending=None if wait else self._pending,
+        )
 
     def _finish(
         self,
@@ -88,6 +103,7 @@ class JobRunner:
     ) -> bool:
         message = fields.get("message")
         error = fields.get("error")
+        self._pending.settle()  # the terminal event comes after every chunk
         event = self._event(type_, attempt, **fields)
         ended = self.rt.store.finish(
             self.job_id,
@@ -111,6 +127,15 @@ class JobRunner:
     # -- the job -------------------------------------------------------------------------
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            # Whatever ends the job here, its chunks are stored before anyone reads the
+            # stream's position (a crash of ours is ended by the task, a hand-back by the
+            # next worker).
+            self._pending.drain()
+
+    def _run(self) -> None:
         if self.claim.cancel_requested:
             self._finish(ev.CANCELLED, self.claim.attempts)
             return
@@ -405,7 +430,7 @@ class JobRunner:
                 m.TIME_TO_FIRST_TOKEN.labels(self.model).observe(time.monotonic() - sent_at)
                 first_token = False
         chunks = coalesce(batch)
-        self._publish([self._event(ev.CHUNK, attempt, event=chunk) for chunk in chunks])
+        self._publish([self._event(ev.CHUNK, attempt, event=chunk) for chunk in chunks], wait=False)
         m.CHUNKS_PUBLISHED.labels(self.model).inc(len(chunks))
         assert snapshot is not None  # a batch is never empty
         return snapshot

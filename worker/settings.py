@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     queue: str = Field(default="llmw", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
     pool: Literal["gevent", "eventlet", "threads", "prefork", "solo"] = "gevent"
     concurrency: int = Field(default=200, ge=1, le=10_000)
+    # `llm-worker run` starts this many worker processes, each with CONCURRENCY jobs, under
+    # one supervisor that serves /metrics and /healthz for all (gevent, threads, solo).
+    processes: int = Field(default=1, ge=1, le=64)
     metrics_port: int = Field(default=9464, ge=0, le=65_535)
     health_stale_s: PositiveSeconds = 30.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
@@ -189,6 +192,11 @@ class Settings(BaseSettings):
     def _check_relations(self) -> Settings:
         if self.backoff_max_s < self.backoff_base_s:
             raise ValueError("backoff_max_s must be at least backoff_base_s")
+        if self.processes > 1 and self.pool == "prefork":
+            raise ValueError(
+                "processes above 1 is for the gevent, threads and solo pools; prefork already "
+                "runs CONCURRENCY processes"
+            )
         if self.visibility_timeout_s is not None and self.visibility_timeout_s <= self.lease_ttl_s:
             raise ValueError(
                 "visibility_timeout_s must exceed lease_ttl_s, or every running job is "

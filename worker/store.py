@@ -15,7 +15,7 @@ import orjson
 import redis
 
 from worker import events as ev
-from worker.group_commit import GroupCommitter
+from worker.group_commit import GroupCommitter, Pending
 from worker.keys import Keys
 
 
@@ -157,8 +157,10 @@ class JobStore:
         *,
         hash_fields: dict[str, Any] | None = None,
         expire_s: int | None = None,
+        pending: Pending | None = None,
     ) -> None:
-        """Append events to the job's stream and channel; returns once they are stored.
+        """Append events to the job's stream and channel; returns once they are stored, or
+        at once with ``pending`` (the job settles it before its end).
 
         The round trip is shared with every other job of the process that writes at the same
         time (:mod:`worker.group_commit`).
@@ -174,7 +176,10 @@ class JobStore:
             commands.append(("HSET", self.keys.job(job_id), *flat))
         if expire_s is not None:
             commands.append(("EXPIRE", stream, expire_s))
-        self._writer.write(commands)
+        if pending is None:
+            self._writer.write(commands)
+        else:
+            pending.add(self._writer.post(commands))
 
     def finish(
         self,

@@ -10,9 +10,18 @@ from worker.settings import Settings
 
 def run_worker(settings: Settings) -> int:
     from worker import multiproc
+    from worker.liveness import SLOT_ENV
 
-    # Before anything creates a metric: under prefork each value must live in a file.
-    multiproc.prepare(settings.pool)
+    if settings.processes > 1:
+        from worker.supervisor import run_supervisor
+
+        return run_supervisor(settings)
+    # Before anything creates a metric: under prefork (or in a supervisor's worker process)
+    # each value must live in a file.
+    if os.environ.get(SLOT_ENV):
+        multiproc.join()
+    else:
+        multiproc.prepare(settings.pool)
 
     from worker.celery_app import app
     from worker.health import start_health_server

@@ -39,6 +39,22 @@ def test_run_without_api_key_exits_with_a_clear_error(redis_url: str) -> None:
     assert "LLM_WORKER_API_KEY is not set" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--processes", "two"], "invalid int value"),
+        (["--processes", "0"], "LLM_WORKER_PROCESSES"),
+        (["--processes", "2", "--pool", "prefork"], "prefork already runs CONCURRENCY processes"),
+    ],
+)
+def test_run_refuses_a_bad_process_count(redis_url: str, args: list[str], message: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_WORKER_")}
+    env.update({"LLM_WORKER_REDIS_URL": redis_url, "LLM_WORKER_API_KEY": "sk-x"})
+    result = cli("run", *args, env=env)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
 def test_bad_setting_is_named_at_start(redis_url: str) -> None:
     """A malformed setting stops the command with the variable's name."""
     env = {**os.environ, "LLM_WORKER_REDIS_URL": redis_url, "LLM_WORKER_MAX_ATTEMPTS": "many"}

@@ -63,8 +63,7 @@ def gevent_worker(redis_url: str, simulator_url: str) -> Iterator[WorkerProcess]
 
 
 def get(proc: WorkerProcess, path: str) -> httpx.Response:
-    port = proc.env["LLM_WORKER_METRICS_PORT"]
-    return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=10)
+    return proc.http_get(path)
 
 
 def scrape(proc: WorkerProcess) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -95,13 +94,16 @@ def finish_all(jobs: list[Job]) -> None:
 # -- exact counts -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("pool", "concurrency"), [("gevent", 20), ("prefork", 2)])
+@pytest.mark.parametrize(
+    ("pool", "concurrency", "processes"), [("gevent", 20, 1), ("prefork", 2, 1), ("gevent", 2, 2)]
+)
 def test_metrics_count_a_known_set_of_jobs_exactly(
-    redis_url: str, simulator_url: str, pool: str, concurrency: int
+    redis_url: str, simulator_url: str, pool: str, concurrency: int, processes: int
 ) -> None:
-    """Completed, failed and retried jobs show up with their exact counts, under gevent and
-    under prefork (2 processes, multiprocess mode: nothing lost or doubled); promtool agrees."""
-    proc = start_worker(redis_url, simulator_url, pool, concurrency)
+    """Completed, failed and retried jobs show up with their exact counts, under gevent, under
+    prefork (2 processes) and with `run --processes 2` (both in multiprocess mode: nothing lost
+    or doubled); promtool agrees."""
+    proc = start_worker(redis_url, simulator_url, pool, concurrency, processes=processes)
     try:
         proc.ready()  # one non-streamed job completed: the canary
         with Client(proc.settings()) as client:

@@ -102,6 +102,9 @@ def test_settings_are_frozen() -> None:
         ("LLM_WORKER_API_BASE_URL", "ftp://x"),
         ("LLM_WORKER_BACKOFF_BASE_S", "-1"),
         ("LLM_WORKER_CONCURRENCY", "0"),
+        ("LLM_WORKER_PROCESSES", "0"),
+        ("LLM_WORKER_PROCESSES", "65"),
+        ("LLM_WORKER_PROCESSES", "two"),
         ("LLM_WORKER_METRICS_PORT", "70000"),
         ("LLM_WORKER_LOG_FORMAT", "xml"),
         ("LLM_WORKER_LOG_LEVEL", "loud"),
@@ -138,6 +141,7 @@ def test_rate_limits_that_are_not_json_name_the_variable(monkeypatch: pytest.Mon
             "LLM_WORKER_BACKOFF_MAX_S",
             {"LLM_WORKER_BACKOFF_BASE_S": "5", "LLM_WORKER_BACKOFF_MAX_S": "1"},
         ),
+        ("LLM_WORKER_PROCESSES", {"LLM_WORKER_PROCESSES": "2", "LLM_WORKER_POOL": "prefork"}),
     ],
 )
 def test_inconsistent_pair_names_the_variable(

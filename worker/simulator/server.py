@@ -35,8 +35,11 @@ def uvicorn_config(config: SimulatorConfig) -> uvicorn.Config:
         port=config.port,
         log_level="warning",
         access_log=False,
-        loop="auto",
-        http="auto",
+        # Pinned, not "auto": the faults that drop a connection rely on how uvicorn's h11
+        # protocol handles an app that gives up mid-response; with httptools (installed by
+        # uvicorn[standard]) a reset before the response started became a 500.
+        loop="asyncio",
+        http="h11",
         lifespan="off",
         backlog=LISTEN_BACKLOG,
         timeout_keep_alive=KEEP_ALIVE_S,
