@@ -89,9 +89,8 @@ def test_sigkill_with_fifty_jobs_streaming_loses_none_and_runs_none_twice(
         jobs = client.submit_many(
             [make_request(f"crash {tag} {i} [[sim tokens=80 tps=16]]") for i in range(60)]
         )
-        # Every job taken by the worker (its lease taken, so its message is in `unacked`): a
-        # kill while kombu moves a message from the queue into `unacked` loses it (README,
-        # "Behaviour worth knowing"); this test is about jobs in flight.
+        # Every job taken by the worker: this test is about jobs in flight (a message on its
+        # way from the queue to `unacked` has a test of its own below).
         wait_for(
             lambda: _streaming(jobs) >= 55 and all(_so_far(job) for job in jobs),
             30,
@@ -128,6 +127,33 @@ def test_sigkill_with_fifty_jobs_streaming_loses_none_and_runs_none_twice(
         # One run by the killed worker, at most one by the second: none ran twice after it.
         started = [e["type"] for e in events].count(ev.STARTED)
         assert started == status["deliveries"] <= 2
+
+
+def test_a_worker_killed_between_taking_a_message_and_recording_it_loses_nothing(
+    redis_url: str, simulator_url: str, queue: str, workers: list[WorkerProcess]
+) -> None:
+    """kombu alone takes a message with BRPOP and records it in `unacked` with a second command;
+    a kill in between lost it. The worker here holds the message it took (a test-only pause),
+    so it is in neither place kombu looks when the worker is killed: the inbox gives it back."""
+    env = _env(redis_url, simulator_url, queue, concurrency=2)
+    first = _start({**env, "LLM_WORKER_TEST_PAUSE_AFTER_FETCH_S": "120"})
+    workers.append(first)
+    with Client(settings_from_env(env)) as client:
+        r = client.redis
+        job = client.submit(make_request(f"window {uuid.uuid4().hex} [[sim tokens=3]]"))
+        held = wait_for(
+            lambda: [i for i in r.smembers("_kombu.inboxes") if queue.encode() in i and r.llen(i)],
+            30,
+            "the message in the worker's inbox",
+        )
+        assert r.llen(queue) == 0
+        assert not [v for v in r.hvals("unacked") if job.job_id.encode() in v]
+        _kill(first)
+        workers.append(_start(env))
+        assert job.result(timeout=60)["usage"]["output_tokens"] == 3
+        assert r.llen(held[0]) == 0
+        assert held[0] not in r.smembers("_kombu.inboxes")
+        assert job.status()["deliveries"] == 1  # the dead worker never got to claim it
 
 
 def test_sigterm_lets_streaming_jobs_finish_and_hands_back_a_job_in_backoff(

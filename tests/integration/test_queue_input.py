@@ -81,6 +81,10 @@ def test_raw_garbage_on_the_queue_does_not_stop_the_worker(
     _push(client, raw)
     _assert_worker_still_works(client)
     assert worker.proc.poll() is None
+    # Dropped for good: not left in the worker's inbox, to come back when it is given back.
+    inboxes = client.redis.smembers("_kombu.inboxes")
+    assert inboxes
+    assert all(client.redis.llen(inbox) == 0 for inbox in inboxes)
 
 
 def test_our_envelope_matches_what_celery_publishes(redis_url: str) -> None:
