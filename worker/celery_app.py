@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 from celery.worker.consumer import Consumer as _CeleryConsumer
 
 from worker.settings import Settings, load_settings
@@ -98,3 +98,13 @@ class Consumer(_CeleryConsumer):
 
 app = LLMWorkerCelery("llm-worker")
 celery = app
+
+
+@signals.setup_logging.connect
+def _configure_logging(**_: Any) -> None:
+    """A worker started with plain ``celery -A worker.celery_app worker`` logs as ``llm-worker
+    run`` does: our level and format, secrets redacted (Celery's own setup is skipped when this
+    signal has a receiver). Without it every job's INFO line was printed unredacted."""
+    from worker.logs import configure_logging
+
+    configure_logging(app.settings or load_settings())
