@@ -22,7 +22,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +54,7 @@ class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.children = [_Child(slot) for slot in range(settings.processes)]
-        self._stop = threading.Event()
+        self._stopping = False  # set by the signal handler: a plain flag, no lock
         self._stop_signal = signal.SIGTERM
         self.board: LivenessBoard | None = None
 
@@ -81,7 +80,7 @@ class Supervisor:
     def alive(self) -> bool:
         """Every process runs and consumed within ``HEALTH_STALE_S``."""
         board = self.board
-        if board is None or self._stop.is_set():
+        if board is None or self._stopping:
             return False
         return all(
             c.proc is not None
@@ -105,9 +104,9 @@ class Supervisor:
         try:
             for child in self.children:
                 self._start(child)
-            while not self._stop.is_set():
+            while not self._stopping:
                 self._tend()
-                self._stop.wait(0.2)
+                time.sleep(0.2)  # a signal ends the sleep early
             return self._shut_down()
         finally:
             if server is not None:
@@ -117,7 +116,7 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Only set a flag and pass the signal on; the main loop does the rest.
         self._stop_signal = signal.SIGQUIT if signum == signal.SIGQUIT else signal.SIGTERM
-        self._stop.set()
+        self._stopping = True
         self._signal_children(self._stop_signal)
 
     def _signal_children(self, signum: int) -> None:
@@ -154,7 +153,7 @@ class Supervisor:
                 )
                 child.delay_s = min(child.delay_s * 2, RESTART_DELAY_MAX_S)
                 child.proc = None
-            if child.proc is None and now >= child.restart_at and not self._stop.is_set():
+            if child.proc is None and now >= child.restart_at and not self._stopping:
                 from worker import metrics as m
 
                 m.PROCESS_RESTARTS.inc()
