@@ -183,8 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nresults: {opts.out}")
     if "fanout" in results:
         png = opts.out.with_name("fanout.png")
-        plot(results, png)
-        print(f"plot: {png}")
+        if importlib.util.find_spec("matplotlib") is None:
+            print("plot skipped: matplotlib is missing (`make bench` installs the bench extra)")
+        else:
+            plot(results, png)
+            print(f"plot: {png}")
     if "ratelimit" in wanted and importlib.util.find_spec("bench.ratelimit") is not None:
         from bench import ratelimit
 
