@@ -196,11 +196,15 @@ class UpstreamClient:
             message = orjson.loads(response.content)
         except orjson.JSONDecodeError as exc:
             raise TransientUpstreamError(
-                "upstream returned a body that is not JSON", reason="malformed_response"
+                "upstream returned a body that is not JSON",
+                status_code=response.status_code,  # the call did answer: not "network"
+                reason="malformed_response",
             ) from exc
         if not isinstance(message, dict) or message.get("type") != "message":
             raise TransientUpstreamError(
-                "upstream returned JSON that is not a message", reason="malformed_response"
+                "upstream returned JSON that is not a message",
+                status_code=response.status_code,
+                reason="malformed_response",
             )
         return message
 

@@ -72,6 +72,60 @@ def test_unfoldable_stream_is_retried_as_malformed_then_fails(redis_url: str) ->
     rt.close()
 
 
+@pytest.mark.parametrize("body", [b"<html>not json</html>", b'{"type": "error"}'])
+def test_a_200_with_a_body_that_is_not_a_message_counts_as_200_and_is_retried(
+    redis_url: str, body: bytes
+) -> None:
+    """A non-streamed answer that arrived (200) but cannot be read is `malformed_response`,
+    retried, and counted under status 200, not `network` (no response)."""
+    from worker import metrics as m
+
+    settings = load_settings(
+        redis_url=redis_url,
+        api_key="k",
+        api_base_url="http://upstream.test",
+        max_attempts=2,
+        backoff_base_s=0.01,
+        backoff_max_s=0.01,
+        key_prefix="llmw-boundary",
+    )
+    transport = httpx.MockTransport(lambda _request: httpx.Response(200, content=body))
+    keys = Keys(settings.key_prefix)
+    store = JobStore(redis_client(settings), keys, result_ttl_s=60)
+    rt = Runtime(
+        settings,
+        store,
+        UpstreamClient(settings, transport=transport),
+        "test",
+        LeaseKeeper(store, lease_ttl_s=settings.lease_ttl_s),
+    )
+    job_id = f"malformed-{body[:4].hex()}"
+    token = new_token("test")
+    claim = store.claim(
+        job_id,
+        worker="test",
+        model="m-malformed",
+        ttl_s=60,
+        token=token,
+        lease_ttl_s=settings.lease_ttl_s,
+        max_deliveries=settings.max_deliveries,
+    )
+    ok, network = (m.UPSTREAM_REQUESTS.labels("m-malformed", s) for s in ("200", "network"))
+    before = ok._value.get(), network._value.get()
+    request = {
+        "model": "m-malformed",
+        "max_tokens": 5,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    JobRunner(rt, job_id, request, claim, rt.leases.register(job_id, token)).run()
+    events = [ev.loads(fields[b"data"]) for _id, fields in store.redis.xrange(keys.events(job_id))]
+    assert [e["type"] for e in events] == [ev.STARTED, ev.RETRY, ev.STARTED, ev.FAILED]
+    assert events[1]["reason"] == "malformed_response"
+    assert events[-1]["error"]["status_code"] == 200
+    assert (ok._value.get() - before[0], network._value.get() - before[1]) == (2, 0)
+    rt.close()
+
+
 def test_a_crash_of_ours_mid_job_ends_it_failed_where_readers_see_it(redis_url: str) -> None:
     """A bug that escapes the runner while its worker holds the lease ends the job failed with
     the next seq (readers skip a seq they have seen), and keeps the payload as a dead letter."""
