@@ -25,7 +25,6 @@ This module has no dependencies so that the transport can import it cheaply.
 from __future__ import annotations
 
 import mmap
-import os
 import struct
 import threading
 import time
@@ -129,5 +128,3 @@ class ConsumerState:
 
 #: The one state of this process (the consumer runs in the main process under every pool).
 STATE = ConsumerState()
-if os.environ.get(SLOT_ENV):
-    STATE.attach(os.environ[SLOT_ENV])

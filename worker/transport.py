@@ -211,10 +211,9 @@ class Channel(kombu_redis.Channel):
             pipe = client.pipeline()
             for key in new:
                 inbox = self.inbox(key)
+                pipe.eval(_GIVE_BACK, 3, inbox, key, INBOXES_KEY)  # (which unlists it)
                 pipe.sadd(INBOXES_KEY, inbox)
                 pipe.set(f"{inbox}{self.sep}{_ALIVE}", 1, ex=self._inbox_ttl_s())
-                pipe.eval(_GIVE_BACK, 3, inbox, key, INBOXES_KEY)
-                pipe.sadd(INBOXES_KEY, inbox)
             pipe.execute()
         self._own_inboxes_checked.update(new)
 

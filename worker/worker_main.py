@@ -18,8 +18,11 @@ def run_worker(settings: Settings) -> int:
         return run_supervisor(settings)
     # Before anything creates a metric: under prefork (or in a supervisor's worker process)
     # each value must live in a file.
-    if os.environ.get(SLOT_ENV):
+    if os.environ.get(SLOT_ENV):  # started by a supervisor (`run --processes N`)
+        from worker.liveness import STATE
+
         multiproc.join()
+        STATE.attach(os.environ[SLOT_ENV])
     else:
         multiproc.prepare(settings.pool)
 

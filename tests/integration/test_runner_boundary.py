@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
 
@@ -21,51 +23,63 @@ ORPHAN_DELTA = (
 )
 
 
+def _runtime(redis_url: str, transport: httpx.BaseTransport | None, **settings: Any) -> Runtime:
+    """A worker's runtime in this process: real Redis; the upstream is ``transport``."""
+    defaults = {
+        "api_key": "k",
+        "api_base_url": "http://upstream.test",
+        "max_attempts": 2,
+        "backoff_base_s": 0.01,
+        "backoff_max_s": 0.01,
+        "key_prefix": "llmw-boundary",
+    }
+    config = load_settings(redis_url=redis_url, **{**defaults, **settings})
+    store = JobStore(redis_client(config), Keys(config.key_prefix), result_ttl_s=60)
+    return Runtime(
+        config,
+        store,
+        UpstreamClient(config, transport=transport),
+        "test",
+        LeaseKeeper(store, lease_ttl_s=config.lease_ttl_s),
+    )
+
+
+def _runner(rt: Runtime, job_id: str, request: dict[str, Any]) -> JobRunner:
+    """The runner of a job claimed as a worker would (without starting its attempt)."""
+    token = new_token("test")
+    claim = rt.store.claim(
+        job_id,
+        worker="test",
+        model=request["model"],
+        ttl_s=60,
+        token=token,
+        lease_ttl_s=rt.settings.lease_ttl_s,
+        max_deliveries=rt.settings.max_deliveries,
+    )
+    return JobRunner(rt, job_id, request, claim, rt.leases.register(job_id, token))
+
+
+def _events(rt: Runtime, job_id: str) -> list[dict[str, Any]]:
+    entries = rt.store.redis.xrange(rt.store.keys.events(job_id))
+    return [ev.loads(fields[b"data"]) for _id, fields in entries]
+
+
 def test_unfoldable_stream_is_retried_as_malformed_then_fails(redis_url: str) -> None:
     """An event sequence the accumulator rejects costs a retry (malformed_sse), not a crash."""
-    settings = load_settings(
-        redis_url=redis_url,
-        api_key="k",
-        api_base_url="http://upstream.test",
-        max_attempts=2,
-        backoff_base_s=0.01,
-        backoff_max_s=0.01,
-        key_prefix="llmw-boundary",
-    )
     transport = httpx.MockTransport(
         lambda _request: httpx.Response(
             200, headers={"content-type": "text/event-stream"}, content=ORPHAN_DELTA
         )
     )
-    keys = Keys(settings.key_prefix)
-    store = JobStore(redis_client(settings), keys, result_ttl_s=60)
-    rt = Runtime(
-        settings,
-        store,
-        UpstreamClient(settings, transport=transport),
-        "test",
-        LeaseKeeper(store, lease_ttl_s=settings.lease_ttl_s),
-    )
-    token = new_token("test")
-    claim = store.claim(
-        "orphan-job",
-        worker="test",
-        model="m",
-        ttl_s=60,
-        token=token,
-        lease_ttl_s=settings.lease_ttl_s,
-        max_deliveries=settings.max_deliveries,
-    )
+    rt = _runtime(redis_url, transport)
     request = {
         "model": "m",
         "max_tokens": 5,
         "stream": True,
         "messages": [{"role": "user", "content": "hi"}],
     }
-    JobRunner(rt, "orphan-job", request, claim, rt.leases.register("orphan-job", token)).run()
-    events = [
-        ev.loads(fields[b"data"]) for _id, fields in store.redis.xrange(keys.events("orphan-job"))
-    ]
+    _runner(rt, "orphan-job", request).run()
+    events = _events(rt, "orphan-job")
     assert [e["type"] for e in events] == [ev.STARTED, ev.RETRY, ev.STARTED, ev.FAILED]
     assert events[1]["reason"] == "malformed_sse"
     assert events[-1]["error"]["type"] == "api_error"
@@ -80,36 +94,8 @@ def test_a_200_with_a_body_that_is_not_a_message_counts_as_200_and_is_retried(
     retried, and counted under status 200, not `network` (no response)."""
     from worker import metrics as m
 
-    settings = load_settings(
-        redis_url=redis_url,
-        api_key="k",
-        api_base_url="http://upstream.test",
-        max_attempts=2,
-        backoff_base_s=0.01,
-        backoff_max_s=0.01,
-        key_prefix="llmw-boundary",
-    )
-    transport = httpx.MockTransport(lambda _request: httpx.Response(200, content=body))
-    keys = Keys(settings.key_prefix)
-    store = JobStore(redis_client(settings), keys, result_ttl_s=60)
-    rt = Runtime(
-        settings,
-        store,
-        UpstreamClient(settings, transport=transport),
-        "test",
-        LeaseKeeper(store, lease_ttl_s=settings.lease_ttl_s),
-    )
+    rt = _runtime(redis_url, httpx.MockTransport(lambda _r: httpx.Response(200, content=body)))
     job_id = f"malformed-{body[:4].hex()}"
-    token = new_token("test")
-    claim = store.claim(
-        job_id,
-        worker="test",
-        model="m-malformed",
-        ttl_s=60,
-        token=token,
-        lease_ttl_s=settings.lease_ttl_s,
-        max_deliveries=settings.max_deliveries,
-    )
     ok, network = (m.UPSTREAM_REQUESTS.labels("m-malformed", s) for s in ("200", "network"))
     before = ok._value.get(), network._value.get()
     request = {
@@ -117,8 +103,8 @@ def test_a_200_with_a_body_that_is_not_a_message_counts_as_200_and_is_retried(
         "max_tokens": 5,
         "messages": [{"role": "user", "content": "hi"}],
     }
-    JobRunner(rt, job_id, request, claim, rt.leases.register(job_id, token)).run()
-    events = [ev.loads(fields[b"data"]) for _id, fields in store.redis.xrange(keys.events(job_id))]
+    _runner(rt, job_id, request).run()
+    events = _events(rt, job_id)
     assert [e["type"] for e in events] == [ev.STARTED, ev.RETRY, ev.STARTED, ev.FAILED]
     assert events[1]["reason"] == "malformed_response"
     assert events[-1]["error"]["status_code"] == 200
@@ -133,34 +119,15 @@ def test_a_crash_of_ours_mid_job_ends_it_failed_where_readers_see_it(redis_url: 
     from worker.errors import JobFailed
     from worker.tasks import _fail_unrunnable
 
-    settings = load_settings(redis_url=redis_url, key_prefix="llmw-crash-of-ours")
-    keys = Keys(settings.key_prefix)
-    store = JobStore(redis_client(settings), keys, result_ttl_s=60)
-    rt = Runtime(
-        settings,
-        store,
-        UpstreamClient(settings),
-        "test",
-        LeaseKeeper(store, lease_ttl_s=settings.lease_ttl_s),
-    )
+    rt = _runtime(redis_url, None, key_prefix="llmw-crash-of-ours")
     job_id = "crashed-job"
-    token = new_token("test")
-    claim = store.claim(
-        job_id,
-        worker="test",
-        model="m",
-        ttl_s=60,
-        token=token,
-        lease_ttl_s=settings.lease_ttl_s,
-        max_deliveries=settings.max_deliveries,
-    )
-    runner = JobRunner(rt, job_id, {"model": "m"}, claim, rt.leases.register(job_id, token))
+    runner = _runner(rt, job_id, {"model": "m"})
     runner._publish([runner._event(ev.STARTED, 1)], attempts=1)
     runner._publish([runner._event(ev.CHUNK, 1, event={"type": "ping"})])
 
     _fail_unrunnable(rt, job_id, "internal_error", "KeyError: 'x'", {"job_id": job_id})
 
-    with Client(settings) as client:
+    with Client(rt.settings) as client:
         events = list(client.get(job_id).events(timeout=5))
         assert [(e["seq"], e["type"]) for e in events] == [
             (1, ev.STARTED),
@@ -169,6 +136,6 @@ def test_a_crash_of_ours_mid_job_ends_it_failed_where_readers_see_it(redis_url: 
         ]
         with pytest.raises(JobFailed, match="KeyError"):
             client.get(job_id).result(timeout=5)
-    dead = [f for _id, f in store.redis.xrange(keys.dead_letters)]
+    dead = [f for _id, f in rt.store.redis.xrange(rt.store.keys.dead_letters)]
     assert [d[b"reason"] for d in dead] == [b"internal_error"]
     rt.close()

@@ -139,7 +139,8 @@ class Gateway:
 
     def _anthropic_stream(self, job: AsyncJob, *, after: str) -> Response:
         async def frames() -> AsyncIterator[bytes]:
-            state = relay.AnthropicRelay(job.job_id)
+            # Frames carry only chunk ids: a client resuming after one holds output already.
+            state = relay.AnthropicRelay(job.job_id, sent_output=after != "0-0")
             async for event in job.events(timeout=self.wait_s, after=after):
                 for data in state.feed(event):
                     yield data

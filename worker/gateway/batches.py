@@ -58,6 +58,7 @@ def parse_requests(client: AsyncClient, body: Any) -> list[b.BatchItem]:
                     "msg": f"{item.custom_id!r} repeats requests[{seen[item.custom_id]}]",
                 }
             )
+            continue  # a third copy names the first, as `llm-worker batch` does
         seen[item.custom_id] = index
         items.append(b.BatchItem(index, item.custom_id, item.params))
     if errors:
@@ -155,6 +156,9 @@ class BatchStore:
         self, base_url: str, *, limit: int, before_id: str | None, after_id: str | None
     ) -> dict[str, Any]:
         """Newest first, paged the way Anthropic's list is (``after_id`` goes older)."""
+        # A batch's hash and items expire; its id here would page over nothing (short pages
+        # that say has_more, and a last_id of None that stops a client's auto-paging).
+        await self.redis.zremrangebyscore(self.keys.batches, "-inf", time.time() - self.ttl_s)
         ids = [p.text(x) for x in await self.redis.zrevrange(self.keys.batches, 0, -1)]
         if after_id is not None:
             start = ids.index(after_id) + 1 if after_id in ids else len(ids)

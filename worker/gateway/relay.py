@@ -59,9 +59,11 @@ class AnthropicRelay:
     from its final message.
     """
 
-    def __init__(self, job_id: str) -> None:
+    def __init__(self, job_id: str, *, sent_output: bool = False) -> None:
         self.job_id = job_id
-        self.sent_output = False
+        #: The client holds part of the answer: from here a retry cannot be passed through,
+        #: and a completion must not replay the message. True when resuming (Last-Event-ID).
+        self.sent_output = sent_output
         self.done = False
 
     def feed(self, event: Mapping[str, Any]) -> Iterator[bytes]:
