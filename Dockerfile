@@ -52,7 +52,8 @@ RUN pip install --no-index --find-links=/tmp/wheels llm-worker \
     && llm-worker --help >/dev/null
 
 WORKDIR /home/app
-USER 10001:10001
+# Numeric, so that Kubernetes can check runAsNonRoot; the same ids as the user made above.
+USER ${APP_UID}:${APP_GID}
 
 # /metrics, /healthz, /readyz
 EXPOSE 9464

@@ -12,7 +12,7 @@ import orjson
 
 from bench.stack import MODEL, STAGING_SUFFIX, Stack
 from worker.broker import task_message
-from worker.client import Client
+from worker.client.sync import Client
 from worker.settings import Settings
 
 

@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 
 from bench.stack import MODEL, ROOT, stop, wait_for
-from worker.embedded import EmbeddedRedis, free_port
+from worker.dev.embedded import EmbeddedRedis, free_port
 
 API_KEY = "sk-bench-ratelimit"
 
@@ -108,7 +108,7 @@ def _base_env() -> dict[str, str]:
 
 
 def run_ours(redis_url: str, opts: argparse.Namespace, jobs: int) -> dict[str, Any]:
-    from worker.client import Client
+    from worker.client.sync import Client
     from worker.settings import settings_from_env
 
     sim, sim_url = _start_simulator(opts.rpm, opts.window_s)

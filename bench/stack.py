@@ -20,7 +20,7 @@ import httpx
 import psutil
 import redis
 
-from worker.embedded import EmbeddedRedis, free_port
+from worker.dev.embedded import EmbeddedRedis, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "sk-bench-0000"

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests import support
 from tests.support import (
     WorkerProcess,
     celery_worker_args,
@@ -17,14 +18,22 @@ from tests.support import (
     stop_process,
     worker_env,
 )
-from worker.client import Client
-from worker.embedded import EmbeddedRedis
+from worker.client.sync import Client
+from worker.dev.embedded import EmbeddedRedis
 from worker.settings import SEED_MODELS
 
 # A developer's own settings must not leak into the suite.
 for _name in [n for n in os.environ if n.startswith("LLM_WORKER_")]:
     if not _name.startswith("LLM_WORKER_TEST_"):
         del os.environ[_name]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _work_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Processes the tests start write their logs and files under pytest's tmp folder."""
+    support.WORK_DIR = tmp_path_factory.mktemp("processes")
+    yield
+    support.WORK_DIR = None
 
 
 @pytest.fixture(scope="session")

@@ -13,11 +13,22 @@ from typing import Any
 
 import httpx
 
-from worker.embedded import free_port
+from worker.dev.embedded import free_port
 from worker.settings import SEED_MODELS, Settings, settings_from_env
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_API_KEY = "sk-test-canary-7f3a9c"
+
+#: Where processes started by tests keep their logs and metric files: a folder under pytest's
+#: temporary directory, set once per session (``tests/conftest.py``), removed when it passes.
+WORK_DIR: Path | None = None
+
+
+def work_path(name: str) -> Path:
+    """A fresh path under the session's work folder."""
+    if WORK_DIR is None:
+        raise RuntimeError("tests.support.WORK_DIR is not set (the session fixture sets it)")
+    return WORK_DIR / f"{name}-{uuid.uuid4().hex[:8]}"
 
 
 def wait_for(
@@ -112,8 +123,13 @@ class WorkerProcess:
     """A real worker in a subprocess; ``ready()`` proves it by running a canary job."""
 
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        # What the worker puts in a temporary folder (a supervisor's metric files) lands under
+        # the session's work folder, not in the system's.
+        tmp = work_path("tmp")
+        tmp.mkdir()
+        env = {**env, "TMPDIR": str(tmp)}
         self.env = env
-        self.log_path = Path(f"/tmp/llmw-test-worker-{uuid.uuid4().hex[:8]}.log")
+        self.log_path = work_path("worker").with_suffix(".log")
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             args,
@@ -128,7 +144,7 @@ class WorkerProcess:
         return settings_from_env(self.env)
 
     def ready(self, timeout_s: float = 60) -> WorkerProcess:
-        from worker.client import Client
+        from worker.client.sync import Client
 
         with Client(self.settings()) as client:
             job = client.submit(
@@ -179,6 +195,21 @@ def celery_worker_args(
         "--loglevel",
         "WARNING",
     ]
+
+
+def written_keys(client: Any) -> set[bytes]:
+    """The keys a producer can create: everything under the client's key prefix, and its
+    queue (a snapshot to compare; other tests' keys expiring in between do not matter)."""
+    keys = set(client.redis.scan_iter(match=f"{client.keys.prefix}:*", count=1000))
+    if client.redis.exists(client.settings.queue):
+        keys.add(client.settings.queue.encode())
+    return keys
+
+
+def new_keys(client: Any, before: set[bytes], queue_len: int = 0) -> set[bytes]:
+    """Keys created since ``before`` was taken, plus the queue if it grew past ``queue_len``."""
+    grown = client.redis.llen(client.settings.queue) > queue_len
+    return (written_keys(client) - before) | ({b"<queue grew>"} if grown else set())
 
 
 def make_request(

@@ -6,6 +6,7 @@ Producers use :class:`Client`; workers run ``llm-worker run`` (or
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from worker.errors import (
@@ -23,11 +24,14 @@ from worker.errors import (
 )
 
 if TYPE_CHECKING:
-    from worker.aclient import AsyncClient, AsyncJob
-    from worker.client import Client, Job
+    from worker.client.aio import AsyncClient, AsyncJob
+    from worker.client.sync import Client, Job
     from worker.settings import Settings
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("llm-worker")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0.0.0"
 
 __all__ = [
     "AsyncClient",
@@ -53,13 +57,13 @@ def __getattr__(name: str) -> Any:
     # The client pulls in redis and pydantic models; keep ``import worker`` (and so the CLI's
     # and Celery's start) light until they are used.
     if name in {"Client", "Job"}:
-        from worker import client
+        from worker.client import sync
 
-        return getattr(client, name)
+        return getattr(sync, name)
     if name in {"AsyncClient", "AsyncJob"}:
-        from worker import aclient
+        from worker.client import aio
 
-        return getattr(aclient, name)
+        return getattr(aio, name)
     if name == "Settings":
         from worker.settings import Settings
 

@@ -4,7 +4,7 @@
 wants one pipeline. On the Redis transport a queued message is a JSON envelope pushed on a
 list named after the queue (kombu's ``Channel._put``); we build the same envelope, using
 Celery's task protocol 2, and push it in the same script that creates the job.
-``tests/integration/test_broker_envelope.py`` pins it against kombu's own output.
+``tests/runtime/test_queue_input.py`` pins it against kombu's own output.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from typing import Any
 
 import orjson
 
-from worker.celery_app import TASK_NAME
+#: The one task the workers run; the envelope names it and ``worker.runtime.task`` registers it.
+TASK_NAME = "llmw.run_job"
 
 _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 

@@ -9,11 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery, signals
-from celery.worker.consumer import Consumer as _CeleryConsumer
 
 from worker.settings import Settings, load_settings
-
-TASK_NAME = "llmw.run_job"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -23,7 +20,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     hardened = broker.split("://", 1)[0] in {"redis", "rediss"}
     return {
         # Our subclass of kombu's Redis transport survives garbage on the queue.
-        "broker_transport": "worker.transport:Transport" if hardened else None,
+        "broker_transport": "worker.runtime.transport:Transport" if hardened else None,
         "broker_url": settings.effective_broker_url,
         "broker_connection_retry_on_startup": True,
         # Every greenlet acks its own message; a pool smaller than the concurrency fails
@@ -59,10 +56,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
         "worker_send_task_events": False,
-        "worker_consumer": "worker.celery_app:Consumer",
+        "worker_consumer": "worker.runtime.task:Consumer",
         "worker_concurrency": settings.concurrency,
         "worker_pool": settings.pool,
-        "include": ["worker.tasks"],
+        "include": ["worker.runtime.task"],
         "enable_utc": True,
     }
 
@@ -81,19 +78,6 @@ class LLMWorkerCelery(Celery):
         """Reconfigure with explicit settings (tests and the CLI)."""
         self.settings = settings
         self.config_from_object(celery_config(settings), force=True)
-
-
-class Consumer(_CeleryConsumer):
-    """Celery's consumer, but a message it cannot decode ends its job ``failed`` and is
-    dead-lettered, instead of being only logged and dropped."""
-
-    def on_decode_error(self, message: Any, exc: Exception) -> None:
-        from worker.tasks import reject_undecodable
-
-        try:
-            reject_undecodable(message, exc)
-        finally:
-            super().on_decode_error(message, exc)
 
 
 app = LLMWorkerCelery("llm-worker")

@@ -51,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from celery import maybe_patch_concurrency
 
         maybe_patch_concurrency(["celery", "worker", "-P", settings.pool])
-    from worker.worker_main import run_worker
+    from worker.process.main import run_worker
 
     return run_worker(settings)
 
@@ -89,7 +89,7 @@ def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from worker.client import Client
+    from worker.client.sync import Client
     from worker.errors import LLMWorkerError
 
     request = _request_from_args(args)
@@ -176,7 +176,7 @@ def _follow(job: Any, *, timeout: float | None, raw: bool) -> int:  # noqa: PLR0
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from worker.client import Client
+    from worker.client.sync import Client
     from worker.errors import JobNotFound
 
     with Client() as client:
@@ -189,7 +189,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from worker.client import Client
+    from worker.client.sync import Client
     from worker.errors import JobNotFound
 
     with Client() as client:
@@ -203,7 +203,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from worker.client import Client
+    from worker.client.sync import Client
     from worker.errors import JobNotFound
 
     with Client() as client:
@@ -225,7 +225,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from worker.batch_runner import run_batch
+    from worker.client.batch_run import run_batch
 
     return run_batch(
         Path(args.file), Path(args.out), batch_id=args.batch_id, timeout_s=args.timeout
@@ -271,8 +271,8 @@ class _Usage(Exception):
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
-    from worker.client import Client
-    from worker.dlq import DeadLetterError, DeadLetters
+    from worker.client.dead_letters import DeadLetterError, DeadLetters
+    from worker.client.sync import Client
 
     err = _console(stderr=True)
     with Client() as client:
@@ -370,14 +370,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from worker.devstack import run_dev
+    from worker.dev.stack import run_dev
 
     code: int = run_dev(concurrency=args.concurrency)
     return code
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from worker.demo import run_demo
+    from worker.dev.demo import run_demo
 
     code: int = run_demo(
         jobs=args.jobs, concurrency=args.concurrency, tps=args.tps, metrics=args.metrics

@@ -13,7 +13,7 @@
         └── PermanentUpstreamError   not worth one (400, 401, 403, 404, 413, 422)
 
 Transient versus permanent is part of the type, decided once where the response is read
-(:mod:`worker.retry_policy`); everything further in trusts the type.
+(:mod:`worker.runtime.retry_policy`); everything further in trusts the type.
 """
 
 from __future__ import annotations

@@ -125,6 +125,10 @@ def test_final_stage_runs_as_non_root(final: Stage) -> None:
     users = final.all("USER")
     assert users, "no USER in the runtime stage"
     user = users[-1].split(":")[0]
+    arg = re.fullmatch(r"\$\{?(\w+)\}?", user)
+    if arg:  # an ARG of the stage: judge its default
+        (default,) = [a.split("=", 1)[1] for a in final.all("ARG") if a.startswith(f"{arg[1]}=")]
+        user = default
     assert user not in {"root", "0"}
     if not user.isdigit():
         runs = " ".join(final.all("RUN"))

@@ -13,7 +13,7 @@ import pytest
 from tests.ratelimit.harness import Harness, memory_harness, redis_harness
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.integration)])
 def backend(request: pytest.FixtureRequest) -> Iterator[Harness]:
     """A backend kind; every backend made by ``new()`` shares the same limiter state."""
     if request.param == "memory":

@@ -14,6 +14,8 @@ from worker.ratelimit import Cost, RedisBackend, Timing, Usage
 from worker.ratelimit.redis_backend import load_script
 from worker.settings import RateLimit
 
+pytestmark = pytest.mark.integration
+
 ALL_LIMITS = RateLimit(rpm=10, input_tpm=1000, output_tpm=1000, max_in_flight=2)
 
 

@@ -23,8 +23,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from worker import events as ev
-from worker.aclient import AsyncClient, AsyncJob
-from worker.batch import error_response
+from worker.client.aio import AsyncClient, AsyncJob
+from worker.client.batch_file import error_response
 from worker.errors import (
     JobCancelled,
     JobConflict,
@@ -252,7 +252,7 @@ KEEP_ALIVE_S = 15.0
 KEEP_ALIVE_FRAME = b": keep-alive\n\n"
 
 
-async def _with_keep_alive(frames: AsyncIterator[bytes], every_s: float) -> AsyncIterator[bytes]:
+async def with_keep_alive(frames: AsyncIterator[bytes], every_s: float) -> AsyncIterator[bytes]:
     """``frames``, with a comment frame whenever none came for ``every_s``.
 
     The pending read is awaited again after a keep-alive, never cancelled: cancelling it
@@ -284,7 +284,7 @@ def _sse(
 ) -> Response:
     async def guarded() -> AsyncIterator[bytes]:
         try:
-            async for data in _with_keep_alive(frames, keep_alive_s):
+            async for data in with_keep_alive(frames, keep_alive_s):
                 yield data
         except TimeoutError:
             error = {"type": "timeout_error", "message": "the job did not end in time"}

@@ -1,5 +1,5 @@
 """Message Batches on Redis, for the gateway: a batch is a hash, the list of its custom_ids,
-and one job per request whose id derives from both (:func:`worker.batch.job_id_for`).
+and one job per request whose id derives from both (:func:`worker.client.batch_file.job_id_for`).
 
 Counts and status are read from the jobs themselves, so they never drift from what ran.
 """
@@ -14,11 +14,12 @@ from typing import Any
 
 import orjson
 
-from worker import batch as b
 from worker import events as ev
-from worker import producer as p
-from worker.aclient import AsyncClient
+from worker.client import batch_file as b
+from worker.client import core as p
+from worker.client.aio import AsyncClient
 from worker.errors import RequestInvalid
+from worker.store import decode_hash, text
 
 MAX_REQUESTS = 100_000
 SUBMIT_CHUNK = 500
@@ -100,10 +101,10 @@ class BatchStore:
         if not batch_id.startswith("msgbatch_") or not p.valid_job_id(batch_id):
             return None
         raw = await self.redis.hgetall(self.keys.batch(batch_id))
-        return {p.text(k): p.text(v) for k, v in raw.items()} if raw else None
+        return decode_hash(raw)
 
     async def _custom_ids(self, batch_id: str) -> list[str]:
-        return [p.text(c) for c in await self.redis.lrange(self.keys.batch_items(batch_id), 0, -1)]
+        return [text(c) for c in await self.redis.lrange(self.keys.batch_items(batch_id), 0, -1)]
 
     async def _states(self, batch_id: str, custom_ids: list[str]) -> list[tuple[str | None, str]]:
         out: list[tuple[str | None, str]] = []
@@ -114,7 +115,7 @@ class BatchStore:
                     self.keys.job(b.job_id_for(batch_id, custom_id)), ["state", "finished_at"]
                 )
             for state, finished in await pipe.execute():
-                out.append((p.text(state) if state else None, p.text(finished) if finished else ""))
+                out.append((text(state) if state else None, text(finished) if finished else ""))
         return out
 
     async def retrieve(self, batch_id: str, base_url: str) -> dict[str, Any] | None:
@@ -159,7 +160,7 @@ class BatchStore:
         # A batch's hash and items expire; its id here would page over nothing (short pages
         # that say has_more, and a last_id of None that stops a client's auto-paging).
         await self.redis.zremrangebyscore(self.keys.batches, "-inf", time.time() - self.ttl_s)
-        ids = [p.text(x) for x in await self.redis.zrevrange(self.keys.batches, 0, -1)]
+        ids = [text(x) for x in await self.redis.zrevrange(self.keys.batches, 0, -1)]
         if after_id is not None:
             start = ids.index(after_id) + 1 if after_id in ids else len(ids)
             page, has_more = ids[start : start + limit], start + limit < len(ids)
@@ -205,7 +206,7 @@ class BatchStore:
                 state, error = replies[2 * index]
                 stored = replies[2 * index + 1]
                 result = b.batch_result(
-                    p.text(state) if state else "expired",
+                    text(state) if state else "expired",
                     orjson.loads(stored) if stored else None,
                     orjson.loads(error) if error else None,
                 ) or {"type": "expired"}

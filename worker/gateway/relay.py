@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from worker import events as ev
-from worker.batch import error_response
+from worker.client.batch_file import error_response
 
 
 def frame(data: Any, *, event: str | None = None, id_: str | None = None) -> bytes:

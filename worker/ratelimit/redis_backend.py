@@ -31,6 +31,7 @@ from worker.keys import Keys
 from worker.ratelimit.backend import Decision, Grant, Reason, Timing, new_reservation_id
 from worker.ratelimit.cost import Cost, Usage, refund
 from worker.settings import RateLimit
+from worker.store import load_lua, text
 
 _LUA_DIR = Path(__file__).parent / "lua"
 _REASONS: frozenset[str] = frozenset({"cooldown", "rpm", "input_tpm", "output_tpm", "in_flight"})
@@ -39,20 +40,14 @@ _REASONS: frozenset[str] = frozenset({"cooldown", "rpm", "input_tpm", "output_tp
 @cache
 def load_script(name: str) -> str:
     """The text of ``lua/<name>`` behind the shared prelude ``lua/common.lua``."""
-    prelude = (_LUA_DIR / "common.lua").read_text(encoding="utf-8")
-    body = (_LUA_DIR / name).read_text(encoding="utf-8")
-    return f"{prelude}\n{body}"
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return load_lua(name, folder=_LUA_DIR, prelude="common.lua")
 
 
 def _reason(value: Any) -> Reason:
-    text = _text(value)
-    if text not in _REASONS:
-        raise ValueError(f"unexpected limiter reason from Redis: {text!r}")
-    return text  # type: ignore[return-value]  # checked against the Literal's values above
+    reason = text(value)
+    if reason not in _REASONS:
+        raise ValueError(f"unexpected limiter reason from Redis: {reason!r}")
+    return reason  # type: ignore[return-value]  # checked against the Literal's values above
 
 
 class RedisBackend:
@@ -100,7 +95,7 @@ class RedisBackend:
         )
         if int(granted):
             return Decision(grant=Grant(reservation_id, limit_key, limit, request_cost))
-        return Decision(grant=None, retry_in_s=float(_text(retry_in_s)), reason=_reason(reason))
+        return Decision(grant=None, retry_in_s=float(text(retry_in_s)), reason=_reason(reason))
 
     def release(self, grant: Grant, actual_usage: Usage | None) -> None:
         """Free the lease; give back unused tokens, or charge the overdraft. One round trip."""
@@ -142,4 +137,4 @@ class RedisBackend:
         left_s = self._cooldown(
             keys=[self.keys.limiter(limit_key, "cooldown")], args=[max(0.0, cooldown_s)]
         )
-        return float(_text(left_s))
+        return float(text(left_s))

@@ -1,0 +1,336 @@
+"""The official anthropic SDK, pointed at ``llm-worker gateway``, gets queued jobs' answers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import anthropic
+import httpx
+import pytest
+
+from tests.support import (
+    ROOT,
+    WorkerProcess,
+    make_request,
+    new_keys,
+    stop_process,
+    wait_for,
+    written_keys,
+)
+from worker.client.sync import Client
+from worker.dev.embedded import free_port
+from worker.gateway.relay import message_events
+
+pytestmark = pytest.mark.integration
+
+GATEWAY_KEY = "gw-producer-key-1"
+MODEL = "deepseek-ai/DeepSeek-V3"
+TOOL: dict[str, Any] = {
+    "name": "get_weather",
+    "description": "Weather for a city",
+    "input_schema": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def gateway_url(worker: WorkerProcess) -> Iterator[str]:
+    """The gateway in its own process, on the worker's Redis, with two producer keys."""
+    port = free_port()
+    env = {
+        **worker.env,
+        "LLM_WORKER_GATEWAY_API_KEYS": f"{GATEWAY_KEY}, second-key",
+        "LLM_WORKER_MAX_REQUEST_BYTES": "65536",
+        "LLM_WORKER_GATEWAY_MAX_BODY_BYTES": "262144",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "gateway", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(proc.stderr.read().decode() if proc.stderr else "gateway exited")
+        try:
+            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(up, 30, "the gateway")
+    yield url
+    stop_process(proc)
+
+
+@pytest.fixture
+def sdk(gateway_url: str) -> Iterator[anthropic.Anthropic]:
+    with anthropic.Anthropic(
+        base_url=gateway_url, api_key=GATEWAY_KEY, max_retries=0, timeout=60
+    ) as client:
+        yield client
+
+
+def _clean(value: Any) -> Any:
+    """Drop ids and nulls, so the SDK's model and our JSON compare field by field."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items() if v is not None and k != "id"}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _sdk(message: Any) -> Any:
+    return _clean(message.model_dump(mode="json"))
+
+
+def test_create_equals_the_python_clients_result(sdk: anthropic.Anthropic, client: Client) -> None:
+    """messages.create through the gateway returns what Client returns for the same request."""
+    request = make_request("gateway create [[sim tokens=12]]", stream=False, max_tokens=100)
+    message = sdk.messages.create(
+        model=MODEL, max_tokens=100, messages=request["messages"], stream=False
+    )
+    assert message.stop_reason == "end_turn"
+    assert _sdk(message) == _clean(client.submit(request).result(timeout=30))
+
+
+def test_stream_text_equals_the_python_clients_result(
+    sdk: anthropic.Anthropic, client: Client
+) -> None:
+    """messages.stream yields the text as it streams and the same final message."""
+    request = make_request("gateway stream [[sim tokens=30]]", max_tokens=100)
+    with sdk.messages.stream(model=MODEL, max_tokens=100, messages=request["messages"]) as s:
+        text = "".join(s.text_stream)
+        final = s.get_final_message()
+    expected = client.submit(request).result(timeout=30)
+    assert text == expected["content"][0]["text"]
+    assert _sdk(final) == _clean(expected)
+
+
+def test_stream_tool_use_equals_the_python_clients_result(
+    sdk: anthropic.Anthropic, client: Client
+) -> None:
+    """A streamed tool call accumulates in the SDK to the same tool_use input."""
+    request = make_request("Weather in Paris?", max_tokens=200, tools=[TOOL])
+    with sdk.messages.stream(
+        model=MODEL, max_tokens=200, messages=request["messages"], tools=[TOOL]
+    ) as s:
+        final = s.get_final_message()
+    assert final.stop_reason == "tool_use"
+    assert final.content[-1].type == "tool_use"
+    assert _sdk(final) == _clean(client.submit(request).result(timeout=30))
+
+
+def test_batch_create_retrieve_results_match_the_python_client(
+    sdk: anthropic.Anthropic, client: Client
+) -> None:
+    """A batch runs to ended; its results are one per custom_id and equal Client's."""
+    requests = [
+        {
+            "custom_id": f"gw-{i}",
+            "params": make_request(f"batch {i} [[sim tokens=4]]", stream=False),
+        }
+        for i in range(5)
+    ]
+    requests.append(
+        {"custom_id": "gw-bad-model", "params": {**make_request("x"), "model": "no-such/model"}}
+    )
+    batch = sdk.messages.batches.create(requests=requests)  # type: ignore[arg-type]
+    assert batch.processing_status in {"in_progress", "ended"}
+    assert batch.id.startswith("msgbatch_")
+    wait_for(
+        lambda: sdk.messages.batches.retrieve(batch.id).processing_status == "ended",
+        60,
+        "the batch to end",
+        interval_s=0.2,
+    )
+    ended = sdk.messages.batches.retrieve(batch.id)
+    assert ended.request_counts.succeeded == 5
+    assert ended.request_counts.errored == 1
+    assert ended.ended_at is not None
+    results = {r.custom_id: r.result for r in sdk.messages.batches.results(batch.id)}
+    assert set(results) == {r["custom_id"] for r in requests}
+    for line in requests[:5]:
+        result = results[line["custom_id"]]
+        assert result.type == "succeeded"
+        expected = client.submit(line["params"]).result(timeout=30)
+        assert _sdk(result.message) == _clean(expected)  # type: ignore[union-attr]
+    bad = results["gw-bad-model"]
+    assert bad.type == "errored"
+    assert bad.error.error.type == "invalid_request_error"  # type: ignore[union-attr]
+    listed = [b.id for b in sdk.messages.batches.list(limit=100)]
+    assert batch.id in listed
+
+
+def test_batch_cancel_ends_with_canceled_results(sdk: anthropic.Anthropic) -> None:
+    """Cancelling a batch of long requests ends it, each request canceled."""
+    requests = [
+        {"custom_id": f"slow-{i}", "params": make_request(f"slow {i} [[sim tokens=2000 tps=20]]")}
+        for i in range(3)
+    ]
+    batch = sdk.messages.batches.create(requests=requests)  # type: ignore[arg-type]
+    canceling = sdk.messages.batches.cancel(batch.id)
+    assert canceling.processing_status in {"canceling", "ended"}
+    assert canceling.cancel_initiated_at is not None
+    wait_for(
+        lambda: sdk.messages.batches.retrieve(batch.id).processing_status == "ended",
+        30,
+        "the cancelled batch to end",
+        interval_s=0.2,
+    )
+    assert sdk.messages.batches.retrieve(batch.id).request_counts.canceled == 3
+    assert {r.result.type for r in sdk.messages.batches.results(batch.id)} == {"canceled"}
+
+
+def test_results_of_a_running_batch_are_refused(sdk: anthropic.Anthropic) -> None:
+    """The SDK refuses results before the batch ends (no results_url), like Anthropic's API."""
+    batch = sdk.messages.batches.create(
+        requests=[{"custom_id": "r", "params": make_request("r [[sim tokens=2000 tps=20]]")}]  # type: ignore[list-item]
+    )
+    with pytest.raises(anthropic.AnthropicError):
+        sdk.messages.batches.results(batch.id)
+    sdk.messages.batches.cancel(batch.id)
+
+
+def test_unauthenticated_requests_are_refused(gateway_url: str) -> None:
+    """No key, or a wrong one, is 401 for every API route; health and OpenAPI are public."""
+    with anthropic.Anthropic(base_url=gateway_url, api_key="wrong", max_retries=0) as bad:
+        with pytest.raises(anthropic.AuthenticationError):
+            bad.messages.create(
+                model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "x"}]
+            )
+        with pytest.raises(anthropic.AuthenticationError):
+            bad.messages.batches.list()
+    for path in ("/v1/messages", "/v1/messages/batches", "/v1/jobs/x", "/v1/jobs/x/events"):
+        response = httpx.request(
+            "POST" if path.endswith(("messages", "batches")) else "GET",
+            f"{gateway_url}{path}",
+            json={},
+        )
+        assert response.status_code == 401, path
+        assert response.json()["error"]["type"] == "authentication_error"
+    headers = {"authorization": "Bearer second-key"}
+    assert httpx.get(f"{gateway_url}/v1/messages/batches", headers=headers).status_code == 200
+    document = httpx.get(f"{gateway_url}/openapi.json").json()
+    assert document["openapi"].startswith("3.")
+    assert "/v1/messages/batches/{batch_id}/results" in document["paths"]
+
+
+def test_oversized_and_invalid_requests_are_refused(
+    sdk: anthropic.Anthropic, gateway_url: str, client: Client
+) -> None:
+    """Over the body limit is 413; a bad body is 400 naming each field; nothing is enqueued."""
+    before, queued = written_keys(client), client.redis.llen(client.settings.queue)
+    headers = {"x-api-key": GATEWAY_KEY}
+    big = make_request("x" * 70_000)
+    response = httpx.post(f"{gateway_url}/v1/messages", json=big, headers=headers)
+    assert response.status_code == 413
+    assert response.json()["error"]["type"] == "request_too_large"
+    chunked = httpx.post(
+        f"{gateway_url}/v1/messages/batches",
+        content=iter([b"x" * 100_000] * 3),  # no content-length: counted as it is read
+        headers=headers,
+    )
+    assert chunked.status_code == 413
+    with pytest.raises(anthropic.BadRequestError) as info:
+        sdk.messages.create(
+            model=MODEL,
+            max_tokens=0,
+            messages=[{"role": "user", "content": "x"}],
+            extra_body={"surprise": 1},
+        )
+    assert "max_tokens" in str(info.value)
+    assert "surprise" in str(info.value)
+    with pytest.raises(anthropic.BadRequestError) as info:
+        sdk.messages.batches.create(
+            requests=[{"custom_id": "bad id!", "params": make_request("x")}]  # type: ignore[list-item]
+        )
+    assert "requests[0].custom_id" in str(info.value)
+    not_json = httpx.post(f"{gateway_url}/v1/messages", content=b"{nope", headers=headers)
+    assert not_json.status_code == 400
+    assert new_keys(client, before, queued) == set()
+
+
+def test_upstream_error_reaches_the_sdk_with_its_status(sdk: anthropic.Anthropic) -> None:
+    """A job that failed on the upstream's 400 is the SDK's BadRequestError."""
+    with pytest.raises(anthropic.BadRequestError) as info:
+        sdk.messages.create(
+            model="no-such/model", max_tokens=5, messages=[{"role": "user", "content": "x"}]
+        )
+    assert "does not exist" in str(info.value)
+
+
+def _sse_ids_and_events(response: httpx.Response) -> list[tuple[str, str]]:
+    out, current_id = [], ""
+    for line in response.iter_lines():
+        if line.startswith("id: "):
+            current_id = line[4:]
+        elif line.startswith("event: "):
+            out.append((current_id, line[7:]))
+    return out
+
+
+def test_streams_resume_with_last_event_id(gateway_url: str, client: Client) -> None:
+    """Messages and job streams carry ids; Last-Event-ID replays only what came after."""
+    headers = {"x-api-key": GATEWAY_KEY}
+    body = make_request("resume me [[sim tokens=10]]", max_tokens=50)
+    with httpx.stream("POST", f"{gateway_url}/v1/messages", json=body, headers=headers) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        job_id = r.headers["llm-worker-job-id"]
+        full = _sse_ids_and_events(r)
+    assert full[0][1] == "message_start"
+    assert full[-1][1] == "message_stop"
+    cut = full[2][0]
+    assert cut.startswith(f"{job_id}/")
+    with httpx.stream(
+        "POST", f"{gateway_url}/v1/messages", headers={**headers, "last-event-id": cut}
+    ) as r:
+        assert _sse_ids_and_events(r) == full[3:]
+    status = httpx.get(f"{gateway_url}/v1/jobs/{job_id}", headers=headers).json()
+    assert status["state"] == "completed"
+    with httpx.stream("GET", f"{gateway_url}/v1/jobs/{job_id}/events", headers=headers) as r:
+        events = _sse_ids_and_events(r)
+    assert events[0][1] == "started"
+    assert events[-1][1] == "completed"
+    assert len(events) == len(list(client.get(job_id).events(timeout=5)))
+    with httpx.stream(
+        "GET",
+        f"{gateway_url}/v1/jobs/{job_id}/events",
+        headers={**headers, "last-event-id": events[-2][0]},
+    ) as r:
+        assert _sse_ids_and_events(r) == events[-1:]
+    missing = httpx.get(f"{gateway_url}/v1/jobs/no-such-job", headers=headers)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["type"] == "not_found_error"
+
+
+def test_message_events_rebuild_a_non_streamed_message() -> None:
+    """The stream synthesised for a job that did not stream accumulates to its message."""
+    from worker.runtime.accumulate import accumulate, final_message
+
+    message = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": MODEL,
+        "content": [
+            {"type": "text", "text": "Hi"},
+            {"type": "tool_use", "id": "t1", "name": "f", "input": {"a": [1, 2]}},
+        ],
+        "stop_reason": "tool_use",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 3, "output_tokens": 4},
+    }
+    snapshot = None
+    for event in message_events(message):
+        snapshot = accumulate(snapshot, event)
+    assert snapshot is not None
+    assert _clean(final_message(snapshot)) == _clean(message)

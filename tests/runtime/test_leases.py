@@ -1,0 +1,224 @@
+"""Leases on a real Redis: who may run a job, takeover after expiry, the delivery limit,
+renewal, hand-back, and the keeper relaying cancel and shutdown to a job's handle."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support import wait_for
+from worker import events as ev
+from worker.keys import Keys
+from worker.runtime.context import redis_client
+from worker.runtime.job_store import Claim, WorkerStore
+from worker.runtime.leases import LeaseKeeper, new_token
+from worker.settings import load_settings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def store(redis_url: str) -> Iterator[WorkerStore]:
+    settings = load_settings(redis_url=redis_url, key_prefix=f"llmw-lease-{uuid.uuid4().hex[:6]}")
+    client = redis_client(settings)
+    yield WorkerStore(client, Keys(settings.key_prefix), result_ttl_s=60)
+    client.close()
+
+
+def _claim(
+    store: WorkerStore,
+    job_id: str,
+    token: str,
+    *,
+    ttl_s: float = 5,
+    limit: int = 5,
+    start: bool = False,
+) -> Claim:
+    return store.claim(
+        job_id,
+        worker=token.split(":", maxsplit=1)[0],
+        model="m",
+        ttl_s=60,
+        token=token,
+        lease_ttl_s=ttl_s,
+        max_deliveries=limit,
+        start_attempt=start,
+    )
+
+
+def _events(store: WorkerStore, job_id: str) -> list[bytes]:
+    return [fields[b"data"] for _, fields in store.redis.xrange(store.keys.events(job_id))]
+
+
+def test_a_live_lease_parks_a_second_delivery_without_counting_it(store: WorkerStore) -> None:
+    first = _claim(store, "job", new_token("a"))
+    second = _claim(store, "job", new_token("b"))
+    assert first.state_before == "missing"
+    assert second.state_before == "leased"
+    assert 0 < second.lease_wait_s <= 5
+    assert store.job_hash("job")["deliveries"] == "1"  # type: ignore[index]
+
+
+def test_the_holder_may_claim_again(store: WorkerStore) -> None:
+    token = new_token("a")
+    _claim(store, "job", token)
+    assert _claim(store, "job", token).state_before == "running"
+
+
+def test_an_expired_lease_is_taken_over_and_counted(store: WorkerStore) -> None:
+    _claim(store, "job", new_token("a"), ttl_s=0.2)
+    taken = wait_for(
+        lambda: (c := _claim(store, "job", new_token("b"))).state_before != "leased" and c,
+        5,
+        "the lease to lapse",
+    )
+    assert taken.state_before == "running"
+    assert taken.deliveries == 2
+
+
+def test_takeovers_past_the_limit_are_poison(store: WorkerStore) -> None:
+    _claim(store, "job", new_token("a"), ttl_s=0.1, limit=1)
+    poison = wait_for(
+        lambda: (c := _claim(store, "job", new_token("b"), limit=1)).state_before != "leased" and c,
+        5,
+        "the lease to lapse",
+    )
+    assert poison.state_before == "poison"
+    assert poison.deliveries == 2
+
+
+def test_renew_reports_held_cancelled_and_lost(store: WorkerStore) -> None:
+    a, b = new_token("a"), new_token("b")
+    _claim(store, "one", a)
+    _claim(store, "two", a, ttl_s=0.1)
+    wait_for(lambda: _claim(store, "two", b).state_before == "running", 5, "takeover of two")
+    assert store.renew([("one", a), ("two", a)], lease_ttl_s=5) == [1, 0]
+    assert store.cancel("one") == "requested"
+    assert store.renew([("one", a)], lease_ttl_s=5) == [2]
+    assert store.renew([], lease_ttl_s=5) == []
+
+
+def test_release_hands_back_only_for_the_holder_and_does_not_count(store: WorkerStore) -> None:
+    a, b = new_token("a"), new_token("b")
+    _claim(store, "job", a)
+    assert store.release("job", b) is False
+    assert store.release("job", a) is True
+    state = store.job_hash("job")
+    assert state is not None
+    assert state["state"] == "queued"
+    assert state["deliveries"] == "0"
+    assert "lease" not in state
+    assert _claim(store, "job", b).state_before == "queued"  # no wait: the lease is gone
+
+
+def test_keeper_relays_a_cancel_to_the_running_job_at_once(store: WorkerStore) -> None:
+    keeper = LeaseKeeper(store, lease_ttl_s=30)  # renewal too slow to be what delivers it
+    token = new_token("a")
+    _claim(store, "job", token)
+    handle = keeper.register("job", token)
+    interrupted: list[bool] = []
+    handle.set_interrupt(lambda: interrupted.append(True))
+    try:
+        # The subscriber is up when a first sweep has run; publish after that.
+        wait_for(lambda: store.redis.pubsub_numsub(store.keys.cancels_channel)[0][1] > 0, 5, "sub")
+        started = time.monotonic()
+        assert store.cancel("job") == "requested"
+        assert handle.sleep(5) is True  # woken, not timed out
+        assert time.monotonic() - started < 1
+        assert handle.stop_reason == "cancelled"
+        assert interrupted == [True]
+    finally:
+        keeper.close()
+
+
+def test_keeper_notices_a_lost_lease(store: WorkerStore) -> None:
+    keeper = LeaseKeeper(store, lease_ttl_s=0.3)
+    token = new_token("a")
+    _claim(store, "job", token, ttl_s=0.3)
+    handle = keeper.register("job", token)
+    try:
+        store.redis.hset(store.keys.job("job"), "lease", "someone-else")
+        wait_for(lambda: handle.stop_reason == "lease_lost", 5, "lease_lost")
+    finally:
+        keeper.close()
+
+
+def test_drain_wakes_waiters_at_once_and_stops_running_jobs_after_the_grace(
+    store: WorkerStore,
+) -> None:
+    keeper = LeaseKeeper(store, lease_ttl_s=30)
+    token = new_token("a")
+    _claim(store, "job", token)
+    handle = keeper.register("job", token)
+    try:
+        keeper.drain(grace_s=0.5)
+        assert handle.sleep(5) is True
+        assert handle.draining
+        assert handle.stop_reason is None  # the grace is still running
+        assert keeper.sleep(5) is True  # parked duplicates wake too
+        wait_for(lambda: handle.stop_reason == "shutdown", 5, "the end of the grace")
+    finally:
+        keeper.close()
+
+
+def test_only_the_first_start_of_a_job_is_reported_as_first(store: WorkerStore) -> None:
+    """Time in queue is measured once: a hand-back (shutdown, rate-limit requeue) or a
+    takeover does not make the next claim a first start."""
+    a, b = new_token("a"), new_token("b")
+    assert _claim(store, "job", a).first_start is True
+    assert _claim(store, "job", a).first_start is False
+    store.release("job", a)
+    assert _claim(store, "job", b).first_start is False
+
+
+def test_a_claim_can_start_the_first_attempt_in_the_same_step(store: WorkerStore) -> None:
+    """The `started` event claim.lua writes is the one the runner would have written: same
+    fields in the same order, on the stream and the channel, with the stream's expiry."""
+    job_id = 'job-"quoted"/1'
+    pubsub = store.redis.pubsub()
+    pubsub.subscribe(store.keys.channel(job_id))
+    wait_for(lambda: pubsub.get_message(timeout=0.1), 5, "the subscription")
+    claim = _claim(store, job_id, new_token("a"), start=True)
+    assert (claim.started, claim.attempts, claim.last_seq) == (True, 1, 1)
+    [data] = _events(store, job_id)
+    event = ev.loads(data)
+    expected = ev.make_event(job_id, 1, 1, ev.STARTED)
+    assert list(event) == list(expected)
+    assert {**event, "ts": 0} == {**expected, "ts": 0}
+    assert abs(event["ts"] - time.time()) < 60
+    message = wait_for(lambda: pubsub.get_message(timeout=0.1), 5, "the published event")
+    assert ev.loads(message["data"]) == event
+    pubsub.close()
+    assert store.job_hash(job_id)["attempts"] == "1"  # type: ignore[index]
+    assert 0 < store.redis.ttl(store.keys.events(job_id)) <= 60
+
+
+def test_a_claim_starts_the_attempt_after_the_last_one(store: WorkerStore) -> None:
+    """After a hand-back the next attempt continues the sequence and the attempt count."""
+    a, b = new_token("a"), new_token("b")
+    _claim(store, "job", a, start=True)
+    store.release("job", a)
+    claim = _claim(store, "job", b, start=True)
+    assert (claim.started, claim.attempts, claim.last_seq) == (True, 2, 2)
+    assert [ev.loads(d)["attempt"] for d in _events(store, "job")] == [1, 2]
+
+
+@pytest.mark.parametrize("obstacle", ["cancel", "deadline", "takeover"])
+def test_a_claim_leaves_the_start_to_the_worker_when_something_stands_in_the_way(
+    store: WorkerStore, obstacle: str
+) -> None:
+    job_key = store.keys.job("job")
+    if obstacle == "cancel":
+        store.redis.hset(job_key, mapping={"state": "queued", "cancel_requested": "1"})
+    elif obstacle == "deadline":
+        store.redis.hset(job_key, mapping={"state": "queued", "deadline_at": time.time() - 1})
+    else:  # a worker died during its attempt: the next must publish a retry first
+        _claim(store, "job", new_token("dead"), start=True)
+        store.redis.hset(job_key, "lease_until", 0)  # its lease lapsed
+    before = len(_events(store, "job"))
+    claim = _claim(store, "job", new_token("a"), start=True)
+    assert claim.started is False
+    assert len(_events(store, "job")) == before

@@ -1,0 +1,226 @@
+"""The producer API: submit validated jobs, follow their events, read their results.
+
+client = Client()                       # settings from the environment
+job = client.submit(request)            # validated; nothing is written when invalid
+for event in job.events(): ...          # replays from the start, ends at the terminal event
+message = job.result(timeout=60)        # or JobFailed / JobCancelled / JobExpired / TimeoutError
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import orjson
+import redis
+
+from worker import events as ev
+from worker import metrics as m
+from worker.broker import TASK_NAME, is_redis_broker
+from worker.client import core as p
+from worker.client.core import JOB_ID_PATTERN, MAX_METADATA_BYTES, request_sha
+from worker.errors import JobNotFound
+from worker.keys import Keys
+from worker.settings import Settings
+from worker.store import JobStore
+
+__all__ = ["JOB_ID_PATTERN", "MAX_METADATA_BYTES", "Client", "Job", "request_sha"]
+
+
+class Client:
+    """Submits jobs and reads them back. Thread-safe; one per process is plenty."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        redis_url: str | None = None,
+        broker_url: str | None = None,
+    ) -> None:
+        self.settings = settings = p.client_settings(
+            settings, redis_url=redis_url, broker_url=broker_url
+        )
+        self.keys = Keys(self.settings.key_prefix)
+        self.redis = redis.Redis.from_url(str(self.settings.redis_url), socket_keepalive=True)
+        self.store = JobStore(self.redis, self.keys, result_ttl_s=self.settings.result_ttl_s)
+        broker = self.settings.effective_broker_url
+        self._same_redis = broker == str(self.settings.redis_url)
+        self._broker_redis = (
+            None
+            if self._same_redis or not is_redis_broker(broker)
+            else redis.Redis.from_url(broker)
+        )
+
+    def close(self) -> None:
+        self.redis.close()
+        if self._broker_redis is not None:
+            self._broker_redis.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- submitting ----------------------------------------------------------------------
+
+    def submit(
+        self,
+        request: Mapping[str, Any],
+        *,
+        job_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Job:
+        """Validate and enqueue one job; an existing ``job_id`` with the same request returns
+        that job, with a different request raises :class:`JobConflict`."""
+        return self.submit_many([request], job_ids=[job_id], metadata=[metadata])[0]
+
+    def submit_many(
+        self,
+        requests: Iterable[Mapping[str, Any]],
+        *,
+        job_ids: Sequence[str | None] | None = None,
+        metadata: Sequence[Mapping[str, Any] | None] | Mapping[str, Any] | None = None,
+    ) -> list[Job]:
+        """Validate every request first (one error lists every problem, nothing is written),
+        then create and enqueue all of them in one pipeline."""
+        submission = p.prepare_submission(self.settings, requests, job_ids, metadata)
+        return self._enqueue(submission)
+
+    def _enqueue(self, submission: p.Submission) -> list[Job]:
+        calls = p.submit_calls(
+            self.settings, self.keys, submission, now=time.time(), same_redis=self._same_redis
+        )
+        script = self.store.submit_script()
+        pipe = self.redis.pipeline(transaction=False)
+        for call in calls:
+            script(keys=call.keys, args=call.args, client=pipe)
+        created = p.created_flags(calls, pipe.execute())
+        models = [
+            request["model"]
+            for request, new in zip(submission.requests, created, strict=True)
+            if new
+        ]
+        for model in models:
+            m.JOBS_SUBMITTED.labels(model).inc()
+        if models:
+            self._count_submitted(models)
+        fresh = [
+            (call.job_id, call.payload, call.message)
+            for call, new in zip(calls, created, strict=True)
+            if new
+        ]
+        if fresh and not self._same_redis:
+            self._send_elsewhere(fresh)
+        return [Job(self, job_id) for job_id in submission.ids]
+
+    def _count_submitted(self, models: list[str]) -> None:
+        """Add to the Redis counter that workers export (llm_worker_queue_jobs_submitted_total).
+
+        A separate round trip after the jobs exist: a producer that dies between the two
+        under-counts by its last batch, which is the safe side for a counter.
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        for model, count in p.count_by_model(models).items():
+            pipe.hincrby(self.keys.submitted_counts(self.settings.queue), model, count)
+        pipe.execute()
+
+    def _send_elsewhere(self, created: list[tuple[str, dict[str, Any], bytes]]) -> None:
+        """The broker is not the results Redis: a second pipeline, or Celery's own publish."""
+        if self._broker_redis is not None:
+            pipe = self._broker_redis.pipeline(transaction=False)
+            for _job_id, _payload, message in created:
+                pipe.lpush(self.settings.queue, message)
+            pipe.execute()
+            return
+        from worker.celery_app import app
+
+        if app.settings is None:
+            app.use_settings(self.settings)
+        for job_id, payload, _message in created:
+            app.send_task(TASK_NAME, args=[payload], task_id=job_id, queue=self.settings.queue)
+
+    # -- reading -------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job:
+        """The handle of an existing job; :class:`JobNotFound` when there is none."""
+        if not p.valid_job_id(job_id):
+            raise JobNotFound(str(job_id))
+        if not self.redis.exists(self.keys.job(job_id)):
+            raise JobNotFound(job_id)
+        return Job(self, job_id)
+
+
+class Job:
+    """A handle on one job. Cheap: it holds only the id."""
+
+    def __init__(self, client: Client, job_id: str) -> None:
+        self.client = client
+        self.job_id = job_id
+
+    def __repr__(self) -> str:
+        return f"Job({self.job_id!r})"
+
+    def status(self) -> dict[str, Any]:
+        """The job hash: ``state``, ``attempts``, timestamps, ``model``, ``usage``, ``error``…"""
+        raw = self.client.store.job_hash(self.job_id)
+        if raw is None:
+            raise JobNotFound(self.job_id)
+        return p.parse_status(self.job_id, raw)
+
+    def cancel(self) -> bool:
+        """Ask the job to stop: a queued job ends ``cancelled`` at once and never reaches the
+        upstream; a running one within about a second (its worker hears of it on the cancels
+        channel and shuts the upstream connection down, even mid-stall, or wakes it from a
+        backoff). False when it had ended already."""
+        return p.cancel_result(self.job_id, self.client.store.cancel(self.job_id))
+
+    def events(
+        self, *, timeout: float | None = None, after: str = "0-0"
+    ) -> Iterator[dict[str, Any]]:
+        """Every event of the job in order, from the start (or after the stream id ``after``),
+        following it live until the terminal event. ``timeout`` bounds the whole wait."""
+        r = self.client.redis
+        stream = self.client.keys.events(self.job_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last_id = after
+        seen = p.SeqTracker()
+        checked_exists = False
+        while True:
+            block_ms = p.READ_BLOCK_MS
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"job {self.job_id} did not end within {timeout} s")
+                block_ms = max(1, min(block_ms, int(left * 1000)))
+            reply = r.xread({stream: last_id}, count=1000, block=block_ms)
+            if not reply:
+                if not checked_exists or not r.exists(self.client.keys.job(self.job_id)):
+                    if not r.exists(self.client.keys.job(self.job_id), stream):
+                        raise JobNotFound(self.job_id)
+                    checked_exists = True
+                continue
+            for entry_id, fields in reply[0][1]:
+                event = p.event_from_entry(entry_id, fields)
+                last_id = event["stream_id"]
+                if p.is_repeat(event, seen):
+                    continue
+                yield event
+                if ev.is_terminal(event):
+                    return
+
+    def result(self, timeout: float | None = None) -> dict[str, Any]:
+        """The final message; raises JobFailed (or JobCancelled, JobExpired) or TimeoutError."""
+        raw = self.client.store.job_hash(self.job_id)
+        if raw is None and not self.client.redis.exists(self.client.keys.events(self.job_id)):
+            raise JobNotFound(self.job_id)
+        if raw and raw.get("state") == ev.COMPLETED:
+            stored = self.client.redis.get(self.client.keys.result(self.job_id))
+            if stored is not None:
+                message: dict[str, Any] = orjson.loads(stored)
+                return message
+        for event in self.events(timeout=timeout):
+            if ev.is_terminal(event):
+                return p.outcome(self.job_id, event)
+        raise JobNotFound(self.job_id)  # the stream expired under us

@@ -1,0 +1,1 @@
+"""Local stacks: an embedded Redis, ``llm-worker dev`` and ``llm-worker demo``."""

@@ -1,0 +1,130 @@
+"""Queue-wide gauges read from Redis when ``/metrics`` is scraped, by the serving process.
+
+Custom collectors do not work in prometheus-client's multiprocess mode (prefork), so the
+serving process sets ordinary gauges just before it renders them; under every pool the same
+code runs in the one process that serves HTTP.
+
+- ``llm_worker_queue_depth{state="waiting"}``: ``LLEN`` of the queue's list and of kombu's
+  priority lists (``{queue}\\x06\\x16{priority}``).
+- ``llm_worker_queue_depth{state="unacked"}``: kombu keeps every delivered, unacknowledged
+  message of *every* queue of the broker database in one hash (``unacked``: delivery tag ->
+  ``[message, exchange, routing_key]``). We count the entries whose routing key is our queue
+  (Celery routes each of our queues by its own name). The values hold whole requests, so
+  each tag is read once and remembered: a scrape costs one ``HKEYS`` plus the new entries.
+- ``llm_worker_dead_letters``: ``XLEN`` of the dead-letter stream.
+- ``llm_worker_queue_jobs_submitted_total``: the Redis counter (per queue and model) that
+  every producer adds to, mirrored into a counter (it only moves forward).
+- ``llm_worker_ready``: Redis answers and the consumer is consuming.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import orjson
+import redis
+import structlog
+from kombu.transport import redis as kombu_redis
+
+from worker import metrics as m
+from worker.keys import Keys
+from worker.settings import Settings
+
+log = structlog.get_logger("worker.process.scrape")
+
+#: kombu's names (``Channel.unacked_key``, ``Channel.sep``, ``PRIORITY_STEPS``); we leave
+#: the transport's defaults alone, so these are the keys it writes.
+UNACKED_KEY = "unacked"
+PRIORITY_SEP = "\x06\x16"
+
+
+def queue_lists(queue: str) -> list[str]:
+    """The Redis lists that hold a queue's waiting messages, one per kombu priority step."""
+    return [
+        queue if pri == 0 else f"{queue}{PRIORITY_SEP}{pri}" for pri in kombu_redis.PRIORITY_STEPS
+    ]
+
+
+def routing_key(raw: bytes) -> str | None:
+    """The routing key of one ``unacked`` entry, or None when it is not kombu's shape."""
+    try:
+        entry = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(entry, list) and len(entry) == 3 and isinstance(entry[2], str):
+        return entry[2]
+    return None
+
+
+class ScrapeGauges:
+    """Refreshes the queue-wide gauges; one per serving process, safe across threads."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        results: redis.Redis[bytes],
+        broker: redis.Redis[bytes] | None,
+        alive: Callable[[], bool],
+    ) -> None:
+        self.queue = settings.queue
+        self.keys = Keys(settings.key_prefix)
+        self.results = results
+        self.broker = broker
+        self.alive = alive
+        self._lock = threading.Lock()
+        self._tag_queues: dict[bytes, str | None] = {}
+        self._submitted_seen: dict[str, float] = {}
+
+    def ready(self) -> bool:
+        """Redis answers and the consumer is consuming; also sets ``llm_worker_ready``."""
+        try:
+            redis_ok = bool(self.results.ping())
+        except redis.RedisError:
+            redis_ok = False
+        ok = redis_ok and self.alive()
+        m.WORKER_READY.set(1 if ok else 0)
+        return ok
+
+    def refresh(self) -> None:
+        """Read Redis and set every queue-wide gauge; on a Redis error the last values stay."""
+        with self._lock:
+            # A worker that is not consuming still reports the backlog it leaves behind.
+            self.ready()
+            try:
+                if self.broker is not None:
+                    waiting, unacked = self._queue_depth(self.broker)
+                    m.QUEUE_DEPTH.labels(self.queue, "waiting").set(waiting)
+                    m.QUEUE_DEPTH.labels(self.queue, "unacked").set(unacked)
+                m.DEAD_LETTERS.set(int(self.results.xlen(self.keys.dead_letters)))
+                self._mirror_submitted()
+            except redis.RedisError as exc:
+                log.warning("scrape_refresh_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+
+    def _queue_depth(self, broker: redis.Redis[bytes]) -> tuple[int, int]:
+        pipe = broker.pipeline(transaction=False)
+        for name in queue_lists(self.queue):
+            pipe.llen(name)
+        pipe.hkeys(UNACKED_KEY)
+        *lengths, tags = pipe.execute()
+        current = set(tags)
+        for gone in self._tag_queues.keys() - current:
+            del self._tag_queues[gone]
+        new = [tag for tag in current if tag not in self._tag_queues]
+        if new:
+            for tag, raw in zip(new, broker.hmget(UNACKED_KEY, new), strict=True):
+                if raw is not None:  # acked between HKEYS and HMGET: gone, not ours to count
+                    self._tag_queues[tag] = routing_key(raw)
+        unacked = sum(1 for tag in current if self._tag_queues.get(tag) == self.queue)
+        return sum(int(n) for n in lengths), unacked
+
+    def _mirror_submitted(self) -> None:
+        counts = self.results.hgetall(self.keys.submitted_counts(self.queue))
+        for raw_model, raw_count in counts.items():
+            model, count = raw_model.decode(), float(raw_count)
+            seen = self._submitted_seen.get(model, 0.0)
+            if count > seen:
+                m.QUEUE_JOBS_SUBMITTED.labels(self.queue, model).inc(count - seen)
+            # A counter never goes down: after a reset in Redis, count from the new value.
+            self._submitted_seen[model] = count

@@ -1,0 +1,213 @@
+"""The worker's side of the job store: claim and leases, events, the end, dead letters.
+
+Every multi-key change that must be atomic is one Lua script (``worker/lua/``); events are
+written through :mod:`worker.runtime.group_commit`, so that concurrent jobs share a round trip.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis
+
+from worker import events as ev
+from worker.keys import Keys
+from worker.runtime.group_commit import GroupCommitter, Pending
+from worker.store import JobStore, load_lua, payload_bytes, text
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What a worker learns when it takes a delivered job."""
+
+    #: queued, running (taken over from a worker that died), missing, a terminal state,
+    #: ``leased`` (a live worker runs it) or ``poison`` (past the delivery limit).
+    state_before: str
+    deliveries: int
+    attempts: int
+    last_seq: int
+    cancel_requested: bool
+    deadline_at: float | None
+    #: For ``leased``: how long the current holder's lease still runs.
+    lease_wait_s: float = 0.0
+    #: No worker had started the job before this claim (time in queue is measured once).
+    first_start: bool = False
+    #: The type of the job's last event (``chunk``: a worker died mid-stream).
+    last_event_type: str = ""
+    #: The claim also started the next attempt (its ``started`` event is written, and
+    #: ``attempts`` and ``last_seq`` include it); see ``start_attempt``.
+    started: bool = False
+
+    @property
+    def already_ended(self) -> bool:
+        return self.state_before in ev.TERMINAL_TYPES
+
+
+class WorkerStore(JobStore):
+    """:class:`~worker.store.JobStore` with what only a worker does to a job."""
+
+    def __init__(self, client: redis.Redis[bytes], keys: Keys, *, result_ttl_s: int) -> None:
+        super().__init__(client, keys, result_ttl_s=result_ttl_s)
+        self._claim = client.register_script(load_lua("claim.lua"))
+        self._finish = client.register_script(load_lua("finish.lua"))
+        self._renew = client.register_script(load_lua("renew.lua"))
+        self._release = client.register_script(load_lua("release.lua"))
+        self._writer = GroupCommitter(client)
+
+    def claim(
+        self,
+        job_id: str,
+        *,
+        worker: str,
+        model: str,
+        ttl_s: int,
+        token: str,
+        lease_ttl_s: float,
+        max_deliveries: int,
+        start_attempt: bool = False,
+    ) -> Claim:
+        """Take the job's lease (see ``claim.lua``) unless a live worker holds it.
+
+        With ``start_attempt`` the same step starts the next attempt when nothing stands in
+        its way (cancel, deadline, a takeover): one round trip fewer per job.
+        """
+        raw = self._claim(
+            keys=[self.keys.job(job_id), self.keys.events(job_id), self.keys.channel(job_id)],
+            args=[
+                time.time(),
+                worker,
+                model,
+                ttl_s,
+                token,
+                int(lease_ttl_s * 1000),
+                max_deliveries,
+                1 if start_attempt else 0,
+                job_id,
+                self.result_ttl_s,
+            ],
+        )
+        state, deliveries, attempts, seq, cancel, deadline, wait_ms = raw[:7]
+        deadline_text = text(deadline)
+        return Claim(
+            state_before=text(state),
+            deliveries=int(deliveries),
+            attempts=int(attempts),
+            last_seq=int(seq),
+            cancel_requested=bool(int(cancel)),
+            deadline_at=float(deadline_text) if deadline_text else None,
+            lease_wait_s=int(wait_ms) / 1000,
+            first_start=len(raw) > 7 and bool(int(raw[7])),
+            last_event_type=text(raw[8]) if len(raw) > 8 else "",
+            started=len(raw) > 9 and bool(int(raw[9])),
+        )
+
+    def position(self, job_id: str) -> tuple[int, int]:
+        """The job's last event ``seq`` and its attempts so far (0, 0 for an unknown job)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xrevrange(self.keys.events(job_id), "+", "-", count=1)
+        pipe.hget(self.keys.job(job_id), "attempts")
+        last, attempts = pipe.execute()
+        seq = int(ev.loads(last[0][1][b"data"]).get("seq", 0)) if last else 0
+        return seq, int(attempts or 0)
+
+    def renew(self, leases: list[tuple[str, str]], *, lease_ttl_s: float) -> list[int]:
+        """Renew ``(job_id, token)`` leases: per job 1 held, 2 held and cancelled, 0 lost."""
+        if not leases:
+            return []
+        raw = self._renew(
+            keys=[self.keys.job(job_id) for job_id, _ in leases],
+            args=[int(lease_ttl_s * 1000), *(token for _, token in leases)],
+        )
+        return [int(x) for x in raw]
+
+    def release(self, job_id: str, token: str) -> bool:
+        """Give a running job back to the queue (shutdown); False if the lease was not ours."""
+        return bool(self._release(keys=[self.keys.job(job_id)], args=[token]))
+
+    def publish(
+        self,
+        job_id: str,
+        events: list[dict[str, Any]],
+        *,
+        hash_fields: dict[str, Any] | None = None,
+        expire_s: int | None = None,
+        pending: Pending | None = None,
+    ) -> None:
+        """Append events to the job's stream and channel; returns once they are stored, or
+        at once with ``pending`` (the job settles it before its end).
+
+        The round trip is shared with every other job of the process that writes at the same
+        time (:mod:`worker.runtime.group_commit`).
+        """
+        stream, channel = self.keys.events(job_id), self.keys.channel(job_id)
+        commands: list[tuple[Any, ...]] = []
+        for event in events:
+            data = ev.dumps(event)
+            commands.append(("XADD", stream, "*", "data", data))
+            commands.append(("PUBLISH", channel, data))
+        if hash_fields:
+            flat = [part for item in hash_fields.items() for part in item]
+            commands.append(("HSET", self.keys.job(job_id), *flat))
+        if expire_s is not None:
+            commands.append(("EXPIRE", stream, expire_s))
+        if pending is None:
+            self._writer.write(commands)
+        else:
+            pending.add(self._writer.post(commands))
+
+    def finish(
+        self,
+        job_id: str,
+        event: dict[str, Any],
+        *,
+        message: dict[str, Any] | None = None,
+        usage: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+        stop_reason: str | None = None,
+        dead_letter: tuple[str, Any] | None = None,
+    ) -> bool:
+        """Write the terminal event and state; False when the job had ended already.
+
+        ``dead_letter`` is ``(reason, payload)``: kept in the dead-letter stream in the same
+        step when this call ends the job.
+        """
+        k = self.keys
+        keys = [k.job(job_id), k.events(job_id), k.channel(job_id), k.results_channel]
+        keys.append(k.result(job_id))
+        dlq_args: list[Any] = []
+        if dead_letter is not None:
+            keys.append(k.dead_letters)
+            reason, payload = dead_letter
+            dlq_args = [job_id, reason, payload_bytes(payload)]
+        ended = self._finish(
+            keys=keys,
+            args=[
+                event["type"],
+                ev.dumps(event),
+                orjson.dumps(message) if message is not None else "",
+                self.result_ttl_s,
+                time.time(),
+                orjson.dumps(usage) if usage is not None else "",
+                orjson.dumps(error) if error is not None else "",
+                stop_reason or "",
+                *dlq_args,
+            ],
+        )
+        return bool(ended)
+
+    def dead_letter(self, *, job_id: str, reason: str, payload: Any, maxlen: int = 100_000) -> None:
+        """Keep what could not be run, with why, for ``llm-worker dlq``."""
+        self.redis.xadd(
+            self.keys.dead_letters,
+            {
+                "job_id": job_id,
+                "reason": reason,
+                "payload": payload_bytes(payload),
+                "ts": str(time.time()),
+            },
+            maxlen=maxlen,
+            approximate=True,
+        )

@@ -1,0 +1,437 @@
+"""One job's life in a worker: claim, attempts with retries, events, and exactly one end.
+
+The task (:mod:`worker.runtime.task`) is a thin shell around :class:`JobRunner`. Decisions are
+delegated to pure modules (:mod:`worker.runtime.retry_policy`,
+:mod:`worker.runtime.accumulate`); this module only sequences them and writes what happened.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import structlog
+
+from worker import events as ev
+from worker import metrics as m
+from worker.errors import PermanentUpstreamError, TransientUpstreamError, UpstreamError
+from worker.ratelimit.gate import JobPostponed, WaitInterrupted
+from worker.ratelimit.limiter import Reservation
+from worker.runtime.accumulate import AccumulateError, accumulate, final_message
+from worker.runtime.coalesce import coalesce
+from worker.runtime.context import Runtime
+from worker.runtime.group_commit import Pending
+from worker.runtime.job_store import Claim
+from worker.runtime.leases import JobHandle
+from worker.runtime.retry_policy import backoff_delay_s, should_give_up
+
+log = structlog.get_logger("worker.runtime.runner")
+
+
+class HandBack(Exception):
+    """The worker is shutting down: give the job back to the queue, unfinished."""
+
+
+class _Stopped(Exception):
+    """The job's handle was stopped (cancel, lease lost, shutdown) during an attempt."""
+
+
+class JobRunner:
+    """Runs one delivered job to its terminal event."""
+
+    def __init__(
+        self,
+        rt: Runtime,
+        job_id: str,
+        request: dict[str, Any],
+        claim: Claim,
+        handle: JobHandle,
+        *,
+        submitted_at: float | None = None,
+        payload: dict[str, Any] | None = None,
+    ) -> None:
+        self.rt = rt
+        self.settings = rt.settings
+        self.job_id = job_id
+        self.request = request
+        self.model = str(request.get("model", ""))
+        self.claim = claim
+        self.handle = handle
+        self.payload = payload
+        self.seq = claim.last_seq
+        self._attempt_seq = claim.last_seq  # the seq at the current attempt's start
+        self.started_at = time.time()
+        self.submitted_at = submitted_at
+        self.deadline_at = claim.deadline_at or (self.started_at + self.settings.job_deadline_s)
+        self._stream_expire_set = claim.started  # claim.lua set it with the started event
+        #: Chunk writes posted without waiting (:mod:`worker.runtime.group_commit`); settled before
+        #: any other write of the job, so its events stay in order.
+        self._pending = Pending()
+
+    # -- writing events ------------------------------------------------------------------
+
+    def _event(self, type_: str, attempt: int, **fields: Any) -> dict[str, Any]:
+        self.seq += 1
+        return ev.make_event(self.job_id, self.seq, attempt, type_, **fields)
+
+    def _publish(
+        self, events: list[dict[str, Any]], *, wait: bool = True, **hash_fields: Any
+    ) -> None:
+        """Write events; ``wait=False`` returns before they are stored (chunks only)."""
+        if wait:
+            self._pending.settle()
+        expire = None
+        if not self._stream_expire_set:
+            # Until the job ends, its stream lives as long as the job could, plus the TTL.
+            expire = int(self.deadline_at - time.time() + self.settings.result_ttl_s)
+            self._stream_expire_set = True
+        self.rt.store.publish(
+            self.job_id,
+            events,
+            hash_fields=hash_fields or None,
+            expire_s=expire,
+            pending=None if wait else self._pending,
+        )
+
+    def _finish(
+        self,
+        type_: str,
+        attempt: int,
+        *,
+        dead_letter: tuple[str, Any] | None = None,
+        **fields: Any,
+    ) -> bool:
+        message = fields.get("message")
+        error = fields.get("error")
+        self._pending.settle()  # the terminal event comes after every chunk
+        event = self._event(type_, attempt, **fields)
+        ended = self.rt.store.finish(
+            self.job_id,
+            event,
+            message=message,
+            usage=message.get("usage") if message else None,
+            error=error,
+            stop_reason=message.get("stop_reason") if message else None,
+            dead_letter=dead_letter,
+        )
+        if ended:
+            m.JOBS_FINISHED.labels(self.model, type_).inc()
+            m.JOB_DURATION.labels(self.model, type_).observe(time.time() - self.started_at)
+            log.info(
+                "job_finished", outcome=type_, duration_s=round(time.time() - self.started_at, 3)
+            )
+        else:
+            log.info("job_already_finished", outcome=type_)
+        return ended
+
+    # -- the job -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            # Whatever ends the job here, its chunks are stored before anyone reads the
+            # stream's position (a crash of ours is ended by the task, a hand-back by the
+            # next worker).
+            self._pending.drain()
+
+    def _run(self) -> None:
+        if self.claim.cancel_requested:
+            self._finish(ev.CANCELLED, self.claim.attempts)
+            return
+        if time.time() >= self.deadline_at:
+            self._finish(
+                ev.EXPIRED,
+                self.claim.attempts,
+                error={
+                    "type": "expired",
+                    "message": "the job passed its deadline",
+                    "status_code": None,
+                },
+            )
+            return
+        if self.claim.state_before == "running" and self.claim.attempts > 0:
+            if self.claim.last_event_type == ev.CHUNK and not self.settings.retry_mid_stream:
+                self._fail_mid_stream(self.claim.attempts, "worker_lost", "stopped mid-stream")
+                return
+            # The worker that ran the job died (or let its lease lapse): the chunks of its
+            # last attempt are void, exactly as after a failed attempt.
+            self._publish(
+                [
+                    self._event(
+                        ev.RETRY,
+                        self.claim.attempts,
+                        reason="worker_lost",
+                        delay_s=0.0,
+                        error={
+                            "type": "worker_lost",
+                            "message": "the worker running this job stopped; another took over",
+                            "status_code": None,
+                        },
+                    )
+                ]
+            )
+            m.RETRIES.labels(self.model, "worker_lost").inc()
+        if self.submitted_at is not None and self.claim.first_start:
+            m.QUEUE_WAIT.labels(self.model).observe(max(0.0, self.started_at - self.submitted_at))
+        m.JOBS_IN_FLIGHT.labels(self.model).inc()
+        try:
+            self._attempts()
+        finally:
+            m.JOBS_IN_FLIGHT.labels(self.model).dec()
+
+    def _attempts(self) -> None:
+        attempt = self.claim.attempts
+        started = self.claim.started  # the claim started the first attempt here already
+        while True:
+            if started:
+                # Begun, so a drain lets it run like any attempt in progress.
+                if self._stop_requested(attempt, interrupted=True):
+                    return
+                started = False
+            else:
+                if self._stop_requested(attempt):
+                    return
+                attempt += 1
+                self._publish([self._event(ev.STARTED, attempt)], attempts=attempt)
+            structlog.contextvars.bind_contextvars(attempt=attempt)
+            chunks_before = self._attempt_seq = self.seq
+            try:
+                message = self._attempt(attempt)
+            except _Stopped:
+                self._stop_requested(attempt, interrupted=True)
+                return
+            except UpstreamError as exc:
+                if self._stop_requested(attempt, interrupted=True):
+                    return  # the error is the interrupt itself
+                mid_stream = self.seq > chunks_before
+                if mid_stream and not self.settings.retry_mid_stream and exc.retryable:
+                    exc = PermanentUpstreamError(
+                        f"{exc.message} (mid-stream retries are off)",
+                        error_type=exc.error_type,
+                        status_code=exc.status_code,
+                        reason=exc.reason,
+                    )
+                if self._retry_or_fail(exc, attempt):
+                    continue
+                return
+            self._finish(ev.COMPLETED, attempt, message=message)
+            return
+
+    def _stop_requested(self, attempt: int, *, interrupted: bool = False) -> bool:
+        """Act on a stop signal, if any: True when the job must not go on here.
+
+        ``cancelled`` ends the job; ``lease_lost`` leaves it to the worker that holds the lease
+        now; ``shutdown`` (or a drain noticed while waiting) hands it back to the queue.
+        """
+        reason = self.handle.stop_reason
+        if reason is None and self.handle.draining and not interrupted:
+            reason = "shutdown"  # between calls: nothing runs that the grace could finish
+        if reason is None:
+            return False
+        if reason == "cancelled":
+            self._finish(ev.CANCELLED, attempt)
+        elif reason == "lease_lost":
+            log.warning("job_left_to_lease_holder")
+        else:
+            if interrupted and self.seq > self._attempt_seq and not self.settings.retry_mid_stream:
+                self._fail_mid_stream(attempt, "worker_shutdown", "shut down mid-stream")
+                return True
+            if interrupted:
+                # The interrupted attempt's chunks are void; the next delivery starts over.
+                self._publish(
+                    [
+                        self._event(
+                            ev.RETRY,
+                            attempt,
+                            reason="worker_shutdown",
+                            delay_s=0.0,
+                            error={
+                                "type": "worker_shutdown",
+                                "message": "the worker shut down; the job went back to the queue",
+                                "status_code": None,
+                            },
+                        )
+                    ]
+                )
+            raise HandBack
+        return True
+
+    def _fail_mid_stream(self, attempt: int, reason: str, what: str) -> None:
+        """With RETRY_MID_STREAM off, a stream that cannot go on here ends the job ``failed``
+        rather than restarting it elsewhere."""
+        payload = self.payload or {"job_id": self.job_id, "request": self.request}
+        self._finish(
+            ev.FAILED,
+            attempt,
+            error={
+                "type": reason,
+                "message": f"the worker running this job {what}, and mid-stream retries are off",
+                "status_code": None,
+            },
+            dead_letter=(reason, payload),
+        )
+
+    def _retry_or_fail(self, exc: UpstreamError, attempt: int) -> bool:
+        """Publish a ``retry`` and wait, or end the job ``failed``; True means try again."""
+        delay_s = backoff_delay_s(
+            attempt,
+            base_s=self.settings.backoff_base_s,
+            max_s=self.settings.backoff_max_s,
+            retry_after=exc.retry_after_s,
+            retry_after_max_s=self.settings.retry_after_max_s,
+        )
+        time_left_s = self.deadline_at - time.time()
+        if should_give_up(
+            exc,
+            attempt=attempt,
+            max_attempts=self.settings.max_attempts,
+            delay_s=delay_s,
+            time_left_s=time_left_s,
+        ):
+            log.warning(
+                "job_failed",
+                reason=exc.reason,
+                status_code=exc.status_code,
+                error_type=exc.error_type,
+                retryable=exc.retryable,
+            )
+            # The original payload (the request; no secrets) and why, for `llm-worker dlq`.
+            payload = self.payload or {"job_id": self.job_id, "request": self.request}
+            self._finish(
+                ev.FAILED, attempt, error=exc.to_error(), dead_letter=(exc.reason, payload)
+            )
+            return False
+        m.RETRIES.labels(self.model, exc.reason).inc()
+        log.info(
+            "upstream_retry_scheduled",
+            reason=exc.reason,
+            delay_s=round(delay_s, 3),
+            status_code=exc.status_code,
+        )
+        self._publish(
+            [
+                self._event(
+                    ev.RETRY,
+                    attempt,
+                    reason=exc.reason,
+                    delay_s=round(delay_s, 3),
+                    error=exc.to_error(),
+                )
+            ]
+        )
+        self.handle.sleep(delay_s)  # wakes early on cancel or shutdown
+        return True
+
+    def _reserve(self, attempt: int) -> Reservation:
+        """Wait for the shared rate limiter (:mod:`worker.ratelimit.gate`) before an attempt.
+
+        A wait too long for this worker raises :class:`JobPostponed` (the task requeues the
+        job with a countdown), a drain :class:`HandBack`; both announce it with a ``retry``
+        event, and the attempt, which never reached the upstream, does not count.
+        """
+        try:
+            return self.rt.rate_limit.reserve(
+                self.job_id,
+                self.request,
+                model=self.model,
+                deadline_at=self.deadline_at,
+                sleep=self.handle.sleep,
+            )
+        except WaitInterrupted:
+            if self.handle.stop_reason is not None:
+                raise _Stopped from None
+            postponed = JobPostponed(
+                0.0,
+                reason="worker_shutdown",
+                detail="the worker shut down; the job went back to the queue",
+            )
+            requeue: Exception = HandBack()
+        except JobPostponed as exc:
+            postponed = requeue = exc
+        event = self._event(
+            ev.RETRY,
+            attempt,
+            reason=postponed.reason,
+            delay_s=round(postponed.countdown_s, 3),
+            error=postponed.to_error(),
+        )
+        self._publish([event], state=ev.QUEUED, attempts=attempt - 1)
+        raise requeue
+
+    def _attempt(self, attempt: int) -> dict[str, Any]:
+        """One upstream call; returns the final message or raises UpstreamError."""
+        reservation = self._reserve(attempt)
+        sent_at = time.monotonic()
+        status = None
+        # Set by the first streamed event: the response arrived with a 2xx status, so a later
+        # failure (cut, error event) keeps the HTTP status rather than counting as "network".
+        self._response_arrived = False
+        try:
+            if not self.request.get("stream"):
+                message = self.rt.upstream.create(self.request, on_open=self.handle.set_interrupt)
+                status = 200
+            else:
+                message = self._stream(attempt, sent_at)
+                status = 200
+            self.rt.rate_limit.settle(reservation, message)
+        except UpstreamError as exc:
+            status = 200 if self._response_arrived else exc.status_code
+            self.rt.rate_limit.after_error(reservation, exc, model=self.model)
+            raise
+        finally:
+            self.rt.rate_limit.release(reservation)
+            self.handle.set_interrupt(None)
+            m.UPSTREAM_REQUESTS.labels(self.model, m.status_label(status)).inc()
+            m.UPSTREAM_LATENCY.labels(self.model).observe(time.monotonic() - sent_at)
+        usage = message.get("usage") or {}
+        m.INPUT_TOKENS.labels(self.model).inc(int(usage.get("input_tokens") or 0))
+        m.OUTPUT_TOKENS.labels(self.model).inc(int(usage.get("output_tokens") or 0))
+        return message
+
+    def _stream(self, attempt: int, sent_at: float) -> dict[str, Any]:
+        snapshot: dict[str, Any] | None = None
+        first_token = True
+        stream = self.rt.upstream.stream_batches(self.request, on_open=self.handle.set_interrupt)
+        try:
+            for batch in stream:
+                if self.handle.stop_reason is not None:
+                    raise _Stopped
+                snapshot = self._on_events(attempt, sent_at, snapshot, batch, first_token)
+                first_token = first_token and all(
+                    e.get("type") != "content_block_delta" for e in batch
+                )
+        finally:
+            stream.close()  # closes the HTTP response: the upstream stops generating
+        assert snapshot is not None  # the client raises when no message_stop arrived
+        return final_message(snapshot)
+
+    def _on_events(
+        self,
+        attempt: int,
+        sent_at: float,
+        snapshot: dict[str, Any] | None,
+        batch: list[dict[str, Any]],
+        first_token: bool,
+    ) -> dict[str, Any]:
+        """Fold the upstream events of one network read into the message and publish them
+        as chunks, their text deltas coalesced (:mod:`worker.runtime.coalesce`), in one round
+        trip."""
+        self._response_arrived = True
+        for upstream_event in batch:
+            try:
+                snapshot = accumulate(snapshot, upstream_event)
+            except AccumulateError as exc:
+                # Events that cannot apply (a delta before message_start, broken tool JSON)
+                # are the upstream's malformed stream, worth another attempt, not our bug.
+                raise TransientUpstreamError(
+                    f"malformed stream: {exc}", error_type="api_error", reason="malformed_sse"
+                ) from exc
+            if first_token and upstream_event.get("type") == "content_block_delta":
+                m.TIME_TO_FIRST_TOKEN.labels(self.model).observe(time.monotonic() - sent_at)
+                first_token = False
+        chunks = coalesce(batch)
+        self._publish([self._event(ev.CHUNK, attempt, event=chunk) for chunk in chunks], wait=False)
+        m.CHUNKS_PUBLISHED.labels(self.model).inc(len(chunks))
+        assert snapshot is not None  # a batch is never empty
+        return snapshot

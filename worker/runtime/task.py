@@ -1,0 +1,249 @@
+"""The Celery task: a thin shell that trusts nothing in the message.
+
+The queue is not trusted: the payload is validated again, and what cannot be run is
+dead-lettered and its job ended ``failed`` rather than crashing the worker. Transient trouble
+is retried inside :class:`~worker.runtime.runner.JobRunner`, never by raising (an exception
+would ack the message, see ``task_acks_on_failure_or_timeout``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from typing import Any
+
+import structlog
+from billiard.process import active_children
+from celery import signals
+from celery.exceptions import Reject
+from celery.worker.consumer import Consumer as _CeleryConsumer
+
+from worker import events as ev
+from worker.broker import TASK_NAME
+from worker.celery_app import app
+from worker.errors import RequestInvalid
+from worker.ratelimit.gate import JobPostponed
+from worker.request import validate_request
+from worker.runtime.context import Runtime, current_runtime, get_runtime
+from worker.runtime.leases import new_token, wait_time_s
+from worker.runtime.runner import HandBack, JobRunner
+from worker.settings import load_settings
+
+log = structlog.get_logger("worker.runtime.task")
+
+
+def _runtime() -> Runtime:
+    return get_runtime(app.settings or load_settings())
+
+
+def fail_unrunnable(rt: Runtime, job_id: str, reason: str, message: str, payload: Any) -> None:
+    """Dead-letter a job that cannot run and end it ``failed`` (once)."""
+    # Whoever holds the lease (this worker, when the crash was ours): what cannot run here
+    # cannot run anywhere. The terminal event continues the job's sequence, or readers, who
+    # skip a seq they have seen, would never see it.
+    last_seq, attempts = rt.store.position(job_id)
+    event = ev.make_event(
+        job_id,
+        last_seq + 1,
+        attempts,
+        ev.FAILED,
+        error={"type": reason, "message": message, "status_code": None},
+    )
+    if not rt.store.finish(job_id, event, error=event["error"], dead_letter=(reason, payload)):
+        # It had ended already; keep what could not be run all the same.
+        rt.store.dead_letter(job_id=job_id, reason=reason, payload=payload)
+    log.error("job_rejected", reason=reason, detail=message)
+
+
+@app.task(name=TASK_NAME, bind=True)
+def run_job(self: Any, *args: Any, **kwargs: Any) -> None:
+    """Run one job; the message carries ``[payload]``: job_id, request, submitted_at."""
+    rt = _runtime()
+    job_id = str(self.request.id)
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(job_id=job_id)
+    try:
+        _run(rt, job_id, args, kwargs)
+    except Reject:
+        raise
+    except Exception as exc:
+        # A bug of ours: never retried (it would fail the same way), never left hanging.
+        log.exception("job_crashed")
+        try:
+            fail_unrunnable(
+                rt,
+                job_id,
+                "internal_error",
+                f"{type(exc).__name__}: {exc}"[:500],
+                {"args": args, "kwargs": kwargs},
+            )
+        except Exception:
+            log.exception("job_crash_not_recorded")
+
+
+def _run(rt: Runtime, job_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    payload = args[0] if len(args) == 1 and not kwargs else None
+    if not isinstance(payload, dict) or not isinstance(payload.get("request"), dict):
+        fail_unrunnable(
+            rt,
+            job_id,
+            "invalid_payload",
+            "the queued message is not a job payload",
+            {"args": args, "kwargs": kwargs},
+        )
+        return
+    try:
+        request = validate_request(
+            payload["request"],
+            allowed_models=rt.settings.allowed_models,
+            max_request_bytes=rt.settings.max_request_bytes,
+        )
+    except RequestInvalid as exc:
+        fail_unrunnable(rt, job_id, "invalid_request_error", str(exc), payload)
+        return
+    model = request["model"]
+    structlog.contextvars.bind_contextvars(model=model)
+    settings = rt.settings
+    token = new_token(rt.hostname)
+    while True:
+        if rt.leases.draining:
+            raise Reject("the worker is shutting down", requeue=True)
+        claim = rt.store.claim(
+            job_id,
+            worker=rt.hostname,
+            model=model,
+            ttl_s=int(settings.job_deadline_s + settings.result_ttl_s),
+            token=token,
+            lease_ttl_s=settings.lease_ttl_s,
+            max_deliveries=settings.max_deliveries,
+            start_attempt=True,
+        )
+        if claim.state_before != "leased":
+            break
+        # Delivered again while a live worker runs it (the visibility timeout passed, or a
+        # connection dropped): park this copy until that worker ends the job or dies.
+        log.info("job_parked_behind_lease", wait_s=round(claim.lease_wait_s, 3))
+        rt.leases.sleep(wait_time_s(claim.lease_wait_s, settings.lease_ttl_s))
+    if claim.already_ended:
+        log.info("job_redelivered_after_end", state=claim.state_before)
+        return
+    if claim.state_before == "poison":
+        fail_unrunnable(
+            rt,
+            job_id,
+            "delivery_limit",
+            f"delivered {claim.deliveries - 1} times without finishing (MAX_DELIVERIES="
+            f"{settings.max_deliveries}); a worker died running it each time",
+            payload,
+        )
+        return
+    submitted_at = payload.get("submitted_at")
+    handle = rt.leases.register(job_id, token)
+    try:
+        JobRunner(
+            rt,
+            job_id,
+            request,
+            claim,
+            handle,
+            submitted_at=float(submitted_at) if isinstance(submitted_at, int | float) else None,
+            payload=payload,
+        ).run()
+    except HandBack:
+        rt.store.release(job_id, token)
+        log.info("job_handed_back")
+        raise Reject("the worker is shutting down", requeue=True) from None
+    except JobPostponed as postponed:
+        rt.store.release(job_id, token)  # not a crash: the delivery does not count
+        _requeue(job_id, args, kwargs, postponed.countdown_s)
+    finally:
+        rt.leases.unregister(handle)
+
+
+def _requeue(
+    job_id: str, args: tuple[Any, ...], kwargs: dict[str, Any], countdown_s: float
+) -> None:
+    """Send the job back to its queue, due in ``countdown_s``; this delivery then ends (acked).
+
+    As Celery's own retry does (same id, queue and priority), without its ``max_retries``. A
+    crash before the ack leaves two messages, which the job's lease and end tolerate; a send
+    that fails leaves the message to the broker.
+    """
+    try:
+        run_job.signature_from_request(
+            run_job.request,
+            args,
+            kwargs,
+            countdown=countdown_s,
+            argsrepr=f"[<job {job_id}>]",  # the request holds the prompt: keep it out of logs
+            kwargsrepr="{}",
+        ).apply_async()
+    except Exception as exc:
+        log.warning("job_requeue_failed", error=type(exc).__name__)
+        raise Reject("could not requeue with a countdown", requeue=True) from exc
+
+
+@signals.worker_shutting_down.connect
+def _drain(**_: Any) -> None:
+    """Warm shutdown: waiting jobs go back to the queue now, running ones after the grace.
+
+    Gevent, threads and solo run jobs in this process. Prefork children learn of it by a
+    SIGUSR2 from here (Celery's warm shutdown only waits for them to finish).
+    """
+    rt = current_runtime()
+    if rt is not None:
+        rt.leases.drain(rt.settings.shutdown_grace_s, quiet=True)
+    for child in active_children():
+        if child.pid:
+            with contextlib.suppress(OSError):
+                os.kill(child.pid, signal.SIGUSR2)
+
+
+@signals.worker_process_init.connect
+def _child_listens_for_drain(**_: Any) -> None:
+    """In a prefork child: SIGUSR2 from the parent starts the same drain here."""
+    signal.signal(signal.SIGUSR2, _child_drain)
+
+
+def _child_drain(signum: int, frame: Any) -> None:
+    rt = current_runtime()
+    if rt is not None:  # a child that never ran a job has nothing to hand back
+        rt.leases.drain(rt.settings.shutdown_grace_s, quiet=True)
+
+
+def reject_undecodable(message: Any, exc: Exception) -> None:
+    """Called by the consumer for a message whose body cannot be decoded."""
+    headers = getattr(message, "headers", None) or {}
+    properties = getattr(message, "properties", None) or {}
+    job_id = headers.get("id") or properties.get("correlation_id")
+    body = getattr(message, "body", b"")
+    rt = _runtime()
+    if not job_id:
+        rt.store.dead_letter(job_id="", reason="undecodable_message", payload=_as_text(body))
+        log.error("message_undecodable", detail=str(exc)[:200])
+        return
+    fail_unrunnable(
+        rt,
+        str(job_id),
+        "undecodable_message",
+        f"cannot decode the message: {exc}"[:500],
+        _as_text(body),
+    )
+
+
+def _as_text(body: Any) -> str:
+    if isinstance(body, bytes):
+        return body[:65_536].decode("utf-8", "replace")
+    return str(body)[:65_536]
+
+
+class Consumer(_CeleryConsumer):
+    """Celery's consumer (``worker_consumer``), but a message it cannot decode ends its job
+    ``failed`` and is dead-lettered, instead of being only logged and dropped."""
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        try:
+            reject_undecodable(message, exc)
+        finally:
+            super().on_decode_error(message, exc)

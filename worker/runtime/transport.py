@@ -1,0 +1,317 @@
+"""kombu's Redis transport, made to lose no message when its worker is killed, hardened
+against bytes on the queue that are not a message, and reporting each poll of the worker's
+queues to :mod:`worker.process.liveness`.
+
+**No message lost between the queue and ``unacked``.** kombu takes a message with ``BRPOP``
+and records it in ``unacked`` with a second command; a worker killed in between (or whose
+connection dropped with the reply unread) lost the message. Here the message is *moved*
+from its queue into this worker's inbox list (``<queue key>\x06\x16inbox\x06\x16<host>:<pid>``)
+in one step, by a script (every queue and priority, in kombu's order) or, when all are empty,
+a blocking ``BRPOPLPUSH`` on the first; it leaves the inbox in the same ``MULTI`` that writes
+it to ``unacked``. Inboxes are listed in ``_kombu.inboxes`` and kept alive by a key each
+worker refreshes on its restore schedule; a worker gives back what its own inbox holds when
+its channel starts (a delivery that failed half-way) and what the inbox of a worker whose key
+expired holds (it died). A message given back may be delivered twice; the job's lease and
+end absorb that. Needs Redis >= 2.2 for the commands; kombu's ``global_keyprefix`` option
+falls back to kombu's own ``BRPOP``.
+
+**Items that are not messages.** kombu parses a popped item inside the consumer's event
+loop; an item that is not a broker envelope (not JSON, or JSON of the wrong shape) raises out
+of the loop and Celery stops the worker as "unrecoverable". We record it as a dead letter,
+drop it, and carry on consuming.
+"""
+
+# kombu's transport internals (_queue_cycle, _q_for_pri, connection_errors, ...) carry no
+# type hints: attribute checks are off for this module.
+# mypy: disable-error-code="attr-defined,misc"
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from queue import Empty
+from time import monotonic, sleep, time
+from typing import Any
+
+import structlog
+from celery.worker import state as worker_state
+from kombu.transport import redis as kombu_redis
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
+
+from worker.process.liveness import STATE
+
+log = structlog.get_logger("worker.runtime.transport")
+
+#: How long a poll waits while every prefetch slot is taken (see ``MultiChannelPoller.get``).
+SATURATED_POLL_S = 0.005
+
+
+#: Moves the first message of the first non-empty key into that key's inbox.
+#: KEYS: the queue keys in kombu's order, then their inboxes in the same order.
+_FETCH = """
+local n = #KEYS / 2
+for i = 1, n do
+  local item = redis.call('RPOPLPUSH', KEYS[i], KEYS[n + i])
+  if item then return {KEYS[i], item} end
+end
+return false
+"""
+#: Gives an inbox back to its queue (oldest first, to the consuming end) and forgets it.
+#: KEYS[1] inbox  KEYS[2] its queue key  KEYS[3] the inbox registry
+_GIVE_BACK = """
+local moved = 0
+while redis.call('RPOPLPUSH', KEYS[1], KEYS[2]) do moved = moved + 1 end
+redis.call('SREM', KEYS[3], KEYS[1])
+return moved
+"""
+INBOXES_KEY = "_kombu.inboxes"
+_INBOX = "inbox"
+_ALIVE = "alive"
+CONSUMER_ID = f"{socket.gethostname()}:{os.getpid()}"
+#: Tests only: hold a fetched message this long before delivering it, so that a test can kill
+#: the worker inside the window this module closes.
+_TEST_PAUSE_S = float(os.environ.get("LLM_WORKER_TEST_PAUSE_AFTER_FETCH_S") or 0)
+
+
+class QoS(kombu_redis.QoS):
+    def append(self, message: Any, delivery_tag: Any) -> None:
+        """kombu's ``append`` (``unacked`` and its index), plus the message leaving the inbox,
+        in the same ``MULTI``."""
+        fetched = self.channel._take_fetched()
+        delivery = message.delivery_info
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time()}).hset(
+                self.unacked_key,
+                delivery_tag,
+                dumps([message._raw, delivery["exchange"], delivery["routing_key"]]),
+            )
+            if fetched is not None:
+                pipe.lrem(fetched[0], 1, fetched[1])
+            pipe.execute()
+            super(kombu_redis.QoS, self).append(message, delivery_tag)
+
+
+class Channel(kombu_redis.Channel):
+    QoS = QoS
+    _fetched: tuple[str, bytes] | None = None  # (inbox, item) between fetch and append
+    _fetch_blocks = False  # the last non-blocking fetch found every queue empty
+    _fetch_command = ""
+    _fetch_key = ""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._own_inboxes_checked: set[str] = set()
+
+    @contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        """kombu builds a new ``redis.Redis`` object for every ``unacked`` write and ack (7%
+        of a short job's CPU in a py-spy profile of bench.overhead); one per channel serves
+        them all (it is thread-safe; connections come from the channel's pool either way)."""
+        if client:
+            yield client
+            return
+        shared = self.__dict__.get("_shared_client")
+        if shared is None:
+            shared = self.__dict__["_shared_client"] = self._create_client()
+        yield shared
+
+    def inbox(self, key: str) -> str:
+        return f"{key}{self.sep}{_INBOX}{self.sep}{CONSUMER_ID}"
+
+    def _take_fetched(self) -> tuple[str, bytes] | None:
+        fetched, self._fetched = self._fetched, None
+        return fetched
+
+    def _brpop_start(self, timeout: Any = None) -> None:
+        if self.global_keyprefix:
+            super()._brpop_start(timeout)
+        else:
+            self._fetch_start(timeout)
+        if getattr(self, "_in_poll", None):  # a fetch went out for at least one queue
+            STATE.consumed()
+
+    def _fetch_start(self, timeout: Any) -> None:
+        if timeout is None:
+            timeout = self.brpop_timeout
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        self._give_back_own_leftovers(keys)
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = monotonic()
+        if self._fetch_blocks:
+            self._fetch_command, self._fetch_key = "BRPOPLPUSH", keys[0]
+            args: list[Any] = ["BRPOPLPUSH", keys[0], self.inbox(keys[0]), timeout or 0]
+        else:
+            self._fetch_command = "EVAL"
+            args = ["EVAL", _FETCH, 2 * len(keys), *keys, *(self.inbox(k) for k in keys)]
+        self.client.connection.send_command(*args)
+
+    def _brpop_read(self, **options: Any) -> Any:
+        if self.global_keyprefix:
+            return self._read_guarded(lambda: super(Channel, self)._brpop_read(**options))
+        return self._read_guarded(lambda: self._fetch_read(**options))
+
+    def _fetch_read(self, **options: Any) -> bool:
+        command = self._fetch_command
+        try:
+            try:
+                reply = self.client.parse_response(self.client.connection, command, **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            if command == "BRPOPLPUSH":
+                self._fetch_blocks = False  # after a blocking wait, look at every queue again
+                if reply is None:
+                    raise Empty()
+                key, item = self._fetch_key, reply
+            else:
+                if not reply:
+                    self._fetch_blocks = True
+                    raise Empty()
+                key, item = bytes_to_str(reply[0]), reply[1]
+            self._fetched = (self.inbox(key), item)
+            if _TEST_PAUSE_S:
+                sleep(_TEST_PAUSE_S)
+            dest = key.rsplit(self.sep, 1)[0] if self.sep in key else key
+            self._queue_cycle.rotate(dest)
+            self.connection._deliver(loads(bytes_to_str(item)), dest)
+            # QoS.append took it out of the inbox; a consumer without acks never calls it.
+            self._drop_fetched()
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+    def _read_guarded(self, read: Any) -> Any:
+        try:
+            return read()
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.error("queue_item_not_a_message", error=f"{type(exc).__name__}: {exc}"[:300])
+            _dead_letter_unreadable(repr(exc)[:300])
+            self._drop_fetched()  # dropped: it must not come back from the inbox
+            return True
+
+    def _drop_fetched(self) -> None:
+        fetched = self._take_fetched()
+        if fetched is not None:
+            with self.conn_or_acquire() as client:
+                client.lrem(fetched[0], 1, fetched[1])
+
+    def _give_back_own_leftovers(self, keys: list[str]) -> None:
+        """Once per key and channel: what our inbox holds is from a delivery that failed
+        half-way (a connection lost before the ``MULTI``); it goes back to its queue."""
+        new = [k for k in keys if k not in self._own_inboxes_checked]
+        if not new:
+            return
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline()
+            for key in new:
+                inbox = self.inbox(key)
+                pipe.eval(_GIVE_BACK, 3, inbox, key, INBOXES_KEY)  # (which unlists it)
+                pipe.sadd(INBOXES_KEY, inbox)
+                pipe.set(f"{inbox}{self.sep}{_ALIVE}", 1, ex=self._inbox_ttl_s())
+            pipe.execute()
+        self._own_inboxes_checked.update(new)
+
+    def _inbox_ttl_s(self) -> int:
+        # Refreshed every unacked_restore_interval (1-10 s); a consumer loop stalled longer
+        # than this has its inbox given back, which at worst delivers a message twice.
+        return int(max(10.0, 6 * float(self.unacked_restore_interval)))
+
+    def keep_inboxes(self) -> None:
+        """On the restore schedule: refresh our inboxes' keys, and give back the inboxes of
+        workers whose key expired (they died with a message between queue and ``unacked``)."""
+        ours = {self.inbox(k) for k in self._own_inboxes_checked}
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline(transaction=False)
+            for inbox in ours:
+                pipe.set(f"{inbox}{self.sep}{_ALIVE}", 1, ex=self._inbox_ttl_s())
+            pipe.smembers(INBOXES_KEY)
+            listed = pipe.execute()[-1]
+            others = [bytes_to_str(i) for i in listed if bytes_to_str(i) not in ours]
+            if not others:
+                return
+            alive = client.mget([f"{i}{self.sep}{_ALIVE}" for i in others])
+            marker = f"{self.sep}{_INBOX}{self.sep}"
+            for inbox, flag in zip(others, alive, strict=True):
+                if flag is None and marker in inbox:
+                    queue_key = inbox.rsplit(marker, 1)[0]
+                    moved = client.eval(_GIVE_BACK, 3, inbox, queue_key, INBOXES_KEY)
+                    if moved:
+                        log.warning("inbox_given_back", inbox=inbox, messages=int(moved))
+
+
+class MultiChannelPoller(kombu_redis.MultiChannelPoller):
+    _next_restore = 0.0
+
+    def get(self, callback: Any, timeout: Any = None) -> Any:
+        if worker_state.should_stop is not None or worker_state.should_terminate is not None:
+            # A shutdown was asked for: end this drain now. Celery's loop checks for it only
+            # between drains, which it runs with a 2 s timeout (and the pidbox with 1 s), so
+            # an idle gevent worker took 4-5 s to act on SIGTERM.
+            sleep(0.02)  # callers loop on the timeout: do not spin
+            raise TimeoutError  # socket.timeout, which the drain loops expect
+        # Without an event loop (gevent, threads) Celery drains events with a 2 s timeout.
+        # When every prefetch slot is taken kombu sends no BRPOP, so the poll then sleeps
+        # out those 2 s even after jobs finish: a worker of short jobs ran 50 of them, then
+        # stalled (measured: 27 jobs/s at -c 50, see bench/). Poll briefly while saturated,
+        # so a freed slot asks for the next message within SATURATED_POLL_S.
+        if timeout is None or timeout > SATURATED_POLL_S:
+            for channel in getattr(self, "_channels", ()):
+                if channel.active_queues and not channel.qos.can_consume():
+                    timeout = SATURATED_POLL_S
+                    break
+        return super().get(callback, timeout)
+
+    def on_poll_start(self) -> None:
+        super().on_poll_start()
+        self._restore_on_schedule()
+        for channel in getattr(self, "_channels", ()):
+            # Every prefetch slot is taken: kombu sends no BRPOP until a job is acked, and a
+            # worker busy with long jobs is healthy, as long as its loop still polls.
+            if channel.active_queues and not channel.qos.can_consume():
+                STATE.consumed()
+
+    def _restore_on_schedule(self) -> None:
+        """Give back messages whose visibility timeout passed (a killed worker's jobs).
+
+        kombu restores them from the event loop's timer (prefork) or when a poll times out
+        with no reply at all; without an event loop (gevent, threads, solo) an idle queue's
+        BRPOP answers nil every second, which counts as a reply, so the restore never ran.
+        """
+        now = monotonic()
+        if now < self._next_restore:
+            return
+        channels = [c for c in getattr(self, "_channels", ()) if c.active_queues]
+        if not channels:
+            return
+        self._next_restore = now + float(channels[0].unacked_restore_interval)
+        self.maybe_restore_messages()
+        try:
+            channels[0].keep_inboxes()
+        except channels[0].connection_errors:
+            log.debug("inbox_upkeep_skipped")  # the main loop reconnects; next time then
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cycle = MultiChannelPoller()
+
+
+def _dead_letter_unreadable(detail: str) -> None:
+    try:
+        from worker.celery_app import app
+        from worker.runtime.context import get_runtime
+        from worker.settings import load_settings
+
+        rt = get_runtime(app.settings or load_settings())
+        rt.store.dead_letter(job_id="", reason="unreadable_queue_item", payload=detail)
+    except Exception:
+        log.exception("dead_letter_failed")

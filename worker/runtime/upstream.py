@@ -1,0 +1,291 @@
+"""The HTTP boundary: one shared httpx client per worker process, streamed and plain calls.
+
+Every failure leaves this module as a :class:`~worker.errors.UpstreamError` whose type says
+whether another attempt may help (see :mod:`worker.runtime.retry_policy`); nothing further in looks
+at httpx exceptions or status codes.
+
+Timeouts: ``connect_timeout_s`` to open a connection; ``first_byte_timeout_s`` until the
+response headers (for a non-streamed call, the whole answer); ``idle_timeout_s`` for every
+gap between reads of a streamed body, so a stalled stream is cut and retried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import socket
+from collections.abc import Callable, Generator, Iterable, Iterator
+from typing import Any
+
+import httpx
+import orjson
+
+from worker.errors import TransientUpstreamError, UpstreamError
+from worker.runtime.retry_policy import error_from_response, error_from_stream_event
+from worker.runtime.sse import DONE, SSEDecoder, parse_event
+from worker.settings import Settings
+
+ANTHROPIC_VERSION = "2023-06-01"
+_MAX_ERROR_BODY_BYTES = 65_536
+
+
+def _network_error(exc: httpx.HTTPError, *, in_body: bool) -> TransientUpstreamError:
+    """Map an httpx exception to a transient error with a bounded reason label."""
+    if isinstance(exc, httpx.ConnectTimeout):
+        reason = "connect_timeout"
+    elif isinstance(exc, httpx.ConnectError):
+        reason = "connect_error"
+    elif isinstance(exc, httpx.ReadTimeout):
+        reason = "idle_timeout" if in_body else "first_byte_timeout"
+    elif isinstance(exc, httpx.PoolTimeout):
+        reason = "pool_timeout"
+    elif isinstance(exc, httpx.TimeoutException):
+        reason = "timeout"
+    elif isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
+        reason = "connection_lost"
+    else:
+        reason = "network_error"
+    message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return TransientUpstreamError(message, error_type="api_connection_error", reason=reason)
+
+
+#: Called with a function that aborts the call in progress (from any thread or greenlet).
+OnOpen = Callable[[Callable[[], None]], None]
+
+
+def _aborter(response: httpx.Response) -> Callable[[], None]:
+    """Shut the response's socket down: a read blocked on it wakes at once with EOF.
+
+    Closing the response from another thread would race httpcore's own state; a socket
+    shutdown only makes the blocked ``recv`` return, and the reader fails cleanly.
+    """
+
+    def abort() -> None:
+        network_stream = response.extensions.get("network_stream")
+        sock = network_stream.get_extra_info("socket") if network_stream is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):  # already closed
+                sock.shutdown(socket.SHUT_RDWR)
+
+    return abort
+
+
+def _native_liveness_poll() -> None:
+    """Under gevent, let httpcore check its idle connections with the real ``poll``.
+
+    Before each request and after each response httpcore asks every pooled connection
+    whether its socket became readable (the server closed it), with a ``poll(0)``. gevent's
+    patched ``poll`` builds watchers and switches to the hub for each: profiled at -c 50
+    with short jobs that was 17% of the worker's CPU. A zero-timeout poll never blocks, so
+    the unpatched one is safe in a greenlet.
+    """
+    import sys
+
+    if "gevent" not in sys.modules:
+        return
+    import select
+    import types
+
+    import httpcore._utils
+    from gevent import monkey
+
+    if not monkey.is_module_patched("select"):
+        return
+    httpcore._utils.select = types.SimpleNamespace(  # type: ignore[attr-defined,assignment]
+        poll=monkey.get_original("select", "poll"),
+        select=monkey.get_original("select", "select"),
+        POLLIN=select.POLLIN,
+    )
+
+
+def _batch(sses: Iterable[Any]) -> tuple[list[dict[str, Any]], bool, UpstreamError | None]:
+    """The events of one read, whether ``message_stop`` was among them, and the error that
+    an ``error`` event stands for (the events before it are still delivered)."""
+    batch: list[dict[str, Any]] = []
+    for sse in sses:
+        event = parse_event(sse)
+        if event is DONE:
+            # The seed's provider ends with [DONE]; before message_stop it is a cut.
+            break
+        if event is None:
+            continue
+        assert isinstance(event, dict)
+        if event.get("type") == "error":
+            return batch, False, error_from_stream_event(event)
+        batch.append(event)
+        if event.get("type") == "message_stop":
+            return batch, True, None
+    return batch, False, None
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("llm-worker")
+    except importlib.metadata.PackageNotFoundError:
+        return "dev"
+
+
+class UpstreamClient:
+    """Calls ``{api_base_url}/messages``. Thread- and greenlet-safe; one per process."""
+
+    def __init__(self, settings: Settings, *, transport: httpx.BaseTransport | None = None) -> None:
+        _native_liveness_poll()
+        api_key = settings.api_key_value()
+        headers = {
+            "anthropic-version": ANTHROPIC_VERSION,
+            "content-type": "application/json",
+            "accept": "application/json, text/event-stream",
+            "user-agent": f"llm-worker/{_version()}",
+        }
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        self._idle_timeout_s = settings.idle_timeout_s
+        self._url = httpx.URL(str(settings.api_base_url).rstrip("/") + "/messages")
+        self._headers = list(headers.items())
+        self._timeouts = httpx.Timeout(
+            connect=settings.connect_timeout_s,
+            read=settings.first_byte_timeout_s,
+            write=settings.connect_timeout_s,
+            pool=settings.first_byte_timeout_s,
+        ).as_dict()
+        # The transport (httpcore's pool) directly, without httpx.Client around it: no auth,
+        # cookies, redirects or hooks are wanted here, and that layer cost 0.15 ms of CPU per
+        # call, about 5% of a short job (bench.overhead, profiled with py-spy).
+        # One connection per concurrent job; a bounded keep-alive pool, because httpcore's
+        # bookkeeping grows with the idle connections it keeps (see PERFORMANCE in README).
+        self._transport = transport or httpx.HTTPTransport(
+            limits=httpx.Limits(
+                max_connections=settings.concurrency,
+                max_keepalive_connections=min(settings.concurrency, 64),
+            ),
+        )
+
+    def _send(self, request: dict[str, Any], *, stream: bool) -> httpx.Response:
+        http_request = httpx.Request(
+            "POST",
+            self._url,
+            headers=self._headers,
+            content=orjson.dumps({**request, "stream": stream}),
+            # httpcore reads "read" when the body starts; streams change it (a copy each).
+            extensions={"timeout": dict(self._timeouts)},
+        )
+        try:
+            response = self._transport.handle_request(http_request)
+        except httpx.HTTPError as exc:
+            raise _network_error(exc, in_body=False) from exc
+        response.request = http_request
+        return response
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def create(self, request: dict[str, Any], *, on_open: OnOpen | None = None) -> dict[str, Any]:
+        """One non-streamed call; returns the message JSON."""
+        response = self._send(request, stream=False)
+        try:
+            if on_open is not None:
+                on_open(_aborter(response))
+            response.read()
+        except httpx.HTTPError as exc:
+            raise _network_error(exc, in_body=False) from exc
+        finally:
+            response.close()
+        if response.status_code >= 300:
+            raise error_from_response(response.status_code, response.headers, response.content)
+        try:
+            message = orjson.loads(response.content)
+        except orjson.JSONDecodeError as exc:
+            raise TransientUpstreamError(
+                "upstream returned a body that is not JSON",
+                status_code=response.status_code,  # the call did answer: not "network"
+                reason="malformed_response",
+            ) from exc
+        if not isinstance(message, dict) or message.get("type") != "message":
+            raise TransientUpstreamError(
+                "upstream returned JSON that is not a message",
+                status_code=response.status_code,
+                reason="malformed_response",
+            )
+        return message
+
+    def stream(
+        self, request: dict[str, Any], *, on_open: OnOpen | None = None
+    ) -> Generator[dict[str, Any], None, None]:
+        """One streamed call; yields each upstream event up to ``message_stop``."""
+        batches = self.stream_batches(request, on_open=on_open)
+        try:
+            for batch in batches:
+                yield from batch
+        finally:
+            batches.close()
+
+    def stream_batches(
+        self, request: dict[str, Any], *, on_open: OnOpen | None = None
+    ) -> Generator[list[dict[str, Any]], None, None]:
+        """One streamed call; yields the upstream events up to ``message_stop``, as one list
+        per network read (see :meth:`_events`).
+
+        Closing the generator closes the HTTP response. ``on_open`` receives a function that
+        aborts the stream from elsewhere (a cancel while the stream stalls).
+        """
+        response = self._send(request, stream=True)
+        try:
+            if on_open is not None:
+                on_open(_aborter(response))
+            if response.status_code >= 300:
+                raise error_from_response(
+                    response.status_code, response.headers, self._read_error_body(response)
+                )
+            # httpcore reads the read timeout once when the body starts: from here on it
+            # bounds the gap between reads (idle), not the wait for the headers.
+            timeouts = response.request.extensions.get("timeout")
+            if isinstance(timeouts, dict):
+                timeouts["read"] = self._idle_timeout_s
+            yield from self._events(response)
+        finally:
+            response.close()
+
+    def _events(self, response: httpx.Response) -> Iterator[list[dict[str, Any]]]:
+        """The stream's events, as a list per network read: what arrived together.
+
+        The runner publishes each list in one Redis round trip and may coalesce its text
+        deltas, which adds no delay, since none of them waits for a later read.
+        """
+        decoder = SSEDecoder()
+        finished = False
+        try:
+            for raw in response.iter_bytes():
+                batch, finished, error = _batch(decoder.decode(raw))
+                if batch:
+                    yield batch
+                if error is not None:
+                    raise error
+                if finished:
+                    return
+            for sse in decoder.flush():
+                event = parse_event(sse)
+                if isinstance(event, dict) and event.get("type") == "message_stop":
+                    yield [event]
+                    finished = True
+        except httpx.HTTPError as exc:
+            if not finished:
+                raise _network_error(exc, in_body=True) from exc
+        if not finished:
+            raise TransientUpstreamError(
+                "the stream ended before message_stop", reason="incomplete_stream"
+            )
+
+    @staticmethod
+    def _read_error_body(response: httpx.Response) -> bytes:
+        body = b""
+        try:
+            for chunk in response.iter_raw():
+                body += chunk
+                if len(body) >= _MAX_ERROR_BODY_BYTES:
+                    break
+        except httpx.HTTPError:
+            pass
+        return body
+
+
+__all__ = ["UpstreamClient", "UpstreamError"]
