@@ -25,7 +25,9 @@ def test_stamp_directive_sets_send_time_on_every_delta(
     stamps = [d["sim_sent_at"] for d in deltas]
     assert all(before <= s <= after for s in stamps)
     assert stamps == sorted(stamps)
-    assert stamps[-1] - stamps[0] >= 4 / 200 * 0.9  # written on the pacing schedule
+    # On the pacing schedule: the fifth token is due 4/200 s after the first. A busy machine
+    # only delays frames (a late first frame lets the rest catch up), so bound from the start.
+    assert stamps[-1] - before >= 4 / 200 * 0.9
     assert all(d["delta"]["type"] == "text_delta" for d in deltas)
 
 
