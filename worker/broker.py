@@ -17,6 +17,9 @@ from typing import Any
 
 import orjson
 
+#: kombu's sorted set of delivered, unacknowledged messages (score: when last seen alive).
+UNACKED_INDEX_KEY = "unacked_index"
+
 #: The one task the workers run; the envelope names it and ``worker.runtime.task`` registers it.
 TASK_NAME = "llmw.run_job"
 

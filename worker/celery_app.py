@@ -10,7 +10,14 @@ from typing import Any
 
 from celery import Celery, signals
 
+from worker.broker import UNACKED_INDEX_KEY
 from worker.settings import Settings, load_settings
+
+
+def restore_interval_s(visibility_s: float) -> float:
+    """How often a worker sweeps for lapsed deliveries and refreshes its own: often enough
+    that a refresh never misses the visibility timeout, and a lapsed one is found soon."""
+    return max(1.0, min(5.0, visibility_s / 6))
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -27,14 +34,16 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # acks with MaxConnectionsError, and unacked jobs come back as duplicates.
         "broker_transport_options": {
             "visibility_timeout": visibility_s,
+            "unacked_index_key": UNACKED_INDEX_KEY,
             "max_connections": settings.concurrency + 32,
             "socket_keepalive": True,
             "health_check_interval": 25,
             # Look for messages whose visibility timeout passed (a killed worker's jobs) every
             # few seconds (one ZRANGE under a mutex), so that recovery after a crash waits for
-            # the visibility timeout, not ten times the sweep (kombu's default throttle).
+            # the visibility timeout, not ten times the sweep (kombu's default throttle). The
+            # same schedule refreshes the deliveries this worker holds (see transport.py).
             "unacked_restore_throttle": 1,
-            "unacked_restore_interval": max(1.0, min(10.0, visibility_s / 4)),
+            "unacked_restore_interval": restore_interval_s(visibility_s),
             # The sweep's mutex outlives a worker killed while sweeping: kombu's 300 s would
             # stop every other worker from recovering jobs for five minutes. Each restore is
             # a WATCH transaction on its own, so overlapping sweeps cannot duplicate a message.
@@ -82,6 +91,21 @@ class LLMWorkerCelery(Celery):
 
 app = LLMWorkerCelery("llm-worker")
 celery = app
+
+
+@signals.worker_init.connect
+def _cooperative_kombu_sleep(**_: Any) -> None:
+    """kombu.utils.functional binds ``time.sleep`` when it is first imported, which Celery's
+    start reaches before gevent (or eventlet) patches ``time``: kombu's broker reconnect loop
+    (``retry_over_time``, 2, 4, ... up to 30 s between attempts) then froze every greenlet of
+    the worker. Measured in a Redis outage: lease renewals, the cancel listener and running
+    streams all stood still for 40 s. Rebind it to the (patched) ``time.sleep``."""
+    import time
+
+    from kombu.utils import functional
+
+    if getattr(functional, "sleep", time.sleep) is not time.sleep:
+        functional.sleep = time.sleep  # type: ignore[attr-defined]
 
 
 @signals.setup_logging.connect

@@ -51,8 +51,10 @@ class SettingsError(LLMWorkerError):
             if not field:
                 # A check across fields has no location; its message starts with the field
                 # the user should change.
+                known = set(fields)
                 words = str(error["msg"]).replace("Value error, ", "").split()
-                field = next((w for w in words if w in set(fields)), "")
+                names = [w.removeprefix(env_prefix).lower() for w in words]
+                field = next((w for w in names if w in known), "")
             name = (env_prefix + field.upper()) if field else f"{env_prefix}* (settings as a whole)"
             detail = ".".join(loc[1:])
             message = error["msg"] + (f" (at {detail})" if detail else "")

@@ -94,9 +94,16 @@ class Settings(BaseSettings):
     idle_timeout_s: PositiveSeconds = 60.0
     job_deadline_s: PositiveSeconds = 900.0
     visibility_timeout_s: PositiveSeconds | None = None
-    lease_ttl_s: PositiveSeconds = 30.0
+    # A running job's lease; its worker renews it every third of this. A killed worker's jobs
+    # are taken over once it lapses.
+    lease_ttl_s: PositiveSeconds = 20.0
     max_deliveries: int = Field(default=5, ge=1)
-    shutdown_grace_s: float = Field(default=30.0, ge=0)
+    # On SIGTERM, how long running streams may go on before they are handed back (LLM
+    # streams of one to three minutes are common; the chart's grace period exceeds this).
+    shutdown_grace_s: float = Field(default=300.0, ge=0)
+    # How long Redis commands retry a lost connection (or LOADING) before the error is
+    # raised; a job that meets it goes back to the queue, it does not fail.
+    redis_retry_s: PositiveSeconds = 30.0
 
     rate_limits: dict[str, RateLimit] = Field(default_factory=dict)
     # The longest a job waits for the limiter inside a worker before it goes back to the
@@ -197,10 +204,21 @@ class Settings(BaseSettings):
                 "processes above 1 is for the gevent, threads and solo pools; prefork already "
                 "runs CONCURRENCY processes"
             )
-        if self.visibility_timeout_s is not None and self.visibility_timeout_s <= self.lease_ttl_s:
+        visibility_s = self.effective_visibility_timeout_s
+        if visibility_s <= self.lease_ttl_s:
             raise ValueError(
-                "visibility_timeout_s must exceed lease_ttl_s, or every running job is "
-                "delivered again before its lease can tell that it is alive"
+                f"{ENV_PREFIX}VISIBILITY_TIMEOUT_S ({visibility_s:g}) must exceed "
+                f"{ENV_PREFIX}LEASE_TTL_S ({self.lease_ttl_s:g}): a delivery comes back when its "
+                "worker stopped refreshing it for that long, and its lease must have lapsed by "
+                "then, or the copy only waits behind it"
+            )
+        if self.result_ttl_s <= 2 * visibility_s:
+            # A job that ended just before its worker died is delivered again after the
+            # visibility timeout; its record must still say that it ended.
+            raise ValueError(
+                f"{ENV_PREFIX}RESULT_TTL_S ({self.result_ttl_s}) must exceed twice "
+                f"{ENV_PREFIX}VISIBILITY_TIMEOUT_S ({visibility_s:g}): an ended job's record "
+                "must outlive any delivery of its message, or the job could run again"
             )
         return self
 
@@ -210,15 +228,16 @@ class Settings(BaseSettings):
 
     @property
     def effective_visibility_timeout_s(self) -> float:
-        """By default redelivery waits longer than any job can live, plus a margin.
+        """How long a delivery whose worker stopped refreshing it stays invisible.
 
-        Leases make a shorter timeout safe (a job delivered while a live worker runs it waits
-        for that worker instead of running twice); shorter means faster recovery from a
-        killed worker, at the cost of parked duplicates for jobs that run longer than it.
+        A worker refreshes every delivery it holds (running, parked or due later) on its
+        restore schedule and with each lease renewal, so this bounds how long a dead worker's
+        jobs wait, not how long a job may run. By default one and a half lease TTLs: the
+        lease has lapsed by the time the message comes back, so the job restarts at once.
         """
         if self.visibility_timeout_s is not None:
             return self.visibility_timeout_s
-        return self.job_deadline_s + 300.0
+        return 1.5 * self.lease_ttl_s
 
     def rate_limit_for(self, key: str) -> RateLimit | None:
         return self.rate_limits.get(key) or self.rate_limits.get("default")

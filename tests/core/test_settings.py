@@ -53,16 +53,17 @@ def test_defaults_match_the_design() -> None:
     assert s.rate_limits == {}
 
 
-def test_default_visibility_timeout_exceeds_the_deadline() -> None:
-    """Without a setting, redelivery waits longer than a job may live."""
+def test_default_visibility_timeout_follows_the_lease_not_the_deadline() -> None:
+    """Without a setting, a lapsed delivery comes back after 1.5 lease TTLs (30 s at the
+    defaults), whatever the deadline: workers refresh what they hold, so it bounds recovery."""
     s = load_settings()
-    assert s.effective_visibility_timeout_s > s.job_deadline_s
-    longer = load_settings(job_deadline_s=5000)
-    assert longer.effective_visibility_timeout_s > 5000
+    assert s.effective_visibility_timeout_s == 1.5 * s.lease_ttl_s == 30
+    assert load_settings(job_deadline_s=5000).effective_visibility_timeout_s == 30
+    assert load_settings(lease_ttl_s=40).effective_visibility_timeout_s == 60
 
 
 def test_explicit_visibility_timeout_is_used() -> None:
-    """A visibility timeout above the deadline is taken as given."""
+    """A visibility timeout above the lease TTL is taken as given."""
     assert load_settings(visibility_timeout_s=1000).effective_visibility_timeout_s == 1000
 
 
@@ -156,13 +157,22 @@ def test_inconsistent_pair_names_the_variable(
     "env",
     [
         {"LLM_WORKER_VISIBILITY_TIMEOUT_S": "20", "LLM_WORKER_LEASE_TTL_S": "30"},
+        {"LLM_WORKER_RESULT_TTL_S": "50", "LLM_WORKER_VISIBILITY_TIMEOUT_S": "30"},
+        {"LLM_WORKER_RESULT_TTL_S": "40"},  # against the default visibility timeout, 30
         {"LLM_WORKER_BACKOFF_BASE_S": "5", "LLM_WORKER_BACKOFF_MAX_S": "1"},
     ],
 )
 def test_inconsistent_pair_is_refused(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
-    """visibility timeout not above the lease TTL, or backoff max below base, is refused."""
+    """A visibility timeout not above the lease TTL, a result TTL not above twice the
+    visibility timeout, or backoff max below base is refused, naming both variables."""
     error = _error(monkeypatch, **env)
     assert "must" in str(error)
+    text = str(error)
+    named = set(env) | (
+        {"LLM_WORKER_VISIBILITY_TIMEOUT_S"} if "LLM_WORKER_RESULT_TTL_S" in env else set()
+    )
+    for name in named - {"LLM_WORKER_BACKOFF_BASE_S", "LLM_WORKER_BACKOFF_MAX_S"}:
+        assert name in text, name
 
 
 def test_several_bad_values_are_all_named(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,6 +12,10 @@ from typing import Any
 import pytest
 import yaml
 
+from worker.settings import Settings
+
+DEFAULT_SHUTDOWN_GRACE_S = str(Settings.model_fields["shutdown_grace_s"].default)
+
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 CLI_SUBCOMMANDS = {"run", "simulate"}  # the `llm-worker` words the stack uses
@@ -200,7 +204,11 @@ def test_worker_grace_period_covers_the_shutdown_grace(config: dict[str, Any]) -
     match = re.fullmatch(r"(?:(\d+)m)?(\d+)s", grace)
     assert match, grace
     seconds = int(match.group(1) or 0) * 60 + int(match.group(2))
-    assert seconds > float(worker["environment"].get("LLM_WORKER_SHUTDOWN_GRACE_S", "30")) + 10
+    assert (
+        seconds
+        > float(worker["environment"].get("LLM_WORKER_SHUTDOWN_GRACE_S", DEFAULT_SHUTDOWN_GRACE_S))
+        + 10
+    )
 
 
 def test_redis_is_durable_and_never_evicts(config: dict[str, Any]) -> None:

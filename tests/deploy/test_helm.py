@@ -10,6 +10,10 @@ import helm_python as helm
 import pytest
 import yaml
 
+from worker.settings import Settings
+
+DEFAULT_SHUTDOWN_GRACE_S = str(Settings.model_fields["shutdown_grace_s"].default)
+
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "llm-worker"
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
@@ -302,7 +306,9 @@ def test_grace_period_exceeds_the_shutdown_grace(
 ) -> None:
     """terminationGracePeriodSeconds leaves the worker its SHUTDOWN_GRACE_S and time to exit."""
     objects = rendered[name]
-    shutdown_grace = float(config_data(objects).get("LLM_WORKER_SHUTDOWN_GRACE_S", "30"))
+    shutdown_grace = float(
+        config_data(objects).get("LLM_WORKER_SHUTDOWN_GRACE_S", DEFAULT_SHUTDOWN_GRACE_S)
+    )
     grace = only(objects, "Deployment", "worker")["spec"]["template"]["spec"][
         "terminationGracePeriodSeconds"
     ]
@@ -442,13 +448,13 @@ BAD_VALUES = [
         id="keda-and-hpa",
     ),
     pytest.param(
-        {"terminationGracePeriodSeconds": 40},
-        ["terminationGracePeriodSeconds (40) must be greater than", "SHUTDOWN_GRACE_S (30) + 10"],
+        {"terminationGracePeriodSeconds": 300},
+        ["terminationGracePeriodSeconds (300) must be greater than", "SHUTDOWN_GRACE_S (300) + 10"],
         id="grace-without-margin",
     ),
     pytest.param(
-        {"config": {"LLM_WORKER_SHUTDOWN_GRACE_S": "120"}},
-        ["terminationGracePeriodSeconds (60) must be greater than", "SHUTDOWN_GRACE_S (120)"],
+        {"config": {"LLM_WORKER_SHUTDOWN_GRACE_S": "400"}},
+        ["terminationGracePeriodSeconds (330) must be greater than", "SHUTDOWN_GRACE_S (400)"],
         id="shutdown-grace-above-pod-grace",
     ),
     pytest.param(
@@ -465,8 +471,8 @@ BAD_VALUES = [
         id="api-key-in-config",
     ),
     pytest.param(
-        {"config": {"LLM_WORKER_VISIBILITY_TIMEOUT_S": "20"}},
-        ["LLM_WORKER_VISIBILITY_TIMEOUT_S (20) must be greater than", "LEASE_TTL_S (30)"],
+        {"config": {"LLM_WORKER_VISIBILITY_TIMEOUT_S": "15"}},
+        ["LLM_WORKER_VISIBILITY_TIMEOUT_S (15) must be greater than", "LEASE_TTL_S (20)"],
         id="visibility-below-lease",
     ),
     pytest.param(

@@ -17,7 +17,11 @@ pytestmark = pytest.mark.integration
 
 def test_expired_batches_leave_the_list(redis_url: str) -> None:
     settings = load_settings(
-        redis_url=redis_url, key_prefix=f"llmw-bl-{uuid.uuid4().hex[:6]}", result_ttl_s=5
+        redis_url=redis_url,
+        key_prefix=f"llmw-bl-{uuid.uuid4().hex[:6]}",
+        result_ttl_s=5,
+        lease_ttl_s=1,  # a result TTL of 5 s must exceed twice the visibility timeout
+        visibility_timeout_s=2,
     )
 
     async def main() -> tuple[list[str], bool, int]:

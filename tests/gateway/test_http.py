@@ -39,8 +39,7 @@ TOOL: dict[str, Any] = {
 }
 
 
-@pytest.fixture(scope="module")
-def gateway_url(worker: WorkerProcess) -> Iterator[str]:
+def start_gateway(worker: WorkerProcess, **extra: str) -> tuple[subprocess.Popen[bytes], str]:
     """The gateway in its own process, on the worker's Redis, with two producer keys."""
     port = free_port()
     env = {
@@ -48,6 +47,7 @@ def gateway_url(worker: WorkerProcess) -> Iterator[str]:
         "LLM_WORKER_GATEWAY_API_KEYS": f"{GATEWAY_KEY}, second-key",
         "LLM_WORKER_MAX_REQUEST_BYTES": "65536",
         "LLM_WORKER_GATEWAY_MAX_BODY_BYTES": "262144",
+        **extra,
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "worker.cli", "gateway", "--port", str(port)],
@@ -67,6 +67,12 @@ def gateway_url(worker: WorkerProcess) -> Iterator[str]:
             return False
 
     wait_for(up, 30, "the gateway")
+    return proc, url
+
+
+@pytest.fixture(scope="module")
+def gateway_url(worker: WorkerProcess) -> Iterator[str]:
+    proc, url = start_gateway(worker)
     yield url
     stop_process(proc)
 
@@ -334,3 +340,22 @@ def test_message_events_rebuild_a_non_streamed_message() -> None:
         snapshot = accumulate(snapshot, event)
     assert snapshot is not None
     assert _clean(final_message(snapshot)) == _clean(message)
+
+
+def test_a_job_that_passes_its_deadline_is_a_504_the_sdk_does_not_retry(
+    worker: WorkerProcess,
+) -> None:
+    """A request whose job expires (JOB_DEADLINE_S=3 at the gateway, an upstream that holds
+    the answer 30 s) is answered 504 timeout_error with x-should-retry: false, never 500."""
+    proc, url = start_gateway(worker, LLM_WORKER_JOB_DEADLINE_S="3")
+    try:
+        body = make_request("held [[sim fault=pings]]", stream=False)
+        response = httpx.post(
+            f"{url}/v1/messages", json=body, headers={"x-api-key": GATEWAY_KEY}, timeout=30
+        )
+    finally:
+        stop_process(proc)
+    assert response.status_code == 504
+    assert response.headers["x-should-retry"] == "false"
+    assert response.json()["error"]["type"] == "timeout_error"
+    assert response.headers["llm-worker-job-id"]

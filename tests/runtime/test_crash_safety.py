@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -188,20 +187,19 @@ def test_sigterm_lets_streaming_jobs_finish_and_hands_back_a_job_in_backoff(
             30,
             "the backoff",
         )
-        signalled = time.monotonic()
         first.proc.send_signal(signal.SIGTERM)
         first.proc.wait(timeout=30)
-        exited_after_s = time.monotonic() - signalled
         for job in streams:  # finished by the first worker, in one attempt
             events = _events(job)
             assert _terminals(events) == [ev.COMPLETED]
             assert [e["type"] for e in events].count(ev.STARTED) == 1
         assert waiting.status()["state"] == "queued"
+        # Handed back, not waited out: after the 20 s backoff the first worker would have
+        # completed it (the fault hits the first request only) before exiting.
         assert _terminals(_so_far(waiting)) == []
         workers.append(_start(env))
         assert waiting.result(timeout=60)["usage"]["output_tokens"] == 3
         assert _terminals(_events(waiting)) == [ev.COMPLETED]
-    assert exited_after_s < 15  # not the 20 s backoff
 
 
 def test_sigterm_hands_back_a_job_in_backoff_under_prefork(
@@ -226,11 +224,9 @@ def test_sigterm_hands_back_a_job_in_backoff_under_prefork(
         prompt = f"prefork backoff {uuid.uuid4().hex} [[sim tokens=3 fault=503 fault_times=1]]"
         waiting = client.submit(make_request(prompt))
         wait_for(lambda: any(e["type"] == ev.RETRY for e in _so_far(waiting)), 30, "the backoff")
-        signalled = time.monotonic()
         first.proc.send_signal(signal.SIGTERM)
         first.proc.wait(timeout=30)
-        assert time.monotonic() - signalled < 15  # not the 20 s backoff
-        assert waiting.status()["state"] == "queued"
+        assert waiting.status()["state"] == "queued"  # handed back, not waited out
         workers.append(_start(env))
         assert waiting.result(timeout=60)["usage"]["output_tokens"] == 3
         assert _terminals(_events(waiting)) == [ev.COMPLETED]
@@ -248,11 +244,9 @@ def test_sigterm_past_the_grace_hands_a_stalled_stream_back(
         prompt = f"grace {uuid.uuid4().hex} [[sim tokens=10 fault=stall fault_times=1]]"
         job = client.submit(make_request(prompt))
         wait_for(lambda: _streaming([job]) == 1, 30, "the stream")
-        signalled = time.monotonic()
         first.proc.send_signal(signal.SIGTERM)
         first.proc.wait(timeout=30)
-        assert time.monotonic() - signalled < 10  # the stall lasts 30 s
-        assert job.status()["state"] == "queued"
+        assert job.status()["state"] == "queued"  # interrupted at the grace, not waited out
         workers.append(_start(env))
         assert job.result(timeout=60)["usage"]["output_tokens"] == 10
         events = _events(job)

@@ -143,7 +143,14 @@ def submit_calls(
     for job_id, request, meta in zip(
         submission.ids, submission.requests, submission.metadata, strict=True
     ):
-        payload = {"job_id": job_id, "request": request, "submitted_at": now}
+        # The message carries its deadline: a worker judges it even if the record is gone.
+        deadline_at = now + settings.job_deadline_s
+        payload = {
+            "job_id": job_id,
+            "request": request,
+            "submitted_at": now,
+            "deadline_at": deadline_at,
+        }
         message = task_message(job_id, payload, queue=settings.queue)
         calls.append(
             ScriptCall(
@@ -156,7 +163,7 @@ def submit_calls(
                     orjson.dumps(dict(meta or {})),
                     queued_ttl_s,
                     message if same_redis else "",
-                    now + settings.job_deadline_s,
+                    deadline_at,
                 ],
                 payload=payload,
                 message=message,

@@ -125,7 +125,9 @@ class EmbeddedRedis:
         finally:
             client.close()
 
-    def stop(self) -> None:
+    def stop(self, *, keep_data: bool = False) -> None:
+        """Stop the server (SIGTERM: with AOF on, it syncs first); the directory we made is
+        removed unless ``keep_data`` (to :meth:`start` again on the same data)."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -133,14 +135,12 @@ class EmbeddedRedis:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        if self._own_dir:
+        if self._own_dir and not keep_data:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def restart(self) -> None:
         """Stop and start again on the same port and directory (the AOF survives)."""
-        own, self._own_dir = self._own_dir, False
-        self.stop()
-        self._own_dir = own
+        self.stop(keep_data=True)
         self.start()
 
     def __enter__(self) -> EmbeddedRedis:

@@ -42,6 +42,10 @@ PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
 JOB_ID_HEADER = "llm-worker-job-id"
 
 
+#: The Anthropic SDKs honour it over their own retry rules.
+SHOULD_RETRY_HEADER = "x-should-retry"
+
+
 class HTTPProblem(Exception):
     def __init__(self, status: int, error_type: str, message: str) -> None:
         self.status = status
@@ -131,7 +135,24 @@ class Gateway:
                 kind = ev.EXPIRED
             error = relay.terminal_error({"type": kind, "error": exc.error})
             status = relay.http_status(exc.error, kind)
-            return _json(error_response(error), status, self._headers(job))
+            headers = self._headers(job)
+            if kind == ev.EXPIRED:
+                # The SDKs retry a 504 as a new request, i.e. a new job past the same deadline.
+                headers[SHOULD_RETRY_HEADER] = "false"
+            return _json(error_response(error), status, headers)
+        except TimeoutError:
+            # The gateway's own wait ended (JOB_DEADLINE_S + 60 s): the job goes on and its
+            # result can still be read; a retry would start it a second time.
+            message_text = (
+                f"the job did not end within the gateway's wait of {self.wait_s:g} s; it goes "
+                f"on: GET /v1/jobs/{job.job_id}"
+            )
+            headers = {**self._headers(job), SHOULD_RETRY_HEADER: "false"}
+            error = {"type": "timeout_error", "message": message_text}
+            return _json(error_response(error), 504, headers)
+        except JobNotFound as exc:
+            # The job's records vanished while we waited (expired, or Redis lost them).
+            raise HTTPProblem(404, "not_found_error", str(exc)) from None
         return _json(message, headers=self._headers(job))
 
     def _headers(self, job: AsyncJob) -> dict[str, str]:

@@ -32,6 +32,12 @@ redis.call('XADD', KEYS[2], '*', 'data', event)
 redis.call('PUBLISH', KEYS[3], event)
 redis.call('PUBLISH', KEYS[4], event)
 redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
+-- The record is the job's tombstone: its message still waits in the queue, and a worker that
+-- takes it must find the job ended. So never shorten its life (set at submission to outlive
+-- the deadline, past which any delivery ends the job without a call), only extend it.
+for i = 1, 2 do
+  if redis.call('TTL', KEYS[i]) < tonumber(ARGV[3]) then
+    redis.call('EXPIRE', KEYS[i], ARGV[3])
+  end
+end
 return 'cancelled'

@@ -8,12 +8,16 @@
 -- ARGV[8] '1': also start the next attempt when nothing stands in its way (no cancel, deadline
 --         not passed, not taken over from a dead worker): write its `started` event, as
 --         the worker would have in its next round trip   ARGV[9] job id   ARGV[10] result ttl s
+-- ARGV[11] the message's submission time, ARGV[12] its deadline (epoch seconds, or '' when
+--          the message predates them): a job whose record is gone is judged by its message
 -- Returns {state before, deliveries, attempts, last seq, cancel requested (0/1), deadline,
 --          lease wait ms, first start (1 when no worker had started the job before),
 --          type of the job's last event, started (1 when this call started an attempt; the
 --          attempts and last seq returned then include it)}. State before is queued, running (taken over from a worker that
 -- died or let its lease lapse), missing, a terminal state, 'leased' (a live worker runs it:
 -- wait lease wait ms and ask again) or 'poison' (delivered more than the limit allows).
+-- The same call again with the same token (its reply was lost and the client retried it)
+-- answers what the first call did, without counting a second delivery.
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'completed' or state == 'failed' or state == 'cancelled' or state == 'expired' then
   return {state, 0, 0, 0, 0, '', 0}
@@ -21,6 +25,25 @@ end
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local holder = redis.call('HGET', KEYS[1], 'lease')
+if holder and holder == ARGV[5] and state == 'running' then
+  local before = redis.call('HMGET', KEYS[1], 'claim_before', 'claim_first', 'claim_started',
+    'deliveries', 'attempts', 'cancel_requested', 'deadline_at')
+  local seq, last_type = 0, ''
+  local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+  if last[1] then
+    local fields = last[1][2]
+    for i = 1, #fields, 2 do
+      if fields[i] == 'data' then
+        local event = cjson.decode(fields[i + 1])
+        seq = event['seq'] or 0
+        last_type = event['type'] or ''
+      end
+    end
+  end
+  return {before[1] or 'running', tonumber(before[4] or '0'), tonumber(before[5] or '0'), seq,
+    before[6] and 1 or 0, before[7] or '', 0, tonumber(before[2] or '0'), last_type,
+    tonumber(before[3] or '0')}
+end
 if holder and holder ~= ARGV[5] then
   local until_ms = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
   if until_ms > now_ms then
@@ -28,8 +51,14 @@ if holder and holder ~= ARGV[5] then
   end
 end
 if not state then
-  -- The hash expired or the message was pushed by hand: keep a record of the job anyway.
-  redis.call('HSET', KEYS[1], 'submitted_at', ARGV[1], 'model', ARGV[3], 'attempts', 0)
+  -- The record is gone (expired, lost with a Redis that kept nothing, or a message pushed by
+  -- hand): keep one, judged by what the message says. A message past its deadline ends
+  -- expired; it never reaches the upstream.
+  local submitted = ARGV[11] ~= '' and ARGV[11] or ARGV[1]
+  redis.call('HSET', KEYS[1], 'submitted_at', submitted, 'model', ARGV[3], 'attempts', 0)
+  if ARGV[12] and ARGV[12] ~= '' then
+    redis.call('HSET', KEYS[1], 'deadline_at', ARGV[12])
+  end
   state = 'missing'
 end
 local deliveries = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
@@ -60,10 +89,10 @@ if last[1] then
     end
   end
 end
-local started = 0
 local fresh = state == 'queued' or state == 'missing' or (state == 'running' and attempts == 0)
 local now = tonumber(ARGV[1])
 local deadline_at = tonumber(deadline)
+local started = 0
 if ARGV[8] == '1' and fresh and cancel == 0 and (not deadline_at or now < deadline_at) then
   attempts = attempts + 1
   seq = seq + 1
@@ -82,4 +111,6 @@ if ARGV[8] == '1' and fresh and cancel == 0 and (not deadline_at or now < deadli
   started = 1
   last_type = 'started'
 end
+-- What this claim answered, for the same call retried after a lost reply.
+redis.call('HSET', KEYS[1], 'claim_before', state, 'claim_first', first, 'claim_started', started)
 return {state, deliveries, attempts, seq, cancel, deadline, 0, first, last_type, started}

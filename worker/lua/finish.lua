@@ -4,11 +4,20 @@
 -- KEYS[5] result key   KEYS[6] dead-letter stream (a failure to keep, else absent)
 -- ARGV[1] state   ARGV[2] event JSON   ARGV[3] final message JSON or ''   ARGV[4] ttl
 -- ARGV[5] now   ARGV[6] usage JSON or ''   ARGV[7] error JSON or ''   ARGV[8] stop_reason or ''
--- ARGV[9] job id   ARGV[10] dead-letter reason   ARGV[11] dead-letter payload (with KEYS[6])
--- Returns 1 when this call ended the job, 0 when it had ended before.
+-- ARGV[9] the writer's lease token, or '' for a writer that holds none (a job rejected
+-- before it ran)   ARGV[10] job id   ARGV[11] dead-letter reason   ARGV[12] dead-letter
+-- payload (with KEYS[6])
+-- Returns 1 when this call ended the job, 0 when it had ended before, -1 when another worker
+-- holds its lease now (this writer lost it without knowing: the job is not its to end).
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'completed' or state == 'failed' or state == 'cancelled' or state == 'expired' then
   return 0
+end
+if ARGV[9] ~= '' then
+  local holder = redis.call('HGET', KEYS[1], 'lease')
+  if holder and holder ~= ARGV[9] then
+    return -1
+  end
 end
 redis.call('XADD', KEYS[2], '*', 'data', ARGV[2])
 redis.call('PUBLISH', KEYS[3], ARGV[2])
@@ -24,7 +33,7 @@ redis.call('HDEL', KEYS[1], 'worker', 'lease', 'lease_until')
 if KEYS[6] then
   -- In the same step as the end, so whoever sees the failure also finds its dead letter.
   redis.call('XADD', KEYS[6], 'MAXLEN', '~', 100000, '*',
-    'job_id', ARGV[9], 'reason', ARGV[10], 'payload', ARGV[11], 'ts', ARGV[5])
+    'job_id', ARGV[10], 'reason', ARGV[11], 'payload', ARGV[12], 'ts', ARGV[5])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])

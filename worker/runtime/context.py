@@ -6,16 +6,19 @@ Built on first use in each process (prefork children build their own after the f
 from __future__ import annotations
 
 import os
+import random
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from functools import cached_property
 
 import redis
-from redis.backoff import EqualJitterBackoff
+from redis.backoff import AbstractBackoff
 from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 from redis.retry import Retry
 
+from worker.broker import UNACKED_INDEX_KEY, is_redis_broker
 from worker.keys import Keys
 from worker.ratelimit.gate import RateLimitGate
 from worker.runtime.job_store import WorkerStore
@@ -23,21 +26,46 @@ from worker.runtime.leases import LeaseKeeper
 from worker.runtime.upstream import UpstreamClient
 from worker.settings import Settings
 
-#: Ride out a Redis restart (a connection refused, then LOADING while the AOF replays) for
-#: about half a minute before a command fails; every write we retry is idempotent or a
-#: script that checks state first.
-REDIS_RETRIES = 12
+
+class WindowBackoff(AbstractBackoff):
+    """Doubling waits from 0.1 s up to 2 s, jittered; :func:`retries_for` counts how many of
+    them cover a retry window."""
+
+    CAP_S = 2.0
+    BASE_S = 0.1
+
+    def reset(self) -> None:
+        pass
+
+    def compute(self, failures: int) -> float:
+        step = min(self.CAP_S, self.BASE_S * 2 ** min(failures, 16))
+        return float(step / 2 + random.uniform(0, step / 2))
 
 
-def redis_client(settings: Settings, *, max_connections: int | None = None) -> redis.Redis[bytes]:
-    """A client whose pool blocks rather than fails when every connection is busy."""
+def retries_for(window_s: float) -> int:
+    """Retries whose longest waits add up to ``window_s`` (the window is a bound, not a sum
+    of the jittered waits, which are between half and all of each step)."""
+    total, failures = 0.0, 0
+    while total < window_s:
+        failures += 1
+        total += min(WindowBackoff.CAP_S, WindowBackoff.BASE_S * 2 ** min(failures, 16))
+    return failures
+
+
+def redis_client(
+    settings: Settings, *, url: str | None = None, max_connections: int | None = None
+) -> redis.Redis[bytes]:
+    """A client whose pool blocks rather than fails when every connection is busy, and that
+    rides out a Redis restart (refused connections, then LOADING while the AOF replays) for
+    ``REDIS_RETRY_S``; every write we retry is idempotent or a script that checks state first.
+    """
     pool = redis.BlockingConnectionPool.from_url(
-        str(settings.redis_url),
+        url or str(settings.redis_url),
         max_connections=max_connections or settings.concurrency + 16,
         timeout=30,
         socket_keepalive=True,
         health_check_interval=25,
-        retry=Retry(EqualJitterBackoff(cap=4.0, base=0.1), REDIS_RETRIES),
+        retry=Retry(WindowBackoff(), retries_for(settings.redis_retry_s)),
         retry_on_error=[ConnectionError, TimeoutError, BusyLoadingError],
     )
     return redis.Redis(connection_pool=pool)
@@ -69,15 +97,42 @@ _lock = threading.Lock()
 _runtimes: dict[int, Runtime] = {}
 
 
+def delivery_clock(settings: Settings, results: redis.Redis[bytes]) -> DeliveryClock | None:
+    """What refreshes a running job's delivery with its lease: on the broker's Redis (the
+    results Redis when they are one); None for a broker other than Redis."""
+    broker = settings.effective_broker_url
+    if broker == str(settings.redis_url):
+        return DeliveryClock(results)
+    if is_redis_broker(broker):
+        return DeliveryClock(redis_client(settings, url=broker, max_connections=4))
+    return None
+
+
+class DeliveryClock:
+    """Marks deliveries as alive in kombu's ``unacked_index`` (score: last seen alive)."""
+
+    def __init__(self, client: redis.Redis[bytes]) -> None:
+        self.client = client
+
+    def touch(self, tags: list[str]) -> None:
+        # XX: a delivery acked meanwhile is not added back.
+        self.client.zadd(UNACKED_INDEX_KEY, dict.fromkeys(tags, time.time()), xx=True)
+
+
 def build_runtime(settings: Settings) -> Runtime:
     client = redis_client(settings)
     store = WorkerStore(client, Keys(settings.key_prefix), result_ttl_s=settings.result_ttl_s)
+    clock = delivery_clock(settings, client)
     return Runtime(
         settings=settings,
         store=store,
         upstream=UpstreamClient(settings),
         hostname=f"{socket.gethostname()}:{os.getpid()}",
-        leases=LeaseKeeper(store, lease_ttl_s=settings.lease_ttl_s),
+        leases=LeaseKeeper(
+            store,
+            lease_ttl_s=settings.lease_ttl_s,
+            touch_deliveries=clock.touch if clock is not None else None,
+        ),
     )
 
 

@@ -14,6 +14,7 @@ import orjson
 import redis
 
 from worker import events as ev
+from worker.errors import LLMWorkerError
 from worker.keys import Keys
 from worker.runtime.group_commit import GroupCommitter, Pending
 from worker.store import JobStore, load_lua, payload_bytes, text
@@ -46,6 +47,18 @@ class Claim:
         return self.state_before in ev.TERMINAL_TYPES
 
 
+class LeaseLost(LLMWorkerError):
+    """Another worker holds this job's lease now: this one lost it without knowing (frozen
+    past its TTL) and may neither extend nor end the job."""
+
+
+def is_lease_lost(exc: BaseException) -> bool:
+    """True for :class:`LeaseLost` and for an event write that ``append.lua`` refused."""
+    if isinstance(exc, LeaseLost):
+        return True
+    return isinstance(exc, redis.ResponseError) and str(exc).startswith("LEASE_LOST")
+
+
 class WorkerStore(JobStore):
     """:class:`~worker.store.JobStore` with what only a worker does to a job."""
 
@@ -55,6 +68,7 @@ class WorkerStore(JobStore):
         self._finish = client.register_script(load_lua("finish.lua"))
         self._renew = client.register_script(load_lua("renew.lua"))
         self._release = client.register_script(load_lua("release.lua"))
+        self._append_body = load_lua("append.lua")
         self._writer = GroupCommitter(client)
 
     def claim(
@@ -68,11 +82,15 @@ class WorkerStore(JobStore):
         lease_ttl_s: float,
         max_deliveries: int,
         start_attempt: bool = False,
+        submitted_at: float | None = None,
+        deadline_at: float | None = None,
     ) -> Claim:
         """Take the job's lease (see ``claim.lua``) unless a live worker holds it.
 
         With ``start_attempt`` the same step starts the next attempt when nothing stands in
         its way (cancel, deadline, a takeover): one round trip fewer per job.
+        ``submitted_at`` and ``deadline_at`` come from the message: a job whose record is gone
+        is judged by them (past its deadline, it ends ``expired`` without a call).
         """
         raw = self._claim(
             keys=[self.keys.job(job_id), self.keys.events(job_id), self.keys.channel(job_id)],
@@ -87,6 +105,8 @@ class WorkerStore(JobStore):
                 1 if start_attempt else 0,
                 job_id,
                 self.result_ttl_s,
+                "" if submitted_at is None else submitted_at,
+                "" if deadline_at is None else deadline_at,
             ],
         )
         state, deliveries, attempts, seq, cancel, deadline, wait_ms = raw[:7]
@@ -123,40 +143,50 @@ class WorkerStore(JobStore):
         )
         return [int(x) for x in raw]
 
-    def release(self, job_id: str, token: str) -> bool:
-        """Give a running job back to the queue (shutdown); False if the lease was not ours."""
-        return bool(self._release(keys=[self.keys.job(job_id)], args=[token]))
+    def release(self, job_id: str, token: str, *, attempts: int | None = None) -> bool:
+        """Give a running job back to the queue (shutdown, a postponement); False if the lease
+        was not ours. ``attempts``: what the job hash should count (a postponed attempt that
+        never reached the upstream does not)."""
+        args = [token, "" if attempts is None else attempts]
+        return bool(self._release(keys=[self.keys.job(job_id)], args=args))
 
     def publish(
         self,
         job_id: str,
         events: list[dict[str, Any]],
         *,
+        token: str,
         hash_fields: dict[str, Any] | None = None,
         expire_s: int | None = None,
         pending: Pending | None = None,
     ) -> None:
-        """Append events to the job's stream and channel; returns once they are stored, or
-        at once with ``pending`` (the job settles it before its end).
+        """Append events to the job's stream and channel while ``token`` holds its lease
+        (``append.lua``); returns once they are stored, or at once with ``pending`` (the job
+        settles it before its end). A writer that lost the lease gets a ``LEASE_LOST``
+        :class:`redis.ResponseError` (:func:`is_lease_lost`), now or when it settles.
 
         The round trip is shared with every other job of the process that writes at the same
         time (:mod:`worker.runtime.group_commit`).
         """
-        stream, channel = self.keys.events(job_id), self.keys.channel(job_id)
-        commands: list[tuple[Any, ...]] = []
-        for event in events:
-            data = ev.dumps(event)
-            commands.append(("XADD", stream, "*", "data", data))
-            commands.append(("PUBLISH", channel, data))
-        if hash_fields:
-            flat = [part for item in hash_fields.items() for part in item]
-            commands.append(("HSET", self.keys.job(job_id), *flat))
-        if expire_s is not None:
-            commands.append(("EXPIRE", stream, expire_s))
+        k = self.keys
+        flat = [part for item in (hash_fields or {}).items() for part in item]
+        command = (
+            "EVAL",
+            self._append_body,
+            3,
+            k.job(job_id),
+            k.events(job_id),
+            k.channel(job_id),
+            token,
+            "" if expire_s is None else expire_s,
+            len(flat) // 2,
+            *flat,
+            *(ev.dumps(event) for event in events),
+        )
         if pending is None:
-            self._writer.write(commands)
+            self._writer.write([command])
         else:
-            pending.add(self._writer.post(commands))
+            pending.add(self._writer.post([command]))
 
     def finish(
         self,
@@ -168,11 +198,13 @@ class WorkerStore(JobStore):
         error: dict[str, Any] | None = None,
         stop_reason: str | None = None,
         dead_letter: tuple[str, Any] | None = None,
+        token: str = "",
     ) -> bool:
         """Write the terminal event and state; False when the job had ended already.
 
         ``dead_letter`` is ``(reason, payload)``: kept in the dead-letter stream in the same
-        step when this call ends the job.
+        step when this call ends the job. With ``token`` (the writer's lease), raises
+        :class:`LeaseLost` when another worker holds the job's lease now.
         """
         k = self.keys
         keys = [k.job(job_id), k.events(job_id), k.channel(job_id), k.results_channel]
@@ -193,9 +225,12 @@ class WorkerStore(JobStore):
                 orjson.dumps(usage) if usage is not None else "",
                 orjson.dumps(error) if error is not None else "",
                 stop_reason or "",
+                token,
                 *dlq_args,
             ],
         )
+        if int(ended) == -1:
+            raise LeaseLost(job_id)
         return bool(ended)
 
     def dead_letter(self, *, job_id: str, reason: str, payload: Any, maxlen: int = 100_000) -> None:

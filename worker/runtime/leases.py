@@ -13,6 +13,8 @@ The keeper also stops running jobs early, through their :class:`JobHandle`:
 * ``cancelled``: ``cancel.lua`` publishes the job id on the cancels channel, which every
   keeper listens to; the renew call also reports cancel flags, which covers messages missed
   while the subscriber reconnected;
+* ``expired``: the job reached its deadline; a watchdog looks every ``DEADLINE_TICK_S``, so a
+  stream that keeps sending ``ping`` events (per-read timeouts never fire) still ends;
 * ``lease_lost``: another worker holds the lease now (this process was frozen too long);
 * ``shutdown``: the worker is stopping; jobs waiting (backoff, limiter, parked duplicates)
   are handed back at once, streaming jobs when ``SHUTDOWN_GRACE_S`` runs out.
@@ -38,15 +40,23 @@ from worker.store import text
 
 log = structlog.get_logger("worker.runtime.leases")
 
-StopReason = Literal["cancelled", "lease_lost", "shutdown"]
+StopReason = Literal["cancelled", "expired", "lease_lost", "shutdown"]
+
+#: How often the keeper looks for running jobs past their deadline.
+DEADLINE_TICK_S = 0.25
 
 
 class JobHandle:
     """One running job's lease token and its stop signal."""
 
-    def __init__(self, job_id: str, token: str) -> None:
+    def __init__(self, job_id: str, token: str, delivery_tag: str | None = None) -> None:
         self.job_id = job_id
         self.token = token
+        #: The broker's tag of the message being run: refreshed with the lease, so that the
+        #: delivery stays invisible to the visibility sweep while the lease is alive.
+        self.delivery_tag = delivery_tag
+        #: When the job must end (epoch seconds); the keeper stops it then (``expired``).
+        self.deadline_at: float | None = None
         self.stop_reason: StopReason | None = None
         self.draining = False
         self._wake = threading.Event()
@@ -98,9 +108,16 @@ def new_token(hostname: str) -> str:
 class LeaseKeeper:
     """Renews this process's leases and relays stop signals to its running jobs."""
 
-    def __init__(self, store: WorkerStore, *, lease_ttl_s: float) -> None:
+    def __init__(
+        self,
+        store: WorkerStore,
+        *,
+        lease_ttl_s: float,
+        touch_deliveries: Callable[[list[str]], None] | None = None,
+    ) -> None:
         self.store = store
         self.lease_ttl_s = lease_ttl_s
+        self._touch_deliveries = touch_deliveries
         self.draining = False
         self._jobs: dict[str, JobHandle] = {}
         self._lock = threading.Lock()
@@ -113,8 +130,8 @@ class LeaseKeeper:
 
     # -- jobs ----------------------------------------------------------------------------
 
-    def register(self, job_id: str, token: str) -> JobHandle:
-        handle = JobHandle(job_id, token)
+    def register(self, job_id: str, token: str, delivery_tag: str | None = None) -> JobHandle:
+        handle = JobHandle(job_id, token, delivery_tag)
         with self._lock:
             self._jobs[job_id] = handle
             if not self._started:
@@ -180,7 +197,11 @@ class LeaseKeeper:
     # -- background work -----------------------------------------------------------------
 
     def _start_threads(self) -> None:
-        loops = ((self._renew_loop, "llmw-leases"), (self._listen_loop, "llmw-cancels"))
+        loops = (
+            (self._renew_loop, "llmw-leases"),
+            (self._listen_loop, "llmw-cancels"),
+            (self._deadline_loop, "llmw-deadlines"),
+        )
         for target, name in loops:
             threading.Thread(target=target, name=name, daemon=True).start()
 
@@ -191,6 +212,7 @@ class LeaseKeeper:
         results = self.store.renew(
             [(h.job_id, h.token) for h in handles], lease_ttl_s=self.lease_ttl_s
         )
+        held: list[str] = []
         for handle, result in zip(handles, results, strict=True):
             with self._lock:
                 if self._jobs.get(handle.job_id) is not handle:
@@ -198,8 +220,13 @@ class LeaseKeeper:
             if result == 0:
                 log.warning("lease_lost", job_id=handle.job_id)
                 handle.stop("lease_lost")
-            elif result == 2:
+                continue
+            if result == 2:
                 handle.stop("cancelled")
+            if handle.delivery_tag:
+                held.append(handle.delivery_tag)
+        if held and self._touch_deliveries is not None:
+            self._touch_deliveries(held)
 
     def _renew_loop(self) -> None:
         interval_s = self.lease_ttl_s / 3
@@ -222,6 +249,17 @@ class LeaseKeeper:
             except redis.RedisError as exc:
                 # Leases last three renew intervals: one failed renewal costs nothing.
                 log.warning("lease_renew_failed", error=type(exc).__name__)
+
+    def expire_due(self, now: float | None = None) -> None:
+        """Stop every running job whose deadline has passed."""
+        now = time.time() if now is None else now
+        for handle in self.handles():
+            if handle.deadline_at is not None and now >= handle.deadline_at:
+                handle.stop("expired")
+
+    def _deadline_loop(self) -> None:
+        while not self._closed.wait(DEADLINE_TICK_S):
+            self.expire_due()
 
     def _listen_loop(self) -> None:
         channel = self.store.keys.cancels_channel

@@ -21,7 +21,7 @@ from worker.runtime.accumulate import AccumulateError, accumulate, final_message
 from worker.runtime.coalesce import coalesce
 from worker.runtime.context import Runtime
 from worker.runtime.group_commit import Pending
-from worker.runtime.job_store import Claim
+from worker.runtime.job_store import Claim, is_lease_lost
 from worker.runtime.leases import JobHandle
 from worker.runtime.retry_policy import backoff_delay_s, should_give_up
 
@@ -63,10 +63,13 @@ class JobRunner:
         self.started_at = time.time()
         self.submitted_at = submitted_at
         self.deadline_at = claim.deadline_at or (self.started_at + self.settings.job_deadline_s)
+        handle.deadline_at = self.deadline_at  # the keeper's watchdog ends a call at it
         self._stream_expire_set = claim.started  # claim.lua set it with the started event
         #: Chunk writes posted without waiting (:mod:`worker.runtime.group_commit`); settled before
         #: any other write of the job, so its events stay in order.
         self._pending = Pending()
+        #: What the job hash counts once the task releases the job (a postponed attempt).
+        self.released_attempts: int | None = None
 
     # -- writing events ------------------------------------------------------------------
 
@@ -88,6 +91,7 @@ class JobRunner:
         self.rt.store.publish(
             self.job_id,
             events,
+            token=self.handle.token,
             hash_fields=hash_fields or None,
             expire_s=expire,
             pending=None if wait else self._pending,
@@ -113,6 +117,7 @@ class JobRunner:
             error=error,
             stop_reason=message.get("stop_reason") if message else None,
             dead_letter=dead_letter,
+            token=self.handle.token,
         )
         if ended:
             m.JOBS_FINISHED.labels(self.model, type_).inc()
@@ -129,6 +134,12 @@ class JobRunner:
     def run(self) -> None:
         try:
             self._run()
+        except Exception as exc:
+            if not is_lease_lost(exc):
+                raise
+            # Frozen past the lease's TTL: another worker took the job over, and its writes
+            # are the job's now. Nothing of ours was stored after the takeover.
+            log.warning("job_left_to_lease_holder", detail="lease lost while writing")
         finally:
             # Whatever ends the job here, its chunks are stored before anyone reads the
             # stream's position (a crash of ours is ended by the task, a hand-back by the
@@ -140,15 +151,7 @@ class JobRunner:
             self._finish(ev.CANCELLED, self.claim.attempts)
             return
         if time.time() >= self.deadline_at:
-            self._finish(
-                ev.EXPIRED,
-                self.claim.attempts,
-                error={
-                    "type": "expired",
-                    "message": "the job passed its deadline",
-                    "status_code": None,
-                },
-            )
+            self._expire(self.claim.attempts)
             return
         if self.claim.state_before == "running" and self.claim.attempts > 0:
             if self.claim.last_event_type == ev.CHUNK and not self.settings.retry_mid_stream:
@@ -203,7 +206,7 @@ class JobRunner:
                 return
             except UpstreamError as exc:
                 if self._stop_requested(attempt, interrupted=True):
-                    return  # the error is the interrupt itself
+                    return  # the error is the interrupt itself (or the deadline)
                 mid_stream = self.seq > chunks_before
                 if mid_stream and not self.settings.retry_mid_stream and exc.retryable:
                     exc = PermanentUpstreamError(
@@ -221,16 +224,21 @@ class JobRunner:
     def _stop_requested(self, attempt: int, *, interrupted: bool = False) -> bool:
         """Act on a stop signal, if any: True when the job must not go on here.
 
-        ``cancelled`` ends the job; ``lease_lost`` leaves it to the worker that holds the lease
+        ``cancelled`` ends the job; ``expired`` (the keeper's watchdog, or the deadline reached
+        while waiting) ends it too; ``lease_lost`` leaves it to the worker that holds the lease
         now; ``shutdown`` (or a drain noticed while waiting) hands it back to the queue.
         """
         reason = self.handle.stop_reason
+        if reason is None and time.time() >= self.deadline_at:
+            reason = "expired"  # e.g. the wait for the headers ended at the deadline
         if reason is None and self.handle.draining and not interrupted:
             reason = "shutdown"  # between calls: nothing runs that the grace could finish
         if reason is None:
             return False
         if reason == "cancelled":
             self._finish(ev.CANCELLED, attempt)
+        elif reason == "expired":
+            self._expire(attempt)
         elif reason == "lease_lost":
             log.warning("job_left_to_lease_holder")
         else:
@@ -256,6 +264,18 @@ class JobRunner:
                 )
             raise HandBack
         return True
+
+    def _expire(self, attempt: int) -> None:
+        """End the job ``expired``; like a cancel, the chunks of a running attempt are void."""
+        self._finish(
+            ev.EXPIRED,
+            attempt,
+            error={
+                "type": "expired",
+                "message": "the job passed its deadline",
+                "status_code": None,
+            },
+        )
 
     def _fail_mid_stream(self, attempt: int, reason: str, what: str) -> None:
         """With RETRY_MID_STREAM off, a stream that cannot go on here ends the job ``failed``
@@ -356,7 +376,10 @@ class JobRunner:
             delay_s=round(postponed.countdown_s, 3),
             error=postponed.to_error(),
         )
-        self._publish([event], state=ev.QUEUED, attempts=attempt - 1)
+        self._publish([event])
+        # The release (lease-checked, with the task's hand-back) sets it queued again and
+        # uncounts the attempt that never reached the upstream.
+        self.released_attempts = attempt - 1
         raise requeue
 
     def _attempt(self, attempt: int) -> dict[str, Any]:
@@ -369,7 +392,9 @@ class JobRunner:
         self._response_arrived = False
         try:
             if not self.request.get("stream"):
-                message = self.rt.upstream.create(self.request, on_open=self.handle.set_interrupt)
+                message = self.rt.upstream.create(
+                    self.request, on_open=self.handle.set_interrupt, deadline_at=self.deadline_at
+                )
                 status = 200
             else:
                 message = self._stream(attempt, sent_at)
@@ -392,7 +417,9 @@ class JobRunner:
     def _stream(self, attempt: int, sent_at: float) -> dict[str, Any]:
         snapshot: dict[str, Any] | None = None
         first_token = True
-        stream = self.rt.upstream.stream_batches(self.request, on_open=self.handle.set_interrupt)
+        stream = self.rt.upstream.stream_batches(
+            self.request, on_open=self.handle.set_interrupt, deadline_at=self.deadline_at
+        )
         try:
             for batch in stream:
                 if self.handle.stop_reason is not None:

@@ -9,6 +9,7 @@ would ack the message, see ``task_acks_on_failure_or_timeout``).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 from typing import Any
@@ -18,6 +19,8 @@ from billiard.process import active_children
 from celery import signals
 from celery.exceptions import Reject
 from celery.worker.consumer import Consumer as _CeleryConsumer
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import events as ev
 from worker.broker import TASK_NAME
@@ -64,9 +67,15 @@ def run_job(self: Any, *args: Any, **kwargs: Any) -> None:
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(job_id=job_id)
     try:
-        _run(rt, job_id, args, kwargs)
+        _run(rt, job_id, args, kwargs, _delivery_tag(self.request))
     except Reject:
         raise
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        # Redis stayed away longer than REDIS_RETRY_S: not a bug of ours and not the job's
+        # fault. The message goes back to the queue (or, if Redis cannot take it back yet,
+        # stays unacked until the visibility sweep returns it); the job's lease lapses.
+        log.warning("job_redis_unavailable", error=type(exc).__name__)
+        raise Reject("Redis is unavailable", requeue=True) from exc
     except Exception as exc:
         # A bug of ours: never retried (it would fail the same way), never left hanging.
         log.exception("job_crashed")
@@ -82,7 +91,25 @@ def run_job(self: Any, *args: Any, **kwargs: Any) -> None:
             log.exception("job_crash_not_recorded")
 
 
-def _run(rt: Runtime, job_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+def _delivery_tag(request: Any) -> str | None:
+    tag = (getattr(request, "delivery_info", None) or {}).get("delivery_tag")
+    return str(tag) if tag else None
+
+
+def _epoch(value: Any) -> float | None:
+    """A time the message carries, if it is one (the queue is not trusted)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _run(
+    rt: Runtime,
+    job_id: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    delivery_tag: str | None = None,
+) -> None:
     payload = args[0] if len(args) == 1 and not kwargs else None
     if not isinstance(payload, dict) or not isinstance(payload.get("request"), dict):
         fail_unrunnable(
@@ -118,6 +145,8 @@ def _run(rt: Runtime, job_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]
             lease_ttl_s=settings.lease_ttl_s,
             max_deliveries=settings.max_deliveries,
             start_attempt=True,
+            submitted_at=_epoch(payload.get("submitted_at")),
+            deadline_at=_epoch(payload.get("deadline_at")),
         )
         if claim.state_before != "leased":
             break
@@ -138,24 +167,25 @@ def _run(rt: Runtime, job_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]
             payload,
         )
         return
-    submitted_at = payload.get("submitted_at")
-    handle = rt.leases.register(job_id, token)
+    handle = rt.leases.register(job_id, token, delivery_tag)
+    runner = JobRunner(
+        rt,
+        job_id,
+        request,
+        claim,
+        handle,
+        submitted_at=_epoch(payload.get("submitted_at")),
+        payload=payload,
+    )
     try:
-        JobRunner(
-            rt,
-            job_id,
-            request,
-            claim,
-            handle,
-            submitted_at=float(submitted_at) if isinstance(submitted_at, int | float) else None,
-            payload=payload,
-        ).run()
+        runner.run()
     except HandBack:
-        rt.store.release(job_id, token)
+        rt.store.release(job_id, token, attempts=runner.released_attempts)
         log.info("job_handed_back")
         raise Reject("the worker is shutting down", requeue=True) from None
     except JobPostponed as postponed:
-        rt.store.release(job_id, token)  # not a crash: the delivery does not count
+        # Not a crash: the delivery does not count, nor the attempt that never started.
+        rt.store.release(job_id, token, attempts=runner.released_attempts)
         _requeue(job_id, args, kwargs, postponed.countdown_s)
     finally:
         rt.leases.unregister(handle)

@@ -217,6 +217,22 @@ class Channel(kombu_redis.Channel):
             pipe.execute()
         self._own_inboxes_checked.update(new)
 
+    def keep_deliveries(self) -> None:
+        """Refresh the visibility clock of every message this channel holds unacked (running,
+        parked behind a lease, or held for a countdown), as SQS's ChangeMessageVisibility does:
+        only a delivery whose worker stopped refreshing it comes back after the visibility
+        timeout, however long its job runs. ``XX``: a tag acked meanwhile is not re-added."""
+        qos = self.__dict__.get("_qos")
+        if qos is None:
+            return
+        try:
+            tags = [tag for tag in list(qos._delivered) if tag not in qos._dirty]
+        except RuntimeError:  # changed by an ack in another thread: next time
+            return
+        if tags:
+            with self.conn_or_acquire() as client:
+                client.zadd(self.unacked_index_key, dict.fromkeys(tags, time()), xx=True)
+
     def _inbox_ttl_s(self) -> int:
         # Refreshed every unacked_restore_interval (1-10 s); a consumer loop stalled longer
         # than this has its inbox given back, which at worst delivers a message twice.
@@ -290,11 +306,16 @@ class MultiChannelPoller(kombu_redis.MultiChannelPoller):
         if not channels:
             return
         self._next_restore = now + float(channels[0].unacked_restore_interval)
+        try:
+            for channel in channels:
+                channel.keep_deliveries()
+        except channels[0].connection_errors:
+            log.debug("delivery_upkeep_skipped")  # the main loop reconnects; next time then
         self.maybe_restore_messages()
         try:
             channels[0].keep_inboxes()
         except channels[0].connection_errors:
-            log.debug("inbox_upkeep_skipped")  # the main loop reconnects; next time then
+            log.debug("inbox_upkeep_skipped")
 
 
 class Transport(kombu_redis.Transport):

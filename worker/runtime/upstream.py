@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import socket
+import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
 
@@ -160,14 +161,23 @@ class UpstreamClient:
             ),
         )
 
-    def _send(self, request: dict[str, Any], *, stream: bool) -> httpx.Response:
+    def _send(
+        self, request: dict[str, Any], *, stream: bool, deadline_at: float | None = None
+    ) -> httpx.Response:
+        timeouts = dict(self._timeouts)
+        if deadline_at is not None:
+            # The wait for the response's headers ends at the job's deadline too: no socket
+            # exists to shut down before they arrive (the keeper's watchdog does it after).
+            left_s = max(0.05, deadline_at - time.time())
+            for phase in ("connect", "read", "pool"):
+                timeouts[phase] = min(timeouts[phase] or left_s, left_s)
         http_request = httpx.Request(
             "POST",
             self._url,
             headers=self._headers,
             content=orjson.dumps({**request, "stream": stream}),
             # httpcore reads "read" when the body starts; streams change it (a copy each).
-            extensions={"timeout": dict(self._timeouts)},
+            extensions={"timeout": timeouts},
         )
         try:
             response = self._transport.handle_request(http_request)
@@ -179,9 +189,15 @@ class UpstreamClient:
     def close(self) -> None:
         self._transport.close()
 
-    def create(self, request: dict[str, Any], *, on_open: OnOpen | None = None) -> dict[str, Any]:
-        """One non-streamed call; returns the message JSON."""
-        response = self._send(request, stream=False)
+    def create(
+        self,
+        request: dict[str, Any],
+        *,
+        on_open: OnOpen | None = None,
+        deadline_at: float | None = None,
+    ) -> dict[str, Any]:
+        """One non-streamed call; returns the message JSON. Its wait ends by ``deadline_at``."""
+        response = self._send(request, stream=False, deadline_at=deadline_at)
         try:
             if on_open is not None:
                 on_open(_aborter(response))
@@ -220,15 +236,20 @@ class UpstreamClient:
             batches.close()
 
     def stream_batches(
-        self, request: dict[str, Any], *, on_open: OnOpen | None = None
+        self,
+        request: dict[str, Any],
+        *,
+        on_open: OnOpen | None = None,
+        deadline_at: float | None = None,
     ) -> Generator[list[dict[str, Any]], None, None]:
         """One streamed call; yields the upstream events up to ``message_stop``, as one list
         per network read (see :meth:`_events`).
 
         Closing the generator closes the HTTP response. ``on_open`` receives a function that
-        aborts the stream from elsewhere (a cancel while the stream stalls).
+        aborts the stream from elsewhere (a cancel while the stream stalls). The wait for the
+        headers ends by ``deadline_at``.
         """
-        response = self._send(request, stream=True)
+        response = self._send(request, stream=True, deadline_at=deadline_at)
         try:
             if on_open is not None:
                 on_open(_aborter(response))

@@ -210,7 +210,7 @@ class Simulator:
         if kind == "error_event":  # no stream to put the event in: the status it stands for
             return error_response(529, "Overloaded (injected)", "overloaded_error")
         delay_s = wire.answer_duration_s(generation, ttft_s, tps)
-        if kind == "stall":
+        if kind in ("stall", "pings"):
             delay_s += mix.stall_s
         if delay_s > 0:
             await asyncio.sleep(delay_s)

@@ -30,6 +30,7 @@ FAULT_KINDS: tuple[str, ...] = (
     "malformed",  # a data line of broken JSON mid-stream, then the end
     "stall",  # silence for stall_s mid-stream, then the rest
     "slow",  # one delta every slow_gap_s; completes
+    "pings",  # before the first delta, only pings (every PING_GAP_S) for stall_s; then the rest
 )
 _FAULT_PARAMS = ("retry_after_s", "stall_s", "slow_gap_s")
 

@@ -23,6 +23,9 @@ On a non-streamed request, ``cut`` sends half of the JSON body under the full
 content-length and closes; ``malformed`` sends a truncated JSON body (200, consistent
 length); ``error_event`` answers 529 ``overloaded_error``; ``stall`` holds the response
 ``stall_s`` longer; ``slow`` waits as long as the slow stream would take.
+- ``pings``: a stream sends ``message_start``, then only ``ping`` events for ``stall_s``
+  (every ``PING_GAP_S``), then its answer: alive by every per-read timeout, so only a
+  deadline ends it. A non-streamed answer waits ``stall_s`` longer.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from dataclasses import dataclass
 
 from worker.simulator.config import FAULT_KINDS, FaultMix
 from worker.simulator.textgen import DirectiveError
-from worker.simulator.wire import Frame, event
+from worker.simulator.wire import PING, Frame, event
 
 # kind -> (status, error type) for the faults that are an error response.
 STATUS_FAULTS: Mapping[str, tuple[int, str]] = {
@@ -43,7 +46,9 @@ STATUS_FAULTS: Mapping[str, tuple[int, str]] = {
     "503": (503, "api_error"),
     "529": (529, "overloaded_error"),
 }
-MID_STREAM_FAULTS: frozenset[str] = frozenset({"cut", "error_event", "malformed", "stall"})
+MID_STREAM_FAULTS: frozenset[str] = frozenset({"cut", "error_event", "malformed", "stall", "pings"})
+#: The gap between the ``pings`` fault's pings: a stream alive by every per-read timeout.
+PING_GAP_S = 0.5
 STATUS_MESSAGES: Mapping[int, str] = {
     429: "Number of requests has exceeded your rate limit (injected by the simulator)",
     500: "Internal server error (injected by the simulator)",
@@ -170,6 +175,12 @@ def rewrite_plan(
     Returns the new plan and whether the connection is closed after it (``cut``) rather
     than the body ended cleanly.
     """
+    if kind == "pings":  # kept alive, never answering (until stall_s has passed)
+        before, after = split_plan(frames, 0)
+        at_s = before[-1].at_s if before else 0.0
+        count = int(stall_s / PING_GAP_S)
+        pings = [Frame(at_s + PING_GAP_S * (n + 1), PING) for n in range(count)]
+        return before + pings + [Frame(f.at_s + stall_s, f.data) for f in after], False
     before, after = split_plan(frames, max(1, deltas // 2))
     at_s = before[-1].at_s if before else 0.0
     if kind == "cut":

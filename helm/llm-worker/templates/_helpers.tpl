@@ -138,11 +138,11 @@ Checks that the schema cannot express; each failure names the values to change.
 */}}
 {{- define "llm-worker.validate" -}}
 {{- $deadline := include "llm-worker.jobDeadline" . | float64 }}
-{{- $shutdownGrace := index .Values.config "LLM_WORKER_SHUTDOWN_GRACE_S" | default "30" | float64 }}
+{{- $shutdownGrace := index .Values.config "LLM_WORKER_SHUTDOWN_GRACE_S" | default "300" | float64 }}
 {{- if le (float64 .Values.terminationGracePeriodSeconds) (addf $shutdownGrace 10) }}
 {{- fail (printf "terminationGracePeriodSeconds (%v) must be greater than config.LLM_WORKER_SHUTDOWN_GRACE_S (%v) + 10: SIGTERM lets running streams finish for that long, then hands them back to the queue" .Values.terminationGracePeriodSeconds $shutdownGrace) }}
 {{- end }}
-{{- $leaseTtl := index .Values.config "LLM_WORKER_LEASE_TTL_S" | default "30" | float64 }}
+{{- $leaseTtl := index .Values.config "LLM_WORKER_LEASE_TTL_S" | default "20" | float64 }}
 {{- with index .Values.config "LLM_WORKER_VISIBILITY_TIMEOUT_S" }}
 {{- if le (float64 .) $leaseTtl }}
 {{- fail (printf "config.LLM_WORKER_VISIBILITY_TIMEOUT_S (%v) must be greater than config.LLM_WORKER_LEASE_TTL_S (%v), or every running job is delivered again before its lease shows it alive" . $leaseTtl) }}
