@@ -1,13 +1,100 @@
 """Every Prometheus metric the service exports, in one place.
 
-Labels are bounded: ``model`` (the configured model list), ``outcome`` (four terminal states),
-``reason`` (a fixed set of retry reasons), ``status`` (known HTTP codes, else ``4xx``/``5xx``,
-or ``network``), ``queue`` and ``state``. Never a job id.
+Labels are bounded: ``model`` (the configured models, anything else ``other``), ``outcome``
+(four terminal states), ``reason`` (a fixed set of retry reasons), ``status`` (known HTTP
+codes, else ``4xx``/``5xx``, or ``network``), ``queue`` and ``state``. Never a job id.
+
+The ``model`` label is folded where it is set, by the metric itself: every metric with that
+label is a :class:`ModelCounter`, :class:`ModelHistogram` or :class:`ModelGauge`, whose
+``labels()`` passes the model through :func:`model_label`. A model is known once a process's
+settings registered their catalogue (:func:`add_model_labels`: the worker's runtime, the
+clients and the scrape do); before that, the default catalogue's models are.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Self
+
 from prometheus_client import Counter, Gauge, Histogram
+
+from worker.catalogue import DEFAULT_MODELS
+
+#: The ``model`` label of every model outside the catalogue and the allow list.
+OTHER_MODEL = "other"
+_MODEL_LABEL = "model"
+
+
+class _KnownModels:
+    """The models this process's settings configured. The set is replaced whole (never
+    mutated) under the lock, so a reader needs no lock."""
+
+    def __init__(self) -> None:
+        self.names = frozenset(DEFAULT_MODELS)
+        self._lock = threading.Lock()
+
+    def add(self, names: Iterable[str]) -> None:
+        new = frozenset(names)
+        if new <= self.names:
+            return
+        with self._lock:
+            self.names = self.names | new
+
+
+_known = _KnownModels()
+
+
+def add_model_labels(names: Iterable[str]) -> None:
+    """Let these models be ``model`` label values in this process (from its settings).
+
+    Only ever adds: a process holding two settings (a producer beside a worker) labels the
+    models of both, and the set stays bounded by configuration.
+    """
+    _known.add(names)
+
+
+def model_label(model: str) -> str:
+    """A bounded ``model`` label: the model's name when configured, else ``other``."""
+    return model if model in _known.names else OTHER_MODEL
+
+
+def _fold(
+    names: Sequence[str], values: tuple[object, ...], kwargs: dict[str, object]
+) -> tuple[tuple[object, ...], dict[str, object]]:
+    """``labels()`` arguments with the ``model`` value folded; anything malformed is left for
+    prometheus-client to refuse."""
+    if _MODEL_LABEL in kwargs:
+        return values, {**kwargs, _MODEL_LABEL: model_label(str(kwargs[_MODEL_LABEL]))}
+    if _MODEL_LABEL in names and len(values) == len(names):
+        at = list(names).index(_MODEL_LABEL)
+        return (*values[:at], model_label(str(values[at])), *values[at + 1 :]), kwargs
+    return values, kwargs
+
+
+class ModelCounter(Counter):
+    """A counter with a ``model`` label, folded by :func:`model_label`."""
+
+    def labels(self, *labelvalues: object, **labelkwargs: object) -> Self:
+        values, kwargs = _fold(self._labelnames, labelvalues, labelkwargs)
+        return super().labels(*values, **kwargs)
+
+
+class ModelHistogram(Histogram):
+    """A histogram with a ``model`` label, folded by :func:`model_label`."""
+
+    def labels(self, *labelvalues: object, **labelkwargs: object) -> Self:
+        values, kwargs = _fold(self._labelnames, labelvalues, labelkwargs)
+        return super().labels(*values, **kwargs)
+
+
+class ModelGauge(Gauge):
+    """A gauge with a ``model`` label, folded by :func:`model_label`."""
+
+    def labels(self, *labelvalues: object, **labelkwargs: object) -> Self:
+        values, kwargs = _fold(self._labelnames, labelvalues, labelkwargs)
+        return super().labels(*values, **kwargs)
+
 
 # LLM calls take from a fraction of a second (a cached short answer) to many minutes (a long
 # streamed completion), so the buckets run roughly geometrically from 50 ms to 15 minutes;
@@ -61,7 +148,7 @@ def status_label(status_code: int | None) -> str:
     return f"{status_code // 100}xx"
 
 
-JOBS_SUBMITTED = Counter(
+JOBS_SUBMITTED = ModelCounter(
     "llm_worker_jobs_submitted_total",
     "Jobs enqueued by this producer process (only in a producer that serves its own metrics; "
     "workers export llm_worker_queue_jobs_submitted_total).",
@@ -70,79 +157,86 @@ JOBS_SUBMITTED = Counter(
 # Producers are often short-lived scripts that nobody scrapes; every producer also adds to a
 # Redis counter that each worker mirrors here at scrape time. The value is the same on every
 # worker of the queue: aggregate with max(), not sum().
-QUEUE_JOBS_SUBMITTED = Counter(
+QUEUE_JOBS_SUBMITTED = ModelCounter(
     "llm_worker_queue_jobs_submitted_total",
     "Jobs ever submitted to the queue by every producer, by model, read from Redis when "
     "scraped (the same on every worker of the queue: aggregate with max).",
     ["queue", "model"],
 )
-JOBS_FINISHED = Counter(
+JOBS_FINISHED = ModelCounter(
     "llm_worker_jobs_finished_total",
     "Jobs that reached a terminal state, by outcome (completed, failed, cancelled, expired).",
     ["model", "outcome"],
 )
-UPSTREAM_REQUESTS = Counter(
+UPSTREAM_REQUESTS = ModelCounter(
     "llm_worker_upstream_requests_total",
     "Upstream HTTP requests by response status (network = no response).",
     ["model", "status"],
 )
-RETRIES = Counter(
+RETRIES = ModelCounter(
     "llm_worker_retries_total",
     "Upstream attempts that failed and were retried, by reason.",
     ["model", "reason"],
 )
-JOB_DURATION = Histogram(
+JOB_DURATION = ModelHistogram(
     "llm_worker_job_duration_seconds",
     "From the first attempt's start to the terminal event, by outcome.",
     ["model", "outcome"],
     buckets=LLM_LATENCY_BUCKETS_S,
 )
-QUEUE_WAIT = Histogram(
+QUEUE_WAIT = ModelHistogram(
     "llm_worker_queue_wait_seconds",
     "From submission to the first attempt's start.",
     ["model"],
     buckets=LLM_LATENCY_BUCKETS_S,
 )
-TIME_TO_FIRST_TOKEN = Histogram(
+TIME_TO_FIRST_TOKEN = ModelHistogram(
     "llm_worker_time_to_first_token_seconds",
     "From sending the upstream request to its first content event.",
     ["model"],
     buckets=SHORT_LATENCY_BUCKETS_S,
 )
-UPSTREAM_LATENCY = Histogram(
+UPSTREAM_LATENCY = ModelHistogram(
     "llm_worker_upstream_latency_seconds",
     "One upstream request, from sending it to the end of its response.",
     ["model"],
     buckets=LLM_LATENCY_BUCKETS_S,
 )
-RATE_LIMIT_WAIT = Histogram(
+RATE_LIMIT_WAIT = ModelHistogram(
     "llm_worker_rate_limit_wait_seconds",
     "Time a job waited for the shared rate limiter before its upstream call.",
     ["model"],
     buckets=SHORT_LATENCY_BUCKETS_S,
 )
-RATE_LIMIT_COOLDOWNS = Counter(
+RATE_LIMIT_COOLDOWNS = ModelCounter(
     "llm_worker_rate_limit_cooldowns_total",
     "Global cooldowns started after the upstream answered 429/529 with a retry-after.",
     ["model"],
 )
-RATE_LIMIT_REQUEUES = Counter(
+RATE_LIMIT_REQUEUES = ModelCounter(
     "llm_worker_rate_limit_requeues_total",
     "Jobs sent back to the queue with a countdown because the rate limiter would keep them "
     "waiting longer than RATE_LIMIT_MAX_WAIT_S, by the limit that refused "
     "(cooldown, rpm, input_tpm, output_tpm, in_flight).",
     ["model", "reason"],
 )
-INPUT_TOKENS = Counter(
+RATE_LIMIT_REFUNDED_TOKENS = ModelCounter(
+    "llm_worker_rate_limit_refunded_tokens_total",
+    "Tokens given back to the shared limiter's buckets after a call: what a completed call did "
+    "not use of its reservation, and a failed call's reservation that the upstream did not "
+    "count (kind: input or output).",
+    ["model", "kind"],
+)
+INPUT_TOKENS = ModelCounter(
     "llm_worker_input_tokens_total", "Input tokens billed by the upstream.", ["model"]
 )
-OUTPUT_TOKENS = Counter(
+OUTPUT_TOKENS = ModelCounter(
     "llm_worker_output_tokens_total", "Output tokens billed by the upstream.", ["model"]
 )
-CHUNKS_PUBLISHED = Counter(
+CHUNKS_PUBLISHED = ModelCounter(
     "llm_worker_chunks_published_total", "Chunk events written to job streams.", ["model"]
 )
-JOBS_IN_FLIGHT = Gauge(
+JOBS_IN_FLIGHT = ModelGauge(
     "llm_worker_jobs_in_flight",
     "Jobs this worker is running now.",
     ["model"],

@@ -5,24 +5,46 @@ Mirrors the upstream's documented body (``model``, ``messages``, ``max_tokens``,
 ``tool_choice``) with Anthropic's content blocks. Unknown fields are rejected by name, a
 request over ``max_request_bytes`` is rejected, and every problem is reported at once in one
 :class:`~worker.errors.RequestInvalid`.
+
+Types are strict, as JSON has them: a number is never a string or a boolean (``true`` is not
+``max_tokens: 1``), an integer is never a fraction, ``stream`` is a real boolean, a list is a
+list. The model is checked against the catalogue (:mod:`worker.catalogue`): its name's form,
+the allow list, and ``max_tokens`` against the model's maximum; an alias comes back as its
+model's name. Every bound is listed in ``docs/bounds.md``.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from worker.catalogue import MAX_TOKENS_CAP, MODEL_NAME_PATTERN, ModelCatalogue, ModelName
 from worker.errors import RequestInvalid
 
+TOOL_NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}\Z")
+MAX_STOP_SEQUENCES = 16
+MAX_MESSAGES = 10
+
+
+def _tool_name(value: str) -> str:
+    if not TOOL_NAME_PATTERN.match(value):
+        raise ValueError("a tool name must be 1-64 characters of letters, digits, '_' or '-'")
+    return value
+
+
 NonEmptyStr = Annotated[str, Field(min_length=1)]
-ToolName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+ToolName = Annotated[str, AfterValidator(_tool_name)]
+#: Any catalogue: no allow list, no per-model maximum (the global cap still holds).
+ANY_MODEL = ModelCatalogue()
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: no coercion (a string is not a number, 1 is not True, a tuple is not a list).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TextBlock(_Strict):
@@ -78,7 +100,7 @@ class Message(_Strict):
 
 class InputSchema(BaseModel):
     # A JSON schema: only ``type`` is fixed; the rest is the user's schema, kept verbatim.
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     type: Literal["object"]
     properties: dict[str, Any] | None = None
@@ -101,11 +123,13 @@ class ToolChoice(_Strict):
 class MessagesRequest(_Strict):
     """One ``POST /messages`` body."""
 
-    model: NonEmptyStr
-    messages: Annotated[list[Message], Field(min_length=1, max_length=10)]
-    max_tokens: Annotated[int, Field(ge=1)]
+    model: ModelName
+    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS_CAP)]
     system: str | Annotated[list[TextBlock], Field(min_length=1)] | None = None
-    stop_sequences: NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=16)] | None = None
+    stop_sequences: (
+        NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP_SEQUENCES)] | None
+    ) = None
     stream: bool | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(ge=0.1, le=1)] | None = None
@@ -167,6 +191,26 @@ def _clean(data: Any, loc: tuple[int | str, ...]) -> tuple[str, str | None, bool
     return _loc(out), union_at, matches
 
 
+def _not_json_at(data: Any) -> tuple[int | str, ...]:
+    """The path of the first value JSON cannot hold (empty when it is the nesting itself)."""
+    stack: list[tuple[tuple[int | str, ...], Any]] = [((), data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    return path
+                stack.append(((*path, key), item))
+        elif isinstance(value, list | tuple):
+            stack.extend(((*path, index), item) for index, item in enumerate(value))
+        elif isinstance(value, int) and not isinstance(value, bool):
+            if not -(2**63) <= value < 2**64:
+                return path
+        elif value is not None and not isinstance(value, str | float | bool):
+            return path
+    return ()
+
+
 def _collect(exc: ValidationError, data: Any) -> list[dict[str, str]]:
     """One entry per bad field. Of a union's complaints, those of the member that matches the
     input's type are kept (a list's errors for a list); when none matches, all are joined."""
@@ -176,7 +220,7 @@ def _collect(exc: ValidationError, data: Any) -> list[dict[str, str]]:
         if error["type"] == "extra_forbidden":
             msg = f"unknown field {error['loc'][-1]!r} is not allowed"
         else:
-            msg = str(error["msg"])
+            msg = str(error["msg"]).removeprefix("Value error, ")
         entries.append((loc, msg, union_at, matches))
     matched_unions = {u for _l, _m, u, ok in entries if u is not None and ok}
     by_loc: dict[str, list[str]] = {}
@@ -192,54 +236,85 @@ def _collect(exc: ValidationError, data: Any) -> list[dict[str, str]]:
 def validate_request(
     data: Any,
     *,
-    allowed_models: Iterable[str] = (),
+    catalogue: ModelCatalogue = ANY_MODEL,
     max_request_bytes: int | None = None,
 ) -> dict[str, Any]:
-    """Check one request; return it as plain JSON data without unset fields.
+    """Check one request; return it as plain JSON data without unset fields, an alias of a
+    model replaced by the model's name.
 
-    Raises :class:`RequestInvalid` listing every problem. ``allowed_models`` empty means any.
+    Raises :class:`RequestInvalid` listing every problem, each with its location.
     """
     if not isinstance(data, Mapping):
         raise RequestInvalid([{"loc": "(request)", "msg": "a request must be a JSON object"}])
     errors: list[dict[str, str]] = []
-    if max_request_bytes is not None:
-        try:
-            size = len(orjson.dumps(data))
-        except TypeError as exc:
-            raise RequestInvalid(
-                [{"loc": "(request)", "msg": f"not JSON-serialisable: {exc}"}]
-            ) from None
-        if size > max_request_bytes:
-            errors.append(
-                {
-                    "loc": "(request)",
-                    "msg": f"request is {size} bytes, over the limit of {max_request_bytes}",
-                }
-            )
+    try:
+        # Always: what is not JSON (a set, an object, a non-string key, a huge integer,
+        # nesting past orjson's depth) never reaches the model, the queue or the upstream.
+        size = len(orjson.dumps(data))
+    except TypeError as exc:
+        where = _not_json_at(data)
+        raise RequestInvalid(
+            [{"loc": _loc(where) if where else "(request)", "msg": f"not JSON-serialisable: {exc}"}]
+        ) from None
+    if max_request_bytes is not None and size > max_request_bytes:
+        errors.append(
+            {
+                "loc": "(request)",
+                "msg": f"request is {size} bytes, over the limit of {max_request_bytes}",
+            }
+        )
     try:
         parsed = MessagesRequest.model_validate(dict(data))
     except ValidationError as exc:
         errors.extend(_collect(exc, data))
         parsed = None
-    allowed = tuple(allowed_models)
-    model = data.get("model")
-    if allowed and isinstance(model, str) and model and model not in allowed:
-        errors.append(
-            {"loc": "model", "msg": f"model {model!r} is not one of {', '.join(allowed)}"}
-        )
-    if parsed is not None and parsed.tool_choice is not None:
-        if parsed.tool_choice.type == "tool" and not parsed.tool_choice.name:
-            errors.append(
-                {"loc": "tool_choice.name", "msg": "required when tool_choice.type is 'tool'"}
-            )
-        if parsed.tool_choice.type in {"any", "tool"} and not parsed.tools:
-            errors.append({"loc": "tool_choice", "msg": "needs tools"})
-        names = {tool.name for tool in parsed.tools or []}
-        if parsed.tool_choice.name and parsed.tool_choice.name not in names:
-            errors.append(
-                {"loc": "tool_choice.name", "msg": f"no tool named {parsed.tool_choice.name!r}"}
-            )
+    errors.extend(_model_errors(data, catalogue))
+    if parsed is not None:
+        errors.extend(_tool_choice_errors(parsed))
     if errors or parsed is None:
         raise RequestInvalid(errors)
     result: dict[str, Any] = parsed.model_dump(mode="json", exclude_unset=True)
+    result["model"] = catalogue.canonical(result["model"])
     return result
+
+
+def _model_errors(data: Mapping[str, Any], catalogue: ModelCatalogue) -> list[dict[str, str]]:
+    """The allow list and the model's max_tokens maximum, checked on the raw input so that
+    they are reported beside every other problem. A malformed name or max_tokens has its own
+    error already."""
+    model, max_tokens = data.get("model"), data.get("max_tokens")
+    if not isinstance(model, str) or not MODEL_NAME_PATTERN.match(model):
+        return []
+    if not catalogue.allows(model):
+        return [
+            {"loc": "model", "msg": f"model {model!r} is not one of {catalogue.allowed_text()}"}
+        ]
+    limit = catalogue.max_tokens(model)
+    # type() is int: a bool is an int subclass, and it has its own error already.
+    if type(max_tokens) is int and limit < max_tokens <= MAX_TOKENS_CAP:
+        canonical = catalogue.canonical(model)
+        named = repr(model) if canonical == model else f"{model!r} ({canonical})"
+        return [
+            {
+                "loc": "max_tokens",
+                "msg": f"max_tokens {max_tokens} is above the maximum of {limit} for model {named}",
+            }
+        ]
+    return []
+
+
+def _tool_choice_errors(parsed: MessagesRequest) -> list[dict[str, str]]:
+    choice = parsed.tool_choice
+    if choice is None:
+        return []
+    errors = []
+    if choice.type == "tool" and not choice.name:
+        errors.append(
+            {"loc": "tool_choice.name", "msg": "required when tool_choice.type is 'tool'"}
+        )
+    if choice.type in {"any", "tool"} and not parsed.tools:
+        errors.append({"loc": "tool_choice", "msg": "needs tools"})
+    names = {tool.name for tool in parsed.tools or []}
+    if choice.name and choice.name not in names:
+        errors.append({"loc": "tool_choice.name", "msg": f"no tool named {choice.name!r}"})
+    return errors

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -24,20 +25,19 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
+from worker.catalogue import (
+    DEFAULT_MODELS,
+    SEED_MODELS,  # noqa: F401  (its historical home; callers import it here)
+    ModelCatalogue,
+    ModelName,
+    ModelSpec,
+    alias_map,
+)
 from worker.errors import SettingsError
 
 ENV_PREFIX = "LLM_WORKER_"
-
-# The models the seed's provider lists today; the provider changes them, hence a setting.
-SEED_MODELS: tuple[str, ...] = (
-    "deepseek-ai/DeepSeek-V3.1",
-    "Pro/moonshotai/Kimi-K2-Instruct",
-    "moonshotai/Kimi-K2-Instruct",
-    "Pro/deepseek-ai/DeepSeek-V3",
-    "deepseek-ai/DeepSeek-V3",
-    "moonshotai/Kimi-Dev-72B",
-    "baidu/ERNIE-4.5-300B-A47B",
-)
+#: Queue names and key prefixes: letters, digits, ``_ . : -``, nothing after (``\Z``).
+NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}\Z"
 
 RedisUrl = Annotated[
     AnyUrl, UrlConstraints(allowed_schemes=["redis", "rediss", "unix"], host_required=False)
@@ -74,14 +74,22 @@ class Settings(BaseSettings):
         extra="ignore",
         frozen=True,
         validate_default=True,
+        # Python's re, for NAME_PATTERN's \Z (the default Rust engine has no \Z).
+        regex_engine="python-re",
     )
 
     redis_url: RedisUrl = AnyUrl("redis://localhost:6379/0")
     broker_url: BrokerUrl | None = None
     api_base_url: HttpUrl = AnyUrl("https://api.woagent.net")
     api_key: SecretStr | None = None
-    allowed_models: Annotated[tuple[str, ...], NoDecode] = SEED_MODELS
+    # The catalogue: every model's max_tokens maximum (and context window, aliases); JSON,
+    # replaces the defaults whole. ALLOWED_MODELS unset (None) means the catalogue's models.
+    models: dict[ModelName, ModelSpec] = Field(default_factory=lambda: dict(DEFAULT_MODELS))
+    allowed_models: Annotated[tuple[ModelName, ...] | None, NoDecode] = None
     max_request_bytes: int = Field(default=1_048_576, ge=1024)
+    # One upstream response read at most this far: a non-streamed body, or a whole stream (which
+    # bounds the SSE decoder's buffers and the message); past it the call fails, not the worker.
+    max_response_bytes: int = Field(default=16 * 1_048_576, ge=65_536)
 
     max_attempts: int = Field(default=5, ge=1, le=100)
     backoff_base_s: PositiveSeconds = 0.5
@@ -114,9 +122,13 @@ class Settings(BaseSettings):
     rate_limit_period_s: PositiveSeconds = 60.0
     # How long a killed worker's in-flight slot stays taken; live calls renew theirs.
     rate_limit_lease_ttl_s: PositiveSeconds = 60.0
+    # Requests are paced: in any window this long, at most its share of `rpm` (5 s of 120 rpm
+    # is 10), so a backlog does not send a minute's requests in its first second. 0 (or a
+    # window as long as the period) lets a whole period's requests go at once.
+    rate_limit_burst_s: float = Field(default=5.0, ge=0)
     result_ttl_s: int = Field(default=86_400, ge=1)
 
-    queue: str = Field(default="llmw", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    queue: str = Field(default="llmw", pattern=NAME_PATTERN)
     pool: Literal["gevent", "eventlet", "threads", "prefork", "solo"] = "gevent"
     concurrency: int = Field(default=200, ge=1, le=10_000)
     # `llm-worker run` starts this many worker processes, each with CONCURRENCY jobs, under
@@ -127,7 +139,7 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "console"] = "json"
     log_content: bool = False
-    key_prefix: str = Field(default="llmw", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    key_prefix: str = Field(default="llmw", pattern=NAME_PATTERN)
 
     # `llm-worker gateway`: the producers' API keys (comma-separated; it will not start
     # without one), the largest request body it reads (a batch create), and its port.
@@ -144,8 +156,39 @@ class Settings(BaseSettings):
             if text.startswith("["):
                 import json
 
-                return tuple(json.loads(text))
+                try:
+                    return tuple(json.loads(text))
+                except ValueError:
+                    raise ValueError(
+                        'is not a valid JSON list; expected e.g. ["deepseek-ai/DeepSeek-V3"] or '
+                        "a comma-separated list"
+                    ) from None
             return tuple(part.strip() for part in text.split(",") if part.strip())
+        return value
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _parse_models(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            import json
+
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError(
+                    'is not valid JSON; expected e.g. {"deepseek-ai/DeepSeek-V3": '
+                    '{"max_tokens": 8192}}'
+                ) from None
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _check_models(cls, value: dict[str, ModelSpec]) -> dict[str, ModelSpec]:
+        if not value:
+            raise ValueError(
+                "lists no model; name at least one (ALLOWED_MODELS='' allows any model)"
+            )
+        alias_map(value)  # refuses an alias that is a model's name or names two models
         return value
 
     @field_validator("gateway_api_keys", mode="before")
@@ -221,6 +264,16 @@ class Settings(BaseSettings):
                 "must outlive any delivery of its message, or the job could run again"
             )
         return self
+
+    @cached_property
+    def catalogue(self) -> ModelCatalogue:
+        """The models with ALLOWED_MODELS applied (see :mod:`worker.catalogue`)."""
+        return ModelCatalogue.build(self.models, self.allowed_models)
+
+    @property
+    def upstream_name(self) -> str:
+        """The upstream as messages to clients name it: its host."""
+        return self.api_base_url.host or str(self.api_base_url)
 
     @property
     def effective_broker_url(self) -> str:

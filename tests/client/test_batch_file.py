@@ -120,3 +120,42 @@ def test_recovery_names_results_of_another_batch() -> None:
     """custom_ids the batch does not have are reported, never silently mixed in."""
     content = b.result_line("zzz", {"type": "canceled"})
     assert b.recover_results(content, ["a"]).foreign == ["zzz"]
+
+
+def test_batch_files_are_validated_strictly_with_the_catalogue() -> None:
+    """A batch line's params get the same strict checks as a submission: a string for a
+    number, a boolean for max_tokens, a max_tokens over the model's maximum (named with both
+    numbers), a custom_id with a trailing newline."""
+    settings = load_settings(models={"m": {"max_tokens": 100}})
+    content = b"\n".join(
+        [
+            _line("a", {**PARAMS, "max_tokens": "5"}),
+            _line("b", {**PARAMS, "max_tokens": True}),
+            _line("c", {**PARAMS, "max_tokens": 101}),
+            _line("d\n"),
+            _line("e", {**PARAMS, "stream": "yes"}),
+        ]
+    )
+    with pytest.raises(RequestInvalid) as info:
+        b.parse_batch_file(settings, content)
+    by_loc = {e["loc"]: e["msg"] for e in info.value.errors}
+    assert set(by_loc) == {
+        "line 1: params.max_tokens",
+        "line 2: params.max_tokens",
+        "line 3: params.max_tokens",
+        "line 4: custom_id",
+        "line 5: params.stream",
+    }
+    assert "101" in by_loc["line 3: params.max_tokens"]
+    assert "100" in by_loc["line 3: params.max_tokens"]
+
+
+def test_an_upstream_refusing_our_key_is_an_api_error_in_results() -> None:
+    """A job failed by the upstream's 401/403 is `errored` with api_error naming the upstream,
+    not authentication_error (the batch's submitter did nothing wrong)."""
+    error = {"type": "authentication_error", "message": "invalid key", "status_code": 401}
+    result = b.batch_result("failed", None, error, upstream="api.example.test")
+    assert result is not None
+    inner = result["error"]["error"]
+    assert inner["type"] == "api_error"
+    assert "upstream api.example.test" in inner["message"]

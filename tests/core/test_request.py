@@ -9,6 +9,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from worker.catalogue import (
+    MAX_TOKENS_CAP,
+    SEED_MODELS,
+    ModelCatalogue,
+    ModelSpec,
+)
 from worker.errors import RequestInvalid
 from worker.request import validate_request
 
@@ -38,6 +44,11 @@ def _locs(data: Any, **kwargs: Any) -> list[str]:
 
 def _message(content: Any = "Hi", role: str = "user") -> dict[str, Any]:
     return {"role": role, "content": content}
+
+
+def _allowing(*names: str) -> ModelCatalogue:
+    """A catalogue with no per-model maximum that allows only ``names``."""
+    return ModelCatalogue.build({}, names)
 
 
 # --- bounds, both sides ------------------------------------------------------------------
@@ -347,20 +358,21 @@ def test_size_error_is_listed_with_the_other_errors() -> None:
 
 
 def test_allowed_models_are_enforced() -> None:
-    """A model outside allowed_models is refused, naming the model."""
-    errors = _errors(_request(model="gpt-4"), allowed_models=("a", "b"))
+    """A model outside the allow list is refused, naming the model and the allowed ones."""
+    errors = _errors(_request(model="gpt-4"), catalogue=_allowing("a", "b"))
     assert [e["loc"] for e in errors] == ["model"]
     assert "'gpt-4'" in errors[0]["msg"]
+    assert "a, b" in errors[0]["msg"]
 
 
 def test_allowed_model_is_accepted() -> None:
-    """A model in allowed_models passes."""
-    result = validate_request(_request(model="b"), allowed_models=["a", "b"])
+    """A model in the allow list passes."""
+    result = validate_request(_request(model="b"), catalogue=_allowing("a", "b"))
     assert result["model"] == "b"
 
 
 def test_empty_allowed_models_means_any_model() -> None:
-    """With no allowed_models any non-empty model name passes."""
+    """With no allow list any well-formed model name passes."""
     assert validate_request(_request(model="anything/at-all"))["model"] == "anything/at-all"
 
 
@@ -373,7 +385,7 @@ def test_one_error_lists_every_bad_field() -> None:
         "temperature": 3,
         "top_k": 99,
     }
-    errors = _errors(request, allowed_models=["deepseek-ai/DeepSeek-V3"])
+    errors = _errors(request, catalogue=_allowing("deepseek-ai/DeepSeek-V3"))
     assert sorted(e["loc"] for e in errors) == sorted(
         ["model", "max_tokens", "messages[0].role", "temperature", "top_k"]
     )
@@ -408,10 +420,190 @@ def test_input_is_not_mutated() -> None:
     assert request == before
 
 
+def test_values_that_are_not_json_are_refused_without_a_size_bound() -> None:
+    """A Python value JSON cannot hold (a set, an object, bytes, a 100-bit integer) is refused
+    at its location, also when no size bound is given, before anything else looks at it."""
+    for bad in ({1, 2}, object(), b"x", 2**100):
+        errors = _errors(_request(tools=[{**TOOL, "input_schema": {"type": "object", "x": bad}}]))
+        assert [e["loc"] for e in errors] == ["tools[0].input_schema.x"]
+        assert "not JSON-serialisable" in errors[0]["msg"]
+    assert _locs({**BASE, 1: "x"}) == ["(request)"]
+
+
+# --- strict types --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_tokens", True),
+        ("max_tokens", False),
+        ("max_tokens", "100"),
+        ("max_tokens", 16.0),
+        ("max_tokens", None),
+        ("top_k", "5"),
+        ("top_k", True),
+        ("top_k", 5.0),
+        ("temperature", "0.7"),
+        ("temperature", True),
+        ("top_p", "0.5"),
+        ("top_p", False),
+        ("stream", 1),
+        ("stream", 0),
+        ("stream", "yes"),
+        ("stream", "true"),
+        ("model", 7),
+        ("model", b"deepseek-ai/DeepSeek-V3"),
+        ("messages", ({"role": "user", "content": "Hi"},)),
+        ("system", 5),
+        ("stop_sequences", 7),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_refused_not_coerced(field: str, value: Any) -> None:
+    """No bool for a number, no string for a number, no number for a bool, no fraction for
+    an integer, no bytes for a string, no tuple for a list: refused at the field."""
+    locs = _locs(_request(**{field: value}))
+    assert locs
+    assert all(loc == field or loc.startswith(f"{field}[") for loc in locs), locs
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("temperature", 0.7), ("temperature", 1), ("top_p", 0.7), ("top_p", 1), ("stream", False)],
+)
+def test_numbers_and_booleans_of_the_right_json_type_pass(field: str, value: Any) -> None:
+    """A float or an integer is a number (temperature 1 and 0.7 alike); false is a boolean."""
+    assert validate_request(_request(**{field: value}))[field] == value
+
+
+@pytest.mark.parametrize(
+    ("block", "loc"),
+    [
+        ({"type": "tool_result", "tool_use_id": "t", "is_error": "false"}, "is_error"),
+        ({"type": "tool_result", "tool_use_id": "t", "is_error": 0}, "is_error"),
+        ({"type": "text", "text": 5}, "text"),
+        ({"type": "tool_use", "id": "t", "name": "f", "input": [1]}, "input"),
+    ],
+)
+def test_content_blocks_are_strict_too(block: dict[str, Any], loc: str) -> None:
+    """Inside a content block, a boolean, a string and an object must be exactly that."""
+    assert _locs(_request(messages=[_message([block])])) == [f"messages[0].content[0].{loc}"]
+
+
+def test_tool_choice_flag_must_be_a_boolean() -> None:
+    """disable_parallel_tool_use is a real boolean."""
+    choice = {"type": "auto", "disable_parallel_tool_use": 1}
+    locs = _locs(_request(tools=[TOOL], tool_choice=choice))
+    assert locs == ["tool_choice.disable_parallel_tool_use"]
+
+
+@pytest.mark.parametrize("name", ["get_weather\n", "get_weather\n\n", "\nget_weather"])
+def test_a_tool_name_with_a_newline_is_refused(name: str) -> None:
+    """The tool-name pattern is anchored at the very end (\\Z): no trailing newline slips by."""
+    assert _locs(_request(tools=[{**TOOL, "name": name}])) == ["tools[0].name"]
+
+
+# --- model names and the catalogue -----------------------------------------------------------
+
+#: Two catalogued models, and any other model allowed (ALLOWED_MODELS='', as in the tests'
+#: workers): a catalogued model has its maximum, any other the global cap.
+CATALOGUE = ModelCatalogue.build(
+    {
+        "big/model": ModelSpec(max_tokens=32_000, aliases=("big",)),
+        "small/model": ModelSpec(max_tokens=4096, context_window=8192),
+    },
+    allowed=(),
+)
+
+
+@pytest.mark.parametrize(
+    "name", [*SEED_MODELS, "a", "x" * 128, "vendor/model:tag@2024-01-01", "gpt_4.1"]
+)
+def test_well_formed_model_names_pass(name: str) -> None:
+    """Names of 1-128 letters, digits and . _ : / @ - pass (the seed's seven among them)."""
+    assert validate_request(_request(model=name))["model"] == name
+
+
+@pytest.mark.parametrize(
+    "name", ["", "x" * 129, "a b", "model\n", "model\x00", "модель", "a\tb", "a;b", "a?b=c"]
+)
+def test_model_names_are_bounded_in_length_and_characters(name: str) -> None:
+    """Any other name is refused at model, saying the rule, even when any model is allowed."""
+    errors = _errors(_request(model=name))
+    assert [e["loc"] for e in errors] == ["model"]
+    assert "1-128 characters" in errors[0]["msg"] or name == ""
+
+
+def test_max_tokens_above_the_models_maximum_is_refused_naming_both_numbers() -> None:
+    """max_tokens over the catalogue's maximum for the model is refused at max_tokens, and
+    the message names the request's number, the maximum and the model."""
+    errors = _errors(_request(model="small/model", max_tokens=4097), catalogue=CATALOGUE)
+    assert [e["loc"] for e in errors] == ["max_tokens"]
+    assert "4097" in errors[0]["msg"]
+    assert "4096" in errors[0]["msg"]
+    assert "small/model" in errors[0]["msg"]
+
+
+def test_max_tokens_at_the_models_maximum_passes() -> None:
+    """The maximum itself is allowed."""
+    request = _request(model="small/model", max_tokens=4096)
+    assert validate_request(request, catalogue=CATALOGUE)["max_tokens"] == 4096
+
+
+def test_each_model_has_its_own_maximum() -> None:
+    """What one model refuses another accepts."""
+    request = _request(model="big/model", max_tokens=20_000)
+    assert validate_request(request, catalogue=CATALOGUE)["max_tokens"] == 20_000
+    assert _locs({**request, "model": "small/model"}, catalogue=CATALOGUE) == ["max_tokens"]
+
+
+def test_an_alias_is_checked_as_its_model_and_enqueued_under_its_name() -> None:
+    """A request naming an alias passes as the model it stands for and comes back with the
+    model's name (what the upstream, the limits and the metrics see)."""
+    result = validate_request(_request(model="big", max_tokens=32_000), catalogue=CATALOGUE)
+    assert result["model"] == "big/model"
+    errors = _errors(_request(model="big", max_tokens=32_001), catalogue=CATALOGUE)
+    assert "'big' (big/model)" in errors[0]["msg"]
+
+
+def test_the_default_catalogue_bounds_the_seed_models_at_8192() -> None:
+    """With the default settings each seed model's maximum is the seed's example, 8192."""
+    from worker.settings import load_settings
+
+    catalogue = load_settings().catalogue
+    for model in SEED_MODELS:
+        assert validate_request(_request(model=model, max_tokens=8192), catalogue=catalogue)
+        assert _locs(_request(model=model, max_tokens=8193), catalogue=catalogue) == ["max_tokens"]
+
+
+def test_a_model_outside_the_catalogue_is_bounded_by_the_global_cap() -> None:
+    """When any model may be named, an unknown model's max_tokens is bounded by the cap only."""
+    request = _request(model="unknown/model", max_tokens=MAX_TOKENS_CAP)
+    assert validate_request(request, catalogue=CATALOGUE)["max_tokens"] == MAX_TOKENS_CAP
+    over = {**request, "max_tokens": MAX_TOKENS_CAP + 1}
+    assert _locs(over, catalogue=CATALOGUE) == ["max_tokens"]
+    assert _locs({**request, "max_tokens": 10**30}, catalogue=CATALOGUE) == ["max_tokens"]
+
+
+def test_without_an_allow_list_the_catalogues_models_are_the_allowed_ones() -> None:
+    """ALLOWED_MODELS unset: the catalogue's models (and their aliases) are allowed, no other."""
+    catalogue = ModelCatalogue.build(CATALOGUE.specs)
+    assert validate_request(_request(model="big"), catalogue=catalogue)["model"] == "big/model"
+    assert _locs(_request(model="unknown/model"), catalogue=catalogue) == ["model"]
+
+
+def test_a_bad_model_and_a_bad_max_tokens_are_reported_together() -> None:
+    """The allow list's refusal and another field's problem come in the same error."""
+    catalogue = ModelCatalogue.build(CATALOGUE.specs, ["small/model"])
+    errors = _errors(_request(model="big/model", top_k=99), catalogue=catalogue)
+    assert sorted(e["loc"] for e in errors) == ["model", "top_k"]
+
+
 # --- properties ----------------------------------------------------------------------------
 
 _text = st.text(min_size=1, max_size=20)
 _tool_names = st.from_regex(r"[a-zA-Z0-9_-]{1,64}", fullmatch=True)
+_model_names = st.from_regex(r"[A-Za-z0-9._:/@-]{1,128}", fullmatch=True)
 _json_scalars = st.none() | st.booleans() | st.integers(-1000, 1000) | st.text(max_size=10)
 _small_dicts = st.dictionaries(st.text(max_size=8), _json_scalars, max_size=3)
 
@@ -471,9 +663,9 @@ def _float_or_int(low: float, high: float) -> st.SearchStrategy[float]:
 def valid_requests(draw: st.DrawFn) -> dict[str, Any]:
     """A request with every field inside its bounds; optional fields present or not."""
     request: dict[str, Any] = {
-        "model": draw(_text),
+        "model": draw(_model_names),
         "messages": draw(_messages),
-        "max_tokens": draw(st.integers(1, 1_000_000)),
+        "max_tokens": draw(st.integers(1, MAX_TOKENS_CAP)),
     }
     optional: dict[str, st.SearchStrategy[Any]] = {
         "system": st.text(max_size=20)
@@ -512,7 +704,7 @@ def test_valid_requests_validate_and_round_trip(request: dict[str, Any]) -> None
 
 _OUT_OF_BOUND: dict[str, st.SearchStrategy[Any]] = {
     "messages": st.just([]) | st.lists(st.just(_message()), min_size=11, max_size=15),
-    "max_tokens": st.integers(max_value=0),
+    "max_tokens": st.integers(max_value=0) | st.integers(min_value=MAX_TOKENS_CAP + 1),
     "temperature": st.floats(max_value=0, exclude_max=True, allow_nan=False)
     | st.floats(min_value=2, exclude_min=True, allow_nan=False),
     "top_p": st.floats(max_value=0.1, exclude_max=True, allow_nan=False)
@@ -540,3 +732,129 @@ def test_one_field_out_of_bounds_is_refused_at_that_field(case: tuple[dict[str, 
     with pytest.raises(RequestInvalid) as info:
         validate_request(request)
     assert field in [e["loc"] for e in info.value.errors]
+
+
+# Values of the wrong JSON type for each typed field: each one alone makes a request invalid.
+_WRONG_TYPE: dict[str, st.SearchStrategy[Any]] = {
+    "model": st.integers() | st.booleans() | st.none() | st.lists(_model_names, max_size=2),
+    "max_tokens": st.booleans()
+    | st.integers(1, 100).map(str)
+    | st.integers(1, 100).map(float)
+    | st.none(),
+    "messages": st.text(max_size=5) | st.dictionaries(st.text(max_size=3), st.text(max_size=3)),
+    "temperature": st.booleans() | st.floats(0, 2, allow_nan=False).map(str),
+    "top_p": st.booleans() | st.floats(0.1, 1, allow_nan=False).map(str),
+    "top_k": st.booleans() | st.integers(0, 50).map(str) | st.integers(0, 50).map(float),
+    "stream": st.integers() | st.sampled_from(["true", "false", "yes", "1", ""]),
+    "system": st.integers() | st.booleans(),
+    "tools": st.text(max_size=5) | st.integers(),
+}
+_BAD_MODEL_NAMES = st.one_of(
+    st.just(""),
+    st.text(min_size=129, max_size=140, alphabet="ab"),
+    st.from_regex(r"[A-Za-z0-9]{1,10}[ \n\t;?#%é\x00][A-Za-z0-9]{0,10}", fullmatch=True),
+    st.from_regex(r"[A-Za-z0-9]{1,10}", fullmatch=True).map(lambda n: n + "\n"),
+)
+
+
+@st.composite
+def invalid_requests(draw: st.DrawFn) -> tuple[dict[str, Any], str]:
+    """A valid request made invalid in one known way; returns it and the loc to expect."""
+    request = draw(valid_requests())
+    kind = draw(st.sampled_from(["wrong_type", "out_of_bound", "unknown", "model", "limit"]))
+    if kind == "wrong_type":
+        field = draw(st.sampled_from(sorted(_WRONG_TYPE)))
+        request[field] = draw(_WRONG_TYPE[field])
+        return request, field
+    if kind == "out_of_bound":
+        field = draw(st.sampled_from(sorted(_OUT_OF_BOUND)))
+        request[field] = draw(_OUT_OF_BOUND[field])
+        return request, field
+    if kind == "unknown":
+        name = draw(st.text(min_size=1, max_size=12).filter(lambda n: n not in request))
+        name = name if name not in MessagesRequestFields else name + "_x"
+        request[name] = draw(st.none() | st.integers() | st.text(max_size=5))
+        return request, name
+    if kind == "model":
+        request["model"] = draw(_BAD_MODEL_NAMES)
+        return request, "model"
+    request["model"] = "small/model"
+    request["max_tokens"] = draw(st.integers(4097, MAX_TOKENS_CAP))
+    return request, "max_tokens"
+
+
+MessagesRequestFields = frozenset(
+    {"model", "messages", "max_tokens", "system", "stop_sequences", "stream", "temperature"}
+    | {"top_p", "top_k", "tools", "tool_choice"}
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(invalid_requests())
+def test_every_invalid_request_is_refused_with_its_location(
+    case: tuple[dict[str, Any], str],
+) -> None:
+    """A request made invalid in any one known way (a wrong JSON type, a value past its
+    bound, an unknown field, a malformed model name, max_tokens over the model's maximum) is
+    refused, and the refusal names that field among well-formed locations."""
+    request, loc = case
+    with pytest.raises(RequestInvalid) as info:
+        validate_request(request, catalogue=CATALOGUE, max_request_bytes=1_048_576)
+    errors = info.value.errors
+    assert all(isinstance(e["loc"], str) and e["loc"] and e["msg"] for e in errors), errors
+    assert any(e["loc"] == loc or e["loc"].startswith((f"{loc}.", f"{loc}[")) for e in errors), (
+        loc,
+        errors,
+    )
+
+
+_json_leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12)
+)
+_json = st.recursive(
+    _json_leaves,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+# Bodies shaped like a request, with any value at any known field; and anything at all.
+_request_like = st.dictionaries(
+    st.sampled_from(sorted(MessagesRequestFields)) | st.text(max_size=6), _json, max_size=8
+)
+
+
+@st.composite
+def perturbed_valid_requests(draw: st.DrawFn) -> dict[str, Any]:
+    """A valid request with a few fields, or nested values, replaced by anything."""
+    request = draw(valid_requests())
+    for _ in range(draw(st.integers(0, 3))):
+        field = draw(st.sampled_from([*sorted(MessagesRequestFields), "extra"]))
+        request[field] = draw(_json)
+    messages = request.get("messages")
+    if draw(st.booleans()) and isinstance(messages, list) and messages:
+        message = messages[draw(st.integers(0, len(messages) - 1))]
+        if isinstance(message, dict):
+            message[draw(st.sampled_from(["role", "content", "x"]))] = draw(_json)
+    return request
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(_json, _request_like, perturbed_valid_requests(), valid_requests()))
+def test_any_body_is_accepted_or_refused_with_locations_never_a_crash(body: Any) -> None:
+    """Whatever the body, validation returns a request or raises RequestInvalid whose every
+    error has a location and a message; an accepted request validates again to itself."""
+    errors: list[dict[str, str]] = []
+    try:
+        result = validate_request(body, catalogue=CATALOGUE, max_request_bytes=1_048_576)
+    except RequestInvalid as exc:
+        errors = exc.errors
+    if not errors:
+        assert validate_request(result, catalogue=CATALOGUE, max_request_bytes=1_048_576) == result
+        return
+    assert all(isinstance(e["loc"], str) and e["loc"] for e in errors), errors
+    assert all(isinstance(e["msg"], str) and e["msg"] for e in errors), errors

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from worker.catalogue import MAX_TOKENS_CAP, ModelSpec
 from worker.errors import SettingsError
 from worker.settings import SEED_MODELS, RateLimit, Settings, load_settings
 
@@ -37,8 +38,12 @@ def test_defaults_match_the_design() -> None:
     assert str(s.api_base_url).rstrip("/") == "https://api.woagent.net"
     assert s.api_key is None
     assert s.api_key_value() is None
-    assert s.allowed_models == SEED_MODELS
+    assert s.allowed_models is None  # unset: the catalogue's models
+    assert s.catalogue.allowed == SEED_MODELS
     assert len(SEED_MODELS) == 7
+    assert {name: spec.max_tokens for name, spec in s.models.items()} == dict.fromkeys(
+        SEED_MODELS, 8192
+    )
     assert s.max_attempts == 5
     assert (s.backoff_base_s, s.backoff_max_s) == (0.5, 30.0)
     assert (s.connect_timeout_s, s.first_byte_timeout_s, s.idle_timeout_s) == (10, 120, 60)
@@ -114,6 +119,11 @@ def test_settings_are_frozen() -> None:
         ("LLM_WORKER_RATE_LIMITS", '{"m": {"rpm": -1}}'),
         ("LLM_WORKER_RATE_LIMITS", '{"m": {"rps": 5}}'),
         ("LLM_WORKER_ALLOWED_MODELS", "[not json"),
+        ("LLM_WORKER_ALLOWED_MODELS", "has space"),
+        ("LLM_WORKER_ALLOWED_MODELS", '["a", 7]'),
+        ("LLM_WORKER_QUEUE", "llmw\n"),
+        ("LLM_WORKER_KEY_PREFIX", "llmw\n"),
+        ("LLM_WORKER_KEY_PREFIX", "x" * 201),
     ],
 )
 def test_bad_value_names_its_variable(
@@ -252,6 +262,7 @@ def test_allowed_models_forms(
     """ALLOWED_MODELS accepts a comma list, a JSON list, or empty (meaning any model)."""
     monkeypatch.setenv("LLM_WORKER_ALLOWED_MODELS", value)
     assert load_settings().allowed_models == expected
+    assert load_settings().catalogue.allowed == expected
 
 
 def test_dotenv_in_the_working_directory_is_read(tmp_path: Path) -> None:
@@ -312,3 +323,89 @@ def test_settings_class_reads_the_same_environment(monkeypatch: pytest.MonkeyPat
     """Settings() directly sees the LLM_WORKER_ prefix as load_settings does."""
     monkeypatch.setenv("LLM_WORKER_METRICS_PORT", "9999")
     assert Settings().metrics_port == 9999
+
+
+# --- LLM_WORKER_MODELS: the catalogue ------------------------------------------------------
+
+
+def test_models_replace_the_default_catalogue_and_become_the_allowed_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """LLM_WORKER_MODELS replaces the defaults whole; unset ALLOWED_MODELS follows it."""
+    monkeypatch.setenv(
+        "LLM_WORKER_MODELS",
+        '{"vendor/a": {"max_tokens": 4096, "context_window": 65536, "aliases": ["a"]},'
+        ' "vendor/b": {"max_tokens": 32000}}',
+    )
+    s = load_settings()
+    assert s.models == {
+        "vendor/a": ModelSpec(max_tokens=4096, context_window=65536, aliases=("a",)),
+        "vendor/b": ModelSpec(max_tokens=32000),
+    }
+    assert s.catalogue.allowed == ("vendor/a", "vendor/b")
+    assert s.catalogue.canonical("a") == "vendor/a"
+    assert s.catalogue.max_tokens("a") == 4096
+    assert not s.catalogue.allows(SEED_MODELS[0])
+
+
+def test_allowed_models_narrow_or_widen_the_catalogue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ALLOWED_MODELS may name a subset (an alias names its model), a model the catalogue
+    does not know (bounded by the global cap), or be empty (any model)."""
+    monkeypatch.setenv("LLM_WORKER_MODELS", '{"vendor/a": {"max_tokens": 10, "aliases": ["a"]}}')
+    monkeypatch.setenv("LLM_WORKER_ALLOWED_MODELS", "a,vendor/new")
+    catalogue = load_settings().catalogue
+    assert catalogue.allowed == ("vendor/a", "vendor/new")
+    assert catalogue.max_tokens("vendor/new") == MAX_TOKENS_CAP
+    monkeypatch.setenv("LLM_WORKER_ALLOWED_MODELS", "")
+    assert load_settings().catalogue.allows("anything/else")
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "dictionary"),
+        ("{}", "lists no model"),
+        ('{"m": {"max_tokens": 0}}', "greater than or equal to 1"),
+        ('{"m": {"max_tokens": -5}}', "greater than or equal to 1"),
+        ('{"m": {"max_tokens": 1000001}}', "less than or equal to 1000000"),
+        ('{"m": {"max_tokens": true}}', "valid integer"),
+        ('{"m": {"max_tokens": "8192"}}', "valid integer"),
+        ('{"m": {"max_tokens": 8192.5}}', "valid integer"),
+        ('{"m": {}}', "Field required"),
+        ('{"m": {"max_tokens": 10, "max_output": 5}}', "Extra inputs are not permitted"),
+        ('{"m": {"max_tokens": 10, "context_window": 5}}', "exceeds context_window"),
+        ('{"m": {"max_tokens": 10, "aliases": "x"}}', "tuple"),
+        ('{"m": {"max_tokens": 10, "aliases": ["has space"]}}', "1-128 characters"),
+        ('{"bad name": {"max_tokens": 10}}', "1-128 characters"),
+        ('{"m": {"max_tokens": 10, "aliases": ["n"]}, "n": {"max_tokens": 5}}', "model's name"),
+        (
+            '{"m": {"max_tokens": 10, "aliases": ["x"]}, "n": {"max_tokens": 5, "aliases": ["x"]}}',
+            "names both",
+        ),
+    ],
+)
+def test_a_bad_catalogue_fails_at_start_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, value: str, fragment: str
+) -> None:
+    """Malformed JSON, an empty catalogue, unknown fields, a max_tokens that is 0, negative,
+    over the cap, a bool, a string or a fraction, a context window below it, a bad name or an
+    ambiguous alias: SettingsError naming LLM_WORKER_MODELS and what is wrong."""
+    error = _error(monkeypatch, LLM_WORKER_MODELS=value)
+    assert [name for name, _ in error.problems] == ["LLM_WORKER_MODELS"]
+    assert fragment in str(error)
+
+
+def test_a_catalogue_given_in_code_is_checked_the_same_way() -> None:
+    """load_settings(models=...) takes JSON text or a mapping, with the same checks."""
+    assert load_settings(models='{"m": {"max_tokens": 3}}').catalogue.max_tokens("m") == 3
+    assert load_settings(models={"m": {"max_tokens": 3}}).catalogue.max_tokens("m") == 3
+    with pytest.raises(SettingsError, match="LLM_WORKER_MODELS"):
+        load_settings(models={"m": {"max_tokens": 0}})
+
+
+def test_settings_round_trip_keeps_the_catalogue() -> None:
+    """Settings rebuilt from their own values (as clients do) keep the same catalogue."""
+    s = load_settings(models={"m": {"max_tokens": 3, "aliases": ["mm"]}}, allowed_models="m,x")
+    again = load_settings(**dict(s))
+    assert again.catalogue == s.catalogue

@@ -14,10 +14,12 @@ import pytest
 from tests.support import (
     ROOT,
     WorkerProcess,
+    celery_worker_args,
     make_request,
     new_keys,
     stop_process,
     wait_for,
+    worker_env,
     written_keys,
 )
 from worker.client.sync import Client
@@ -359,3 +361,43 @@ def test_a_job_that_passes_its_deadline_is_a_504_the_sdk_does_not_retry(
     assert response.headers["x-should-retry"] == "false"
     assert response.json()["error"]["type"] == "timeout_error"
     assert response.headers["llm-worker-job-id"]
+
+
+def test_an_upstream_that_refuses_our_key_is_a_502_never_a_401(
+    redis_url: str, simulator_url: str
+) -> None:
+    """A worker whose LLM_WORKER_API_KEY the upstream refuses (401): the gateway's client, whose
+    own key was accepted, gets a 502 api_error naming the upstream, non-streamed and streamed;
+    never an AuthenticationError that looks like its own key failed."""
+    queue = "llmw-wrong-upstream-key"
+    env = worker_env(redis_url, simulator_url, api_key="sk-not-the-simulators", queue=queue)
+    worker = WorkerProcess(celery_worker_args(concurrency=5, queue=queue), env)
+    proc, url = start_gateway(worker)
+    host = httpx.URL(simulator_url).host
+    try:
+        with anthropic.Anthropic(
+            base_url=url, api_key=GATEWAY_KEY, max_retries=0, timeout=60
+        ) as sdk:
+            with pytest.raises(anthropic.APIStatusError) as created:
+                sdk.messages.create(
+                    model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "x"}]
+                )
+            with (
+                pytest.raises(anthropic.APIStatusError) as streamed,
+                sdk.messages.stream(
+                    model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "y"}]
+                ) as stream,
+            ):
+                stream.get_final_message()
+    finally:
+        stop_process(proc)
+        worker.stop()
+    assert created.value.status_code == 502
+    for error in (created.value, streamed.value):
+        assert not isinstance(
+            error, anthropic.AuthenticationError | anthropic.PermissionDeniedError
+        )
+        body: Any = error.body
+        assert body["error"]["type"] == "api_error", body
+        assert f"upstream {host}" in body["error"]["message"]
+        assert "your key was accepted" in body["error"]["message"]

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import pytest
 
 from worker import events as ev
-from worker.gateway.relay import AnthropicRelay
+from worker.gateway.relay import AnthropicRelay, http_status, terminal_error, valid_stream_id
 
 MESSAGE = {
     "id": "msg_1",
@@ -53,3 +54,76 @@ def test_a_resumed_stream_does_not_replay_the_message_at_completion() -> None:
     relay = AnthropicRelay("job", sent_output=True)
     assert list(relay.feed(_event(9, ev.COMPLETED, message=MESSAGE))) == []
     assert relay.done
+
+
+def _error_frame(frames: list[bytes]) -> dict[str, Any]:
+    data = [
+        line[6:] for frame in frames for line in frame.split(b"\n") if line.startswith(b"data: ")
+    ]
+    assert len(data) == 1
+    error: dict[str, Any] = orjson.loads(data[0])["error"]
+    return error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        {"type": "authentication_error", "message": "invalid x-api-key", "status_code": 401},
+        {"type": "permission_error", "message": "no access to model", "status_code": 403},
+        {"type": "invalid_request_error", "message": "bad key", "status_code": 401},
+        # an error event inside a 200 stream has no status, only its type
+        {"type": "authentication_error", "message": "key revoked", "status_code": None},
+    ],
+)
+def test_the_upstream_refusing_our_key_is_a_502_api_error_naming_it(error: dict[str, Any]) -> None:
+    """An upstream 401/403 is about this service's key, not the client's: the status is 502
+    and the error an api_error that names the upstream, in the body and in the stream."""
+    assert http_status(error, ev.FAILED) == 502
+    body = terminal_error({"type": ev.FAILED, "error": error}, upstream="api.example.test")
+    assert body["type"] == "api_error"
+    assert "upstream api.example.test" in body["message"]
+    assert error["message"] not in body["message"]  # the upstream's words stay in the job
+    relay = AnthropicRelay("job", upstream="api.example.test")
+    streamed = _error_frame(list(relay.feed(_event(4, ev.FAILED, error=error))))
+    assert streamed["type"] == "api_error"
+    assert "upstream api.example.test" in streamed["message"]
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"), [(400, 400), (404, 404), (429, 429), (500, 500), (None, 502)]
+)
+def test_other_upstream_statuses_pass_through(status: int | None, expected: int) -> None:
+    """Every other upstream status reaches the client as it was; no status at all is 502."""
+    error = {"type": "invalid_request_error", "message": "m", "status_code": status}
+    assert http_status(error, ev.FAILED) == expected
+    assert terminal_error({"type": ev.FAILED, "error": error})["type"] == "invalid_request_error"
+
+
+def test_a_ping_or_unknown_chunk_does_not_make_a_retry_visible() -> None:
+    """Chunks that are no part of an answer (a ping, an unknown type) are relayed, but a
+    retry after them is still hidden: the client holds nothing the retry voids."""
+    relay = AnthropicRelay("job")
+    for seq, kind in enumerate(["ping", "vendor_hello"], start=2):
+        frames = list(relay.feed(_event(seq, ev.CHUNK, event={"type": kind})))
+        assert _kinds(frames) == [kind]
+    assert list(relay.feed(_event(4, ev.RETRY, reason="http_529"))) == []
+    assert not relay.done
+    assert _kinds(list(relay.feed(_event(5, ev.CHUNK, event={"type": "message_start"})))) == [
+        "message_start"
+    ]
+    assert _kinds(list(relay.feed(_event(6, ev.RETRY, reason="http_529")))) == ["error"]
+
+
+@pytest.mark.parametrize("value", ["1-0", "1700000000000-12"])
+def test_stream_ids_of_ascii_digits_are_accepted(value: str) -> None:
+    """A Redis stream id is two runs of ASCII digits."""
+    assert valid_stream_id(value)
+
+
+@pytest.mark.parametrize(
+    "value", ["1-0\n2", "\u0661-\u0660", "1-", "-0", "1_0-0", "+1-0", "1-0-0", "1 -0", ""]
+)
+def test_other_stream_ids_are_refused(value: str) -> None:
+    """Other scripts' digits, signs, separators or anything after a newline are not a stream
+    id (the header's own surrounding whitespace is stripped)."""
+    assert not valid_stream_id(value)

@@ -6,8 +6,11 @@ import json
 
 import pytest
 
+from worker.client.core import prepare_submission
+from worker.errors import RequestInvalid
 from worker.ratelimit import Cost, Usage, estimate_input_tokens
-from worker.ratelimit.cost import MEDIA_BLOCK_CHARS, refund
+from worker.ratelimit.cost import MEDIA_BLOCK_CHARS, refund, submit_problem
+from worker.settings import SEED_MODELS, RateLimit, load_settings
 
 
 def test_estimate_counts_system_messages_and_tools() -> None:
@@ -66,3 +69,29 @@ def test_refund_is_reserved_minus_used() -> None:
     reserved = Cost(input_tokens=100, output_tokens=50)
     assert refund(reserved, Usage(input_tokens=80, output_tokens=70)) == (20, -20)
     assert refund(reserved, None) == (0, 0)
+
+
+def test_a_producer_that_knows_the_limit_refuses_what_could_never_be_granted() -> None:
+    """With RATE_LIMITS in the producer's settings, max_tokens above the key's output_tpm is
+    refused at submit naming both numbers (and the limit key); within it, nothing is said."""
+    settings = load_settings(
+        rate_limits='{"default": {"output_tpm": 8000}, "tenant-a": {"output_tpm": 100000}}'
+    )
+    request = {
+        "model": SEED_MODELS[4],
+        "max_tokens": 8192,
+        "messages": [{"role": "user", "content": "x"}],
+    }
+    with pytest.raises(RequestInvalid) as refused:
+        prepare_submission(settings, [request], None, None)
+    (error,) = refused.value.errors
+    assert error["loc"] == "max_tokens"
+    assert "max_tokens 8192 exceeds the output_tpm limit of 8000" in error["msg"]
+    assert repr(SEED_MODELS[4]) in error["msg"]  # its limit key (counted under default)
+    # The tenant's own, larger bucket takes it; without RATE_LIMITS nothing is checked.
+    prepare_submission(settings, [request], None, {"limit_key": "tenant-a"})
+    prepare_submission(load_settings(), [request], None, None)
+    assert (
+        submit_problem({"m": RateLimit(output_tpm=10)}, {"model": "m", "max_tokens": 10}, None)
+        is None
+    )

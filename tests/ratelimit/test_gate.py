@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from worker.errors import PermanentUpstreamError, TransientUpstreamError
-from worker.ratelimit import ManualClock, MemoryBackend, Timing
+from worker.ratelimit import Cost, ManualClock, MemoryBackend, Timing
 from worker.ratelimit.gate import (
     MAX_COUNTDOWN_S,
     MIN_COUNTDOWN_S,
@@ -20,6 +20,7 @@ from worker.ratelimit.gate import (
     limit_key_for,
     requeue_countdown_s,
 )
+from worker.ratelimit.limiter import RateLimitCapacity
 from worker.settings import RateLimit
 
 MODEL = "deepseek-ai/DeepSeek-V3"
@@ -43,7 +44,6 @@ def _gate(
         backend,
         limits,
         max_wait_s=max_wait_s,
-        visibility_timeout_s=1200.0,
         cooldown_max_s=60.0,
         metadata_of=lambda _job_id: metadata or {},
         sleep=clock.sleep,
@@ -73,12 +73,12 @@ def test_limit_key_is_the_metadata_limit_key_else_the_model() -> None:
 
 
 def test_requeue_countdown_is_bounded_and_jittered() -> None:
-    """At least MIN_COUNTDOWN_S, up to 10 % jitter, never past a quarter of the visibility."""
-    assert requeue_countdown_s(0.25, visibility_timeout_s=1200) == MIN_COUNTDOWN_S
-    assert requeue_countdown_s(10.0, visibility_timeout_s=1200) == 10.0
-    assert requeue_countdown_s(10.0, visibility_timeout_s=1200, jitter=1.0) == pytest.approx(11.0)
-    assert requeue_countdown_s(500.0, visibility_timeout_s=1e6) == MAX_COUNTDOWN_S
-    assert requeue_countdown_s(500.0, visibility_timeout_s=100) == 25.0
+    """At least MIN_COUNTDOWN_S, up to 10 % jitter, at most MAX_COUNTDOWN_S (the visibility
+    timeout no longer bounds it: the holder of a countdown message keeps it invisible)."""
+    assert requeue_countdown_s(0.25) == MIN_COUNTDOWN_S
+    assert requeue_countdown_s(10.0) == 10.0
+    assert requeue_countdown_s(10.0, jitter=1.0) == pytest.approx(11.0)
+    assert requeue_countdown_s(500.0) == MAX_COUNTDOWN_S
 
 
 def test_cooldown_only_for_429_and_529_with_retry_after() -> None:
@@ -100,14 +100,13 @@ def test_no_limits_means_no_limiter_work() -> None:
         None,
         {},
         max_wait_s=10,
-        visibility_timeout_s=1200,
         cooldown_max_s=60,
         metadata_of=no_metadata,
     )
     reservation = gate.reserve("job", REQUEST, model=MODEL)
     assert not reservation.limited
     gate.after_error(reservation, _http_error(429, 5.0), model=MODEL)
-    gate.settle(reservation, {"usage": {"input_tokens": 1}})
+    gate.settle(reservation, {"usage": {"input_tokens": 1}}, model=MODEL)
     assert not gate.enabled
 
 
@@ -186,9 +185,13 @@ def test_release_frees_the_in_flight_slot() -> None:
 def test_settle_gives_back_unused_tokens() -> None:
     """Settling with the real usage returns the unused output tokens to the bucket at once."""
     gate, _, _ = _gate({MODEL: RateLimit(output_tpm=150)}, max_wait_s=0)
-    gate.settle(gate.reserve("a", REQUEST, model=MODEL), {"usage": {"output_tokens": 10}})
+    gate.settle(
+        gate.reserve("a", REQUEST, model=MODEL), {"usage": {"output_tokens": 10}}, model=MODEL
+    )
     # 140 left: another 100-token reservation fits now; without the refund it would wait.
-    gate.settle(gate.reserve("b", REQUEST, model=MODEL), {"usage": {"output_tokens": 100}})
+    gate.settle(
+        gate.reserve("b", REQUEST, model=MODEL), {"usage": {"output_tokens": 100}}, model=MODEL
+    )
     with pytest.raises(JobPostponed):
         gate.reserve("c", REQUEST, model=MODEL)
 
@@ -242,5 +245,57 @@ def test_limiter_trouble_never_fails_a_finished_call() -> None:
     backend.release = broken  # type: ignore[method-assign]
     backend.set_cooldown = broken  # type: ignore[method-assign]
     gate.after_error(reservation, _http_error(429, 5.0), model=MODEL)
-    gate.settle(reservation, {"usage": {"output_tokens": 1}})
+    gate.settle(reservation, {"usage": {"output_tokens": 1}}, model=MODEL)
     gate.release(reservation)
+
+
+def test_a_request_larger_than_a_bucket_is_refused_and_takes_nothing() -> None:
+    """max_tokens beyond the key's output_tpm can never be granted: refused at once (no debt),
+    and a bucket's worth of normal requests is then granted at once."""
+    gate, _, _ = _gate({MODEL: RateLimit(output_tpm=400)}, max_wait_s=0)
+    with pytest.raises(RateLimitCapacity) as refused:
+        gate.reserve("huge", {**REQUEST, "max_tokens": 10**9}, model=MODEL)
+    assert "max_tokens 1000000000 exceeds the output_tpm limit of 400" in str(refused.value)
+    for job in "abcd":  # 4 x 100 = the whole bucket, no wait (max_wait_s=0)
+        gate.reserve(job, REQUEST, model=MODEL)
+    with pytest.raises(JobPostponed):
+        gate.reserve("e", REQUEST, model=MODEL)
+
+
+@pytest.mark.parametrize(
+    ("status", "produced_output", "kept_input", "kept_output"),
+    [
+        (400, False, True, 0),  # refused before any output: the output reservation returns
+        (429, False, False, 0),  # turned away: input and output return
+        (529, False, False, 0),
+        (503, True, True, 100),  # cut after output began: what it produced is unknown
+    ],
+)
+def test_a_failed_call_gives_back_what_the_upstream_did_not_count(
+    status: int, produced_output: bool, kept_input: bool, kept_output: int
+) -> None:
+    """after_error refunds a call that produced no output (its output; after a 429/529 its
+    input too) and counts the refund; a call cut mid-output keeps its reservation."""
+    gate, _, backend = _gate({MODEL: RateLimit(input_tpm=1000, output_tpm=1000)}, max_wait_s=0)
+    before = _sample("llm_worker_rate_limit_refunded_tokens_total", model=MODEL, kind="output")
+    reservation = gate.reserve("a", REQUEST, model=MODEL)
+    error = PermanentUpstreamError("x", status_code=status)
+    gate.after_error(reservation, error, model=MODEL, produced_output=produced_output)
+    gate.release(reservation)
+    key = backend.state.of(MODEL)
+    reserved_input = Cost.for_request(REQUEST).input_tokens if kept_input else 0
+    assert 1000 - key.input.level == pytest.approx(reserved_input, abs=0.01)  # type: ignore[union-attr]
+    assert 1000 - key.output.level == pytest.approx(kept_output, abs=0.01)  # type: ignore[union-attr]
+    refunded = _sample("llm_worker_rate_limit_refunded_tokens_total", model=MODEL, kind="output")
+    assert refunded - before == 100 - kept_output
+
+
+def test_usage_beyond_the_reservation_puts_at_most_one_bucket_in_debt() -> None:
+    """A call that used far more output than reserved charges the overrun, but the debt stops
+    at one bucket: the key frees within one period, not after the whole overrun refills."""
+    gate, clock, _ = _gate({MODEL: RateLimit(output_tpm=100)}, max_wait_s=120)
+    gate.settle(
+        gate.reserve("a", REQUEST, model=MODEL), {"usage": {"output_tokens": 10**6}}, model=MODEL
+    )
+    clock.advance(120.0)  # two periods: -100 refills to +100
+    gate.reserve("b", REQUEST, model=MODEL)  # granted without a wait

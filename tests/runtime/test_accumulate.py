@@ -109,8 +109,9 @@ def run_sdk(events: Iterable[Event]) -> Any:
     snapshot: Any = None
     json_bufs: dict[int, bytes] = {}
     for event in events:
-        # As the SDK's Stream does: ping is skipped, the rest is construct_type'd.
-        if event["type"] == "ping":
+        # As the SDK's Stream does: ping is skipped, the rest is construct_type'd; and as its
+        # MessageStream does: nothing before message_start is accumulated.
+        if event["type"] == "ping" or (snapshot is None and event["type"] != "message_start"):
             continue
         built = construct_type(type_=RawMessageStreamEvent, value=copy.deepcopy(event))
         snapshot = accumulate_event(event=built, current_snapshot=snapshot, json_bufs=json_bufs)
@@ -325,10 +326,51 @@ def test_random_tool_json_matches_sdk(
         assert ours["content"][0]["input"] == tool_input
 
 
+def test_anything_before_message_start_is_skipped() -> None:
+    """A ping, unknown events and even message events before message_start are skipped, as
+    the SDK's MessageStream skips them; the snapshot stays empty until message_start."""
+    early = [
+        PING,
+        {"type": "vendor_hello", "server": "x"},
+        delta(0, type="text_delta", text="orphan"),
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {}},
+    ]
+    snapshot: dict[str, Any] | None = None
+    for event in early:
+        snapshot = accumulate(snapshot, event)
+        assert snapshot == {}
+    events = [*early, start(), *text_block(0, ["a"]), message_delta("end_turn"), MESSAGE_STOP]
+    assert assert_matches_sdk(events)["content"] == [{"type": "text", "text": "a"}]
+
+
+def test_an_error_event_is_never_folded() -> None:
+    """An error event raises, before message_start or after (the caller fails the attempt)."""
+    error = {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}
+    for events in ([error], [start(), error]):
+        with pytest.raises(AccumulateError, match="error event"):
+            run_ours(events)
+
+
+def test_a_stream_without_message_start_has_no_message() -> None:
+    """final_message of a stream that never started raises: there is no message to give."""
+    with pytest.raises(AccumulateError, match="no message_start"):
+        run_ours([PING, MESSAGE_STOP])
+
+
+def test_accumulate_errors_are_the_upstreams_transient_malformed_stream() -> None:
+    """AccumulateError is a transient upstream error (malformed_sse) wherever it is raised,
+    so a runner retries the attempt instead of treating it as a bug of ours."""
+    from worker.errors import TransientUpstreamError
+
+    with pytest.raises(TransientUpstreamError) as info:
+        final_message({})
+    assert info.value.reason == "malformed_sse"
+    assert info.value.retryable
+
+
 @pytest.mark.parametrize(
     ("events", "message"),
     [
-        ([delta(0, type="text_delta", text="x")], "before message_start"),
         ([start(), delta(0, type="text_delta", text="x")], "message has 0 block"),
         ([start(), *text_block(0, ["a"]), stop(1)], "content block 1"),
         ([start(), block_start(0, {"type": "text", "text": ""}), delta(-1, text="x")], "block -1"),
@@ -342,3 +384,127 @@ def test_events_that_cannot_apply_raise(events: list[Event], message: str) -> No
     """Events out of order, for a missing block, or with broken tool JSON raise AccumulateError."""
     with pytest.raises(AccumulateError, match=message):
         run_ours(events)
+
+
+# --- the same bytes through our upstream client and through the SDK ------------------------
+
+
+def sse(events: list[Event]) -> bytes:
+    """Events as the upstream sends them: `event:` named by type, one `data:` line each."""
+    return b"".join(
+        b"event: " + str(e["type"]).encode() + b"\ndata: " + orjson.dumps(e) + b"\n\n"
+        for e in events
+    )
+
+
+REQUEST: dict[str, Any] = {
+    "model": "claude-x",
+    "max_tokens": 64,
+    "messages": [{"role": "user", "content": "hi"}],
+}
+
+
+def ours_from_bytes(body: bytes, chunk_size: int) -> dict[str, Any]:
+    """Our path: UpstreamClient's SSE decoding over ``body`` in chunks, folded as the runner
+    folds (every event of every read through accumulate)."""
+    import httpx
+
+    from worker.runtime.upstream import UpstreamClient
+    from worker.settings import load_settings
+
+    chunks = [body[i : i + chunk_size] for i in range(0, len(body), chunk_size)]
+    transport = httpx.MockTransport(
+        lambda _request: httpx.Response(
+            200, headers={"content-type": "text/event-stream"}, content=iter(chunks)
+        )
+    )
+    settings = load_settings(api_key="k", api_base_url="http://upstream.test")
+    client = UpstreamClient(settings, transport=transport)
+    snapshot: dict[str, Any] | None = None
+    try:
+        for batch in client.stream_batches(REQUEST):
+            for event in batch:
+                snapshot = accumulate(snapshot, event)
+    finally:
+        client.close()
+    assert snapshot is not None
+    return final_message(snapshot)
+
+
+def sdk_from_bytes(body: bytes) -> dict[str, Any]:
+    """The SDK's path: messages.stream over the same bytes, its final message as JSON."""
+    import anthropic
+    import httpx2
+
+    transport = httpx2.MockTransport(
+        lambda _request: httpx2.Response(
+            200, headers={"content-type": "text/event-stream"}, content=body
+        )
+    )
+    with (
+        anthropic.Anthropic(
+            api_key="k",
+            base_url="http://upstream.test",
+            max_retries=0,
+            http_client=httpx2.Client(transport=transport),
+        ) as sdk,
+        sdk.messages.stream(**REQUEST) as stream,
+    ):
+        final: dict[str, Any] = stream.get_final_message().to_dict(mode="json")
+    return final
+
+
+UNKNOWN_EARLY: Event = {"type": "vendor_hello", "region": "eu"}
+UNKNOWN_LATE: Event = {"type": "vendor_usage_estimate", "index": 0, "tokens": 12}
+
+REPLAYED_STREAMS = {
+    "opens_with_a_ping": [
+        PING,
+        start(),
+        PING,
+        *text_block(0, ["Hello", ", world"]),
+        message_delta("end_turn"),
+        MESSAGE_STOP,
+    ],
+    "unknown_event_types_everywhere": [
+        UNKNOWN_EARLY,
+        PING,
+        start(),
+        UNKNOWN_LATE,
+        *text_block(0, ["Checking."]),
+        UNKNOWN_LATE,
+        *tool_block(1, chop(TOOL_JSON, 6)),
+        delta(1, type="some_future_delta", stuff="zzz"),
+        message_delta("tool_use"),
+        UNKNOWN_LATE,
+        MESSAGE_STOP,
+    ],
+    "message_events_before_message_start": [
+        PING,
+        delta(0, type="text_delta", text="orphan"),
+        {"type": "content_block_stop", "index": 3},
+        UNKNOWN_EARLY,
+        start(),
+        *thinking_block(0, ["hmm"]),
+        *text_block(1, ["4"]),
+        message_delta("end_turn"),
+        MESSAGE_STOP,
+    ],
+}
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1 << 20])
+@pytest.mark.parametrize("name", sorted(REPLAYED_STREAMS))
+def test_replayed_bytes_give_the_sdks_final_message(name: str, chunk_size: int) -> None:
+    """Streams that open with a ping, carry unknown event types, or send events before
+    message_start do not fail: from the same bytes, split anywhere, our upstream client and
+    fold give exactly the message the anthropic SDK's messages.stream accumulates."""
+    body = sse(REPLAYED_STREAMS[name])
+    assert ours_from_bytes(body, chunk_size) == sdk_from_bytes(body)
+
+
+def test_a_ping_with_junk_data_is_skipped_like_the_sdk() -> None:
+    """An `event: ping` whose data is not JSON neither fails our stream nor the SDK's."""
+    events = [start(), *text_block(0, ["ok"]), message_delta("end_turn"), MESSAGE_STOP]
+    body = b"event: ping\ndata: keep-alive\n\n" + sse(events)
+    assert ours_from_bytes(body, 5) == sdk_from_bytes(body)

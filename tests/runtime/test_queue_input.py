@@ -14,6 +14,7 @@ from worker import events as ev
 from worker.broker import TASK_NAME, task_message
 from worker.celery_app import LLMWorkerCelery
 from worker.client.sync import Client, Job
+from worker.runtime.task import UNDECODABLE_MESSAGE
 
 pytestmark = pytest.mark.integration
 
@@ -61,8 +62,27 @@ def test_invalid_request_on_the_queue_is_validated_again(client: Client) -> None
     _assert_worker_still_works(client)
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_tokens", True), ("max_tokens", "16"), ("stream", "yes"), ("max_tokens", 8193)],
+)
+def test_the_worker_validates_strictly_and_with_the_catalogue(
+    client: Client, field: str, value: Any
+) -> None:
+    """A queued request that is lax where the producer is strict (a boolean or a string for a
+    number, a string for a boolean), or over its model's maximum, ends failed at the worker."""
+    job_id = f"lax-request-{uuid.uuid4().hex[:8]}"
+    payload = {"job_id": job_id, "request": {**make_request("x"), field: value}}
+    _push(client, task_message(job_id, payload, queue=client.settings.queue))
+    events = list(Job(client, job_id).events(timeout=30))
+    assert [e["type"] for e in events] == [ev.FAILED]
+    assert events[0]["error"]["type"] == "invalid_request_error"
+    assert field in events[0]["error"]["message"]
+
+
 def test_undecodable_body_ends_the_job_failed(client: Client) -> None:
-    """A message whose JSON body cannot be decoded ends its job failed, worker unharmed."""
+    """A message whose JSON body cannot be decoded ends its job failed, worker unharmed; the
+    job's error is a fixed sentence (the decoder's words are in the worker's log)."""
     job_id = f"undecodable-{uuid.uuid4().hex[:8]}"
     envelope = orjson.loads(task_message(job_id, {}, queue=client.settings.queue))
     envelope["body"] = base64.b64encode(b"{this is not json").decode()
@@ -70,6 +90,7 @@ def test_undecodable_body_ends_the_job_failed(client: Client) -> None:
     events = list(Job(client, job_id).events(timeout=30))
     assert [e["type"] for e in events] == [ev.FAILED]
     assert events[0]["error"]["type"] == "undecodable_message"
+    assert events[0]["error"]["message"] == UNDECODABLE_MESSAGE
     _assert_worker_still_works(client)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from worker import events as ev
@@ -18,10 +19,48 @@ from worker.settings import load_settings
 
 pytestmark = pytest.mark.integration
 
-# A delta with no message_start before it: valid SSE and JSON, but not a message stream.
+# A delta and a message_stop with no message_start: valid SSE and JSON, but no message. The
+# delta is skipped (as the SDK skips anything before message_start); the end without a start
+# is the upstream's malformed stream.
 ORPHAN_DELTA = (
     b"event: content_block_delta\n"
     b'data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"x"}}\n\n'
+    b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+)
+
+
+def _sse(*events: dict[str, Any]) -> bytes:
+    return b"".join(
+        b"event: " + str(e["type"]).encode() + b"\ndata: " + orjson.dumps(e) + b"\n\n"
+        for e in events
+    )
+
+
+MESSAGE_START = {
+    "type": "message_start",
+    "message": {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "m",
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {"input_tokens": 3, "output_tokens": 1},
+    },
+}
+# Opens with a ping, carries event types no SDK knows, before message_start and after.
+ODD_BUT_FINE = _sse(
+    {"type": "ping"},
+    {"type": "vendor_hello", "region": "eu"},
+    MESSAGE_START,
+    {"type": "ping"},
+    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    {"type": "vendor_usage_estimate", "tokens": 2},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "ok"}},
+    {"type": "content_block_stop", "index": 0},
+    {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 2}},
+    {"type": "message_stop"},
 )
 
 
@@ -81,10 +120,37 @@ def test_unfoldable_stream_is_retried_as_malformed_then_fails(redis_url: str) ->
         "messages": [{"role": "user", "content": "hi"}],
     }
     _runner(rt, "orphan-job", request).run()
-    events = _events(rt, "orphan-job")
+    events = [e for e in _events(rt, "orphan-job") if e["type"] != ev.CHUNK]
     assert [e["type"] for e in events] == [ev.STARTED, ev.RETRY, ev.STARTED, ev.FAILED]
     assert events[1]["reason"] == "malformed_sse"
     assert events[-1]["error"]["type"] == "api_error"
+    rt.close()
+
+
+def test_pings_and_unknown_events_do_not_fail_a_job_and_pass_through_verbatim(
+    redis_url: str,
+) -> None:
+    """A stream that opens with a ping and carries unknown event types completes on its first
+    attempt; its chunks carry those events verbatim, in order, for readers that want them."""
+    transport = httpx.MockTransport(
+        lambda _request: httpx.Response(
+            200, headers={"content-type": "text/event-stream"}, content=ODD_BUT_FINE
+        )
+    )
+    rt = _runtime(redis_url, transport)
+    request = {
+        "model": "m",
+        "max_tokens": 5,
+        "stream": True,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    _runner(rt, "odd-but-fine", request).run()
+    events = _events(rt, "odd-but-fine")
+    assert [e["type"] for e in events if e["type"] != ev.CHUNK] == [ev.STARTED, ev.COMPLETED]
+    chunk_types = [e["event"]["type"] for e in events if e["type"] == ev.CHUNK]
+    assert chunk_types[:3] == ["ping", "vendor_hello", "message_start"]
+    assert "vendor_usage_estimate" in chunk_types
+    assert events[-1]["message"]["content"] == [{"type": "text", "text": "ok"}]
     rt.close()
 
 
@@ -119,7 +185,7 @@ def test_a_crash_of_ours_mid_job_ends_it_failed_where_readers_see_it(redis_url: 
     the next seq (readers skip a seq they have seen), and keeps the payload as a dead letter."""
     from worker.client.sync import Client
     from worker.errors import JobFailed
-    from worker.runtime.task import fail_unrunnable
+    from worker.runtime.task import INTERNAL_ERROR_MESSAGE, fail_unrunnable
 
     rt = _runtime(redis_url, None, key_prefix="llmw-crash-of-ours")
     job_id = "crashed-job"
@@ -127,7 +193,7 @@ def test_a_crash_of_ours_mid_job_ends_it_failed_where_readers_see_it(redis_url: 
     runner._publish([runner._event(ev.STARTED, 1)], attempts=1)
     runner._publish([runner._event(ev.CHUNK, 1, event={"type": "ping"})])
 
-    fail_unrunnable(rt, job_id, "internal_error", "KeyError: 'x'", {"job_id": job_id})
+    fail_unrunnable(rt, job_id, "internal_error", INTERNAL_ERROR_MESSAGE, {"job_id": job_id})
 
     with Client(rt.settings) as client:
         events = list(client.get(job_id).events(timeout=5))
@@ -136,8 +202,43 @@ def test_a_crash_of_ours_mid_job_ends_it_failed_where_readers_see_it(redis_url: 
             (2, ev.CHUNK),
             (3, ev.FAILED),
         ]
-        with pytest.raises(JobFailed, match="KeyError"):
+        with pytest.raises(JobFailed, match="internal_error"):
             client.get(job_id).result(timeout=5)
     dead = [f for _id, f in rt.store.redis.xrange(rt.store.keys.dead_letters)]
     assert [d[b"reason"] for d in dead] == [b"internal_error"]
+    rt.close()
+
+
+def test_a_crash_of_ours_reaches_the_producer_as_a_type_and_a_short_message(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a bug of ours raised (which may quote paths, addresses, the request) stays in the
+    worker's log: the job's error is internal_error with a fixed sentence."""
+    from structlog.testing import capture_logs
+
+    from worker.runtime import task
+
+    rt = _runtime(redis_url, None, key_prefix="llmw-crash-message")
+    job_id = "crash-message"
+    _runner(rt, job_id, {"model": "m"})  # the job's record, as a claim leaves it
+
+    def crash(*_args: Any, **_kwargs: Any) -> None:
+        raise RuntimeError("db password=hunter2 at /srv/worker/secret.py")
+
+    monkeypatch.setattr(task, "_runtime", lambda: rt)
+    monkeypatch.setattr(task, "_run", crash)
+    with capture_logs() as logs:
+        task.run_job.apply(args=[{"job_id": job_id}], task_id=job_id)
+
+    error = _events(rt, job_id)[-1]["error"]
+    assert error == {
+        "type": "internal_error",
+        "message": task.INTERNAL_ERROR_MESSAGE,
+        "status_code": None,
+    }
+    assert "hunter2" not in orjson.dumps(error).decode()
+    crashed = [entry for entry in logs if entry["event"] == "job_crashed"]
+    assert crashed
+    assert crashed[0]["log_level"] == "error"
+    assert crashed[0]["exc_info"] is True  # the traceback is rendered into the log line
     rt.close()

@@ -247,3 +247,20 @@ def test_parse_malformed_raises(data: str) -> None:
     assert info.value.retryable
     assert info.value.reason == "malformed_sse"
     assert info.value.error_type == "api_error"
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ('{"type": "ping"}', {"type": "ping"}),
+        ("{}", {"type": "ping"}),
+        ('{"type": "ping", "ts": 1}', {"type": "ping", "ts": 1}),
+        ("not json", None),
+        ("[1]", None),
+        ('{"type": "content_block_delta", "index": 0}', None),
+    ],
+)
+def test_a_ping_never_fails_whatever_its_data(data: str, expected: object) -> None:
+    """An `event: ping` is skipped unread by the SDK, so it never fails a stream here: a ping
+    object comes back verbatim, anything else as None (nothing to apply)."""
+    assert parse_event(ServerSentEvent(event="ping", data=data)) == expected

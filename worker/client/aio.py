@@ -43,6 +43,7 @@ class AsyncClient:
         self.settings = settings = p.client_settings(
             settings, redis_url=redis_url, broker_url=broker_url
         )
+        m.add_model_labels(settings.catalogue.label_names())
         self.keys = Keys(settings.key_prefix)
         # No connection is opened here: redis.asyncio connects on first use, in the loop
         # that uses it.

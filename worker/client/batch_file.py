@@ -24,9 +24,15 @@ from worker.errors import RequestInvalid
 from worker.settings import Settings
 
 #: Anthropic's rule for ``custom_id``; it also keeps derived job ids within their pattern.
-CUSTOM_ID_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+CUSTOM_ID_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}\Z")
 #: A batch id given by hand; with the prefix and a custom_id it stays a valid job id.
-BATCH_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+BATCH_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,40}\Z")
+#: An upstream's answers that mean it refused *our* credentials (LLM_WORKER_API_KEY), not the
+#: client's: by status, or by type in an error event of a stream (which has no status).
+UPSTREAM_REFUSAL_STATUSES = frozenset({401, 403})
+UPSTREAM_REFUSAL_TYPES = frozenset({"authentication_error", "permission_error"})
+#: What a client of ours gets instead: the upstream failed us, as a gateway would say it.
+UPSTREAM_REFUSAL_STATUS = 502
 #: The error types Anthropic's SDKs know; ours that are not among them become ``api_error``.
 ANTHROPIC_ERROR_TYPES = frozenset(
     {
@@ -150,12 +156,16 @@ def result_type(state: str | None) -> str | None:
 
 
 def batch_result(
-    state: str | None, message: Mapping[str, Any] | None, error: Mapping[str, Any] | None
+    state: str | None,
+    message: Mapping[str, Any] | None,
+    error: Mapping[str, Any] | None,
+    *,
+    upstream: str = "the upstream",
 ) -> dict[str, Any] | None:
     """Anthropic's ``result`` object for a job that has ended; None if it has not.
 
     A job that completed but whose message has expired is reported ``expired``: there is
-    nothing left to give.
+    nothing left to give. An error is shown as :func:`client_error` shows it.
     """
     kind = result_type(state)
     if kind is None:
@@ -165,8 +175,35 @@ def batch_result(
             return {"type": "expired"}
         return {"type": "succeeded", "message": dict(message)}
     if kind == "errored":
-        return {"type": "errored", "error": error_response(error or {})}
+        return {"type": "errored", "error": error_response(client_error(error or {}, upstream))}
     return {"type": kind}
+
+
+def upstream_refused_us(error: Mapping[str, Any]) -> bool:
+    """Whether a job's error is the upstream refusing this service's own API key."""
+    status = error.get("status_code")
+    return status in UPSTREAM_REFUSAL_STATUSES or error.get("type") in UPSTREAM_REFUSAL_TYPES
+
+
+def client_error(error: Mapping[str, Any], upstream: str = "the upstream") -> dict[str, Any]:
+    """A job's ``{"type", "message", "status_code"}`` as a client of ours should see it.
+
+    An upstream 401/403 means the upstream refused the key *this service* sends, not the
+    client's (which was accepted to submit the job): passed on as it is, the client would
+    take it for its own key failing. It becomes a 502 ``api_error`` naming the upstream;
+    the upstream's own words stay in the job's record and the worker's log. Any other error
+    is returned unchanged.
+    """
+    if not upstream_refused_us(error):
+        return dict(error)
+    status = error.get("status_code")
+    what = f"HTTP {status} {error.get('type')}" if status else str(error.get("type"))
+    return {
+        "type": "api_error",
+        "message": f"the upstream {upstream} refused this service's own API key ({what}); "
+        "your key was accepted, and the service's operator must fix its upstream credentials",
+        "status_code": UPSTREAM_REFUSAL_STATUS,
+    }
 
 
 def error_response(error: Mapping[str, Any]) -> dict[str, Any]:

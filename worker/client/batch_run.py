@@ -149,6 +149,7 @@ class BatchRun:
                 state.decode() if state else None,
                 orjson.loads(stored) if stored else None,
                 orjson.loads(error) if error else None,
+                upstream=self.client.settings.upstream_name,
             )
             if result is None:
                 continue

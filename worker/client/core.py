@@ -17,15 +17,20 @@ from typing import Any
 import orjson
 
 from worker import events as ev
+from worker import metrics as m
 from worker.broker import task_message
 from worker.errors import JobCancelled, JobExpired, JobFailed, JobNotFound, RequestInvalid
 from worker.keys import Keys
+from worker.ratelimit.cost import submit_problem
 from worker.request import validate_request
 from worker.settings import Settings, load_settings
 from worker.store import text
 
-JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")
 MAX_METADATA_BYTES = 16_384
+#: ``metadata["limit_key"]``, when given, is a rate-limit key: a non-blank string this long at
+#: most (what the limiter accepts; see docs/rate-limits.md).
+MAX_LIMIT_KEY_CHARS = 200
 #: How long one blocking stream read waits before the reader checks that the job exists.
 READ_BLOCK_MS = 1_000
 
@@ -65,7 +70,19 @@ def check_options(job_id: Any, metadata: Any, prefix: str = "") -> list[dict[str
                             "msg": f"{size} bytes, over the limit of {MAX_METADATA_BYTES}",
                         }
                     )
+            if "limit_key" in metadata and not _valid_limit_key(metadata["limit_key"]):
+                errors.append(
+                    {
+                        "loc": f"{prefix}metadata.limit_key",
+                        "msg": f"must be a non-blank string of at most {MAX_LIMIT_KEY_CHARS} "
+                        "characters",
+                    }
+                )
     return errors
+
+
+def _valid_limit_key(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip()) and len(value) <= MAX_LIMIT_KEY_CHARS
 
 
 def validate_one(settings: Settings, request: Any, loc_prefix: str = "") -> dict[str, Any]:
@@ -73,7 +90,7 @@ def validate_one(settings: Settings, request: Any, loc_prefix: str = "") -> dict
     try:
         return validate_request(
             request,
-            allowed_models=settings.allowed_models,
+            catalogue=settings.catalogue,
             max_request_bytes=settings.max_request_bytes,
         )
     except RequestInvalid as exc:
@@ -82,6 +99,20 @@ def validate_one(settings: Settings, request: Any, loc_prefix: str = "") -> dict
         raise RequestInvalid(
             [{"loc": f"{loc_prefix}{e['loc']}", "msg": e["msg"]} for e in exc.errors]
         ) from None
+
+
+def _rate_limit_problems(
+    settings: Settings, request: Mapping[str, Any], metadata: Any, prefix: str
+) -> list[dict[str, str]]:
+    """A request that no wait could grant under the producer's own ``RATE_LIMITS``."""
+    if not settings.rate_limits:
+        return []
+    meta = metadata if isinstance(metadata, Mapping) else None
+    problem = submit_problem(settings.rate_limits, request, meta)
+    if problem is None:
+        return []
+    field = "max_tokens" if problem.startswith("max_tokens") else "messages"
+    return [{"loc": f"{prefix}{field}", "msg": problem}]
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +145,8 @@ def prepare_submission(
             validated.append(validate_one(settings, request, prefix))
         except RequestInvalid as exc:
             errors.extend(exc.errors)
+        else:
+            errors.extend(_rate_limit_problems(settings, validated[-1], meta, prefix))
         errors.extend(check_options(job_id, meta, prefix))
     if errors:
         raise RequestInvalid(errors)
@@ -190,9 +223,12 @@ def created_flags(calls: list[ScriptCall], results: list[Any]) -> list[bool]:
 
 
 def count_by_model(models: Iterable[str]) -> dict[str, int]:
+    """Jobs per model label (:func:`worker.metrics.model_label`): the Redis counter that
+    workers export has no more fields than the metric has label values."""
     per_model: dict[str, int] = {}
     for model in models:
-        per_model[model] = per_model.get(model, 0) + 1
+        label = m.model_label(model)
+        per_model[label] = per_model.get(label, 0) + 1
     return per_model
 
 

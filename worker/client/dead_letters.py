@@ -23,7 +23,7 @@ from worker.client.sync import Client, Job
 from worker.errors import LLMWorkerError, RequestInvalid
 from worker.store import text
 
-ENTRY_ID = re.compile(r"^\d+-\d+$")
+ENTRY_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}\Z")
 
 
 class DeadLetterError(LLMWorkerError):

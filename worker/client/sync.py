@@ -41,6 +41,7 @@ class Client:
         self.settings = settings = p.client_settings(
             settings, redis_url=redis_url, broker_url=broker_url
         )
+        m.add_model_labels(settings.catalogue.label_names())
         self.keys = Keys(self.settings.key_prefix)
         self.redis = redis.Redis.from_url(str(self.settings.redis_url), socket_keepalive=True)
         self.store = JobStore(self.redis, self.keys, result_ttl_s=self.settings.result_ttl_s)

@@ -85,7 +85,7 @@ class Gateway:
 
     async def body(self, request: Request, limit: int) -> Any:
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
+        if length is not None and length.isascii() and length.isdigit() and int(length) > limit:
             raise HTTPProblem(413, "request_too_large", f"body over the limit of {limit} bytes")
         chunks, size = [], 0
         async for chunk in request.stream():
@@ -133,7 +133,9 @@ class Gateway:
                 kind = ev.CANCELLED
             elif isinstance(exc, JobExpired):
                 kind = ev.EXPIRED
-            error = relay.terminal_error({"type": kind, "error": exc.error})
+            error = relay.terminal_error(
+                {"type": kind, "error": exc.error}, upstream=self.settings.upstream_name
+            )
             status = relay.http_status(exc.error, kind)
             headers = self._headers(job)
             if kind == ev.EXPIRED:
@@ -161,7 +163,9 @@ class Gateway:
     def _anthropic_stream(self, job: AsyncJob, *, after: str) -> Response:
         async def frames() -> AsyncIterator[bytes]:
             # Frames carry only chunk ids: a client resuming after one holds output already.
-            state = relay.AnthropicRelay(job.job_id, sent_output=after != "0-0")
+            state = relay.AnthropicRelay(
+                job.job_id, sent_output=after != "0-0", upstream=self.settings.upstream_name
+            )
             async for event in job.events(timeout=self.wait_s, after=after):
                 for data in state.feed(event):
                     yield data
@@ -222,10 +226,9 @@ class Gateway:
 
     async def batch_list(self, request: Request) -> Response:
         q = request.query_params
-        try:
-            limit = int(q.get("limit", "20"))
-        except ValueError:
-            limit = 0
+        raw_limit = q.get("limit", "20")
+        # ASCII digits only: int() would also take " 5", "+5", "5_0" and other scripts' digits.
+        limit = int(raw_limit) if raw_limit.isascii() and raw_limit.isdigit() else 0
         if not 1 <= limit <= 1000:
             raise HTTPProblem(400, "invalid_request_error", "limit must be 1-1000")
         page = await self.batches.list_page(

@@ -209,6 +209,7 @@ class BatchStore:
                     text(state) if state else "expired",
                     orjson.loads(stored) if stored else None,
                     orjson.loads(error) if error else None,
+                    upstream=self.client.settings.upstream_name,
                 ) or {"type": "expired"}
                 lines.append(b.result_line(custom_id, result))
             yield b"".join(lines)

@@ -19,6 +19,7 @@ def _responses(ok: str, media: str = "application/json", schema: Any = None) -> 
         "401": "no valid producer key",
         "404": "no such job or batch",
         "413": "body over the size limit",
+        "502": "the upstream failed the job, or refused this service's own key (never a 401)",
     }
     out: dict[str, Any] = {"200": {"description": ok, "content": body}}
     for code, text in errors.items():

@@ -8,13 +8,29 @@ URL), the bare stream id on the jobs route. Job ids cannot contain ``/``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import orjson
 
 from worker import events as ev
-from worker.client.batch_file import error_response
+from worker.client.batch_file import client_error, error_response
+
+#: A Redis stream id: ASCII digits only (``str.isdigit`` also takes other scripts' digits).
+_STREAM_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}\Z")
+#: Chunk types that are part of an answer: once one is sent, a retry cannot be hidden. A ping
+#: or an event type the SDK does not know changes nothing for the client (the SDK skips it).
+ANSWER_EVENTS = frozenset(
+    {
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    }
+)
 
 
 def frame(data: Any, *, event: str | None = None, id_: str | None = None) -> bytes:
@@ -40,8 +56,7 @@ def parse_message_id(value: str) -> tuple[str, str] | None:
 
 
 def _is_stream_id(value: str) -> bool:
-    ms, sep, seq = value.partition("-")
-    return bool(sep) and ms.isdigit() and seq.isdigit()
+    return bool(_STREAM_ID.match(value))
 
 
 def valid_stream_id(value: str) -> bool:
@@ -59,11 +74,14 @@ class AnthropicRelay:
     from its final message.
     """
 
-    def __init__(self, job_id: str, *, sent_output: bool = False) -> None:
+    def __init__(
+        self, job_id: str, *, sent_output: bool = False, upstream: str = "the upstream"
+    ) -> None:
         self.job_id = job_id
         #: The client holds part of the answer: from here a retry cannot be passed through,
         #: and a completion must not replay the message. True when resuming (Last-Event-ID).
         self.sent_output = sent_output
+        self.upstream = upstream
         self.done = False
 
     def feed(self, event: Mapping[str, Any]) -> Iterator[bytes]:
@@ -71,7 +89,7 @@ class AnthropicRelay:
         kind = event.get("type")
         if kind == ev.CHUNK:
             upstream = event.get("event") or {}
-            self.sent_output = True
+            self.sent_output = self.sent_output or upstream.get("type") in ANSWER_EVENTS
             yield frame(upstream, event=str(upstream.get("type", "message")), id_=id_)
         elif kind == ev.RETRY and self.sent_output:
             self.done = True
@@ -88,12 +106,15 @@ class AnthropicRelay:
                     yield frame(upstream, event=upstream["type"], id_=id_)
         elif kind in ev.TERMINAL_TYPES:
             self.done = True
-            yield frame(error_response(terminal_error(event)), event="error", id_=id_)
+            error = terminal_error(event, upstream=self.upstream)
+            yield frame(error_response(error), event="error", id_=id_)
 
 
-def terminal_error(event: Mapping[str, Any]) -> dict[str, Any]:
+def terminal_error(event: Mapping[str, Any], *, upstream: str = "the upstream") -> dict[str, Any]:
+    """The error a client of ours sees for a job that did not complete (see
+    :func:`~worker.client.batch_file.client_error`)."""
     kind = event.get("type")
-    error = dict(event.get("error") or {})
+    error = client_error(event.get("error") or {}, upstream)
     if kind == ev.CANCELLED:
         error.setdefault("message", "the job was cancelled")
         error["type"] = "api_error"
@@ -160,14 +181,15 @@ def message_events(message: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
 def http_status(error: Mapping[str, Any], kind: str) -> int:
     """The status of a ``/v1/messages`` response for a job that did not complete.
 
-    The upstream's own status when it gave one; a cancelled job is 410 (gone, and not a
-    status the SDKs retry: someone stopped it on purpose); an expired one 504.
+    The upstream's own status when it gave one, except 401/403 (the upstream refused our
+    key, not the client's): 502; a cancelled job is 410 (gone, and not a status the SDKs
+    retry: someone stopped it on purpose); an expired one 504.
     """
     if kind == ev.CANCELLED:
         return 410
     if kind == ev.EXPIRED:
         return 504
-    status = error.get("status_code")
+    status = client_error(error).get("status_code")
     if isinstance(status, int) and 400 <= status <= 599:
         return status
     return 502

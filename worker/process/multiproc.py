@@ -34,7 +34,7 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
-_LIVE_FILE = re.compile(r"^gauge_live\w*_(\d+)\.db$")
+_LIVE_FILE = re.compile(r"^gauge_live\w*_([0-9]+)\.db\Z")
 
 
 def prepare(pool: str, processes: int = 1) -> Path | None:

@@ -68,6 +68,7 @@ class ScrapeGauges:
         broker: redis.Redis[bytes] | None,
         alive: Callable[[], bool],
     ) -> None:
+        m.add_model_labels(settings.catalogue.label_names())
         self.queue = settings.queue
         self.keys = Keys(settings.key_prefix)
         self.results = results

@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from worker.ratelimit import slots
 from worker.ratelimit.cost import Cost, Usage
 from worker.settings import RateLimit
 
@@ -38,10 +39,18 @@ class Timing:
     lease_ttl_s: float = 120.0
     #: The longest retry hint when only the in-flight limit refuses.
     in_flight_poll_s: float = 0.25
+    #: Requests are paced: in any window of this length, at most this window's share of
+    #: ``rpm`` (:func:`~worker.ratelimit.slots.burst_limit`). 0, or a window as long as the
+    #: period, lets a whole period's requests go at once.
+    burst_s: float = 0.0
 
     def __post_init__(self) -> None:
-        if min(self.period_s, self.lease_ttl_s, self.in_flight_poll_s) <= 0:
+        if min(self.period_s, self.lease_ttl_s, self.in_flight_poll_s) <= 0 or self.burst_s < 0:
             raise ValueError(f"every timing must be positive: {self}")
+
+    def burst_limit(self, rpm: int) -> int:
+        """Requests allowed per burst window (0: no pacing)."""
+        return slots.burst_limit(rpm, self.burst_s, self.period_s)
 
 
 @dataclass(frozen=True, slots=True)

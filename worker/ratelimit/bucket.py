@@ -5,11 +5,13 @@ A bucket holds up to ``capacity`` tokens (the per-period amount) and refills con
 Redis keys expire once a bucket has refilled.
 
 * **Reserve** ``amount`` tokens: granted when the bucket holds them; otherwise the caller
-  waits for the refill. A reservation larger than the whole capacity could never fit, so it
-  is granted once the bucket is full and takes the bucket below zero (into debt).
+  waits for the refill. The limiter refuses a reservation larger than the whole capacity
+  before it reaches a bucket (it could never fit); should one arrive, it is granted once the
+  bucket is full and takes the bucket at most one capacity below zero.
 * **Give back** the difference once the real usage is known: unused tokens return (never
-  above capacity), and usage beyond the reservation is charged, possibly into debt, so that
-  later callers wait for the refill to pay it off.
+  above capacity), and usage beyond the reservation is charged, into debt of at most one
+  capacity, so that later callers wait for the refill to pay it off (one period at most:
+  no single request can lock a key for longer).
 
 The Lua scripts ``lua/acquire.lua`` and ``lua/release.lua`` do exactly this; keep them in
 step. No I/O here.
@@ -48,14 +50,23 @@ def wait_s(level: float, capacity: float, period_s: float, amount: float) -> flo
     return (need - level) * period_s / capacity
 
 
-def take(level: float, amount: float, now_s: float) -> BucketState:
-    """The bucket after reserving ``amount`` tokens at ``now_s``."""
-    return BucketState(level=level - amount, updated_s=now_s)
+def bounded(level: float, capacity: float) -> float:
+    """A level within one capacity of debt and never above full."""
+    return max(-float(capacity), min(float(capacity), level))
+
+
+def take(level: float, amount: float, now_s: float, capacity: float | None = None) -> BucketState:
+    """The bucket after reserving ``amount`` tokens at ``now_s`` (debt bounded by
+    ``capacity`` when given)."""
+    after = level - amount
+    return BucketState(
+        level=after if capacity is None else bounded(after, capacity), updated_s=now_s
+    )
 
 
 def give_back(level: float, capacity: float, amount: float, now_s: float) -> BucketState:
     """The bucket after returning ``amount`` tokens (negative: charging them) at ``now_s``."""
-    return BucketState(level=min(float(capacity), level + amount), updated_s=now_s)
+    return BucketState(level=bounded(level + amount, capacity), updated_s=now_s)
 
 
 def full_in_s(state: BucketState, capacity: float, period_s: float) -> float:

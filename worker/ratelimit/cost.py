@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from worker.settings import RateLimit
+
 #: Characters per token in the estimate; English prose runs at about four.
 CHARS_PER_TOKEN = 4
 #: What one base64 image or document counts for, in characters (about 1,600 tokens).
@@ -86,6 +88,51 @@ class Usage:
             for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
         )
         return cls(input_tokens=input_tokens, output_tokens=int(usage.get("output_tokens") or 0))
+
+
+def limit_key_for(model: str, metadata: Mapping[str, Any] | None) -> str:
+    """The job's metadata ``limit_key`` (a tenant, an API key's name) if it is a string, else
+    the model."""
+    key = (metadata or {}).get("limit_key")
+    if isinstance(key, str) and key.strip() and len(key) <= 200:
+        return key
+    return model
+
+
+def capacity_problem(limit: RateLimit, cost: Cost) -> str | None:
+    """Why ``cost`` could never be granted under ``limit`` (it is larger than a whole bucket,
+    which would only ever fill to its capacity), or None when it fits."""
+    if limit.output_tpm and cost.output_tokens > limit.output_tpm:
+        return (
+            f"max_tokens {cost.output_tokens} exceeds the output_tpm limit of "
+            f"{limit.output_tpm} tokens per period: it could never be granted"
+        )
+    if limit.input_tpm and cost.input_tokens > limit.input_tpm:
+        return (
+            f"the request's estimated {cost.input_tokens} input tokens exceed the input_tpm "
+            f"limit of {limit.input_tpm} tokens per period: it could never be granted"
+        )
+    return None
+
+
+def submit_problem(
+    limits: Mapping[str, RateLimit], request: Mapping[str, Any], metadata: Mapping[str, Any] | None
+) -> str | None:
+    """What a producer that knows ``RATE_LIMITS`` refuses at submit: a request larger than a
+    whole bucket of its limit key (see :func:`capacity_problem`), or None."""
+    key = limit_key_for(str(request.get("model", "")), metadata)
+    limit = limits.get(key) or limits.get("default")
+    if limit is None:
+        return None
+    problem = capacity_problem(limit, Cost.for_request(request))
+    return None if problem is None else f"{problem} (limit key {key!r})"
+
+
+def no_output_usage(reserved: Cost, *, input_counted: bool) -> Usage:
+    """What a call that produced no output used, as the upstream counts it: nothing of the
+    output reservation, and its input only when the upstream processed the request (not for
+    a 429 or 529, which turned it away)."""
+    return Usage(input_tokens=reserved.input_tokens if input_counted else 0, output_tokens=0)
 
 
 def refund(reserved: Cost, used: Usage | None) -> tuple[int, int]:

@@ -35,7 +35,7 @@ from worker import metrics as m
 from worker.errors import LLMWorkerError, UpstreamError
 from worker.keys import Keys
 from worker.ratelimit.backend import Backend, Timing
-from worker.ratelimit.cost import Cost
+from worker.ratelimit.cost import Cost, Usage, limit_key_for, no_output_usage
 from worker.ratelimit.limiter import Limiter, RateLimitWaitTooLong, Reservation
 from worker.ratelimit.redis_backend import RedisBackend
 from worker.settings import RateLimit, Settings
@@ -46,8 +46,8 @@ log = structlog.get_logger("worker.ratelimit")
 COOLDOWN_STATUSES = frozenset({429, 529})
 #: A requeued job comes back no sooner than this (an in-flight refusal only hints 0.25 s)...
 MIN_COUNTDOWN_S = 1.0
-#: ...and no later than this, nor than a quarter of the broker's visibility timeout: a
-#: countdown message longer than that is delivered twice (see PITFALLS).
+#: ...and no later than this. (The worker holding a countdown message refreshes its delivery,
+#: so a countdown longer than the visibility timeout is not delivered twice.)
 MAX_COUNTDOWN_S = 300.0
 #: Requeued jobs spread over this fraction of their countdown, so they do not return at once.
 COUNTDOWN_JITTER = 0.1
@@ -77,23 +77,11 @@ class WaitInterrupted(LLMWorkerError):
     """The job's stop signal (cancel, shutdown) woke it while it waited for the limiter."""
 
 
-def limit_key_for(model: str, metadata: Mapping[str, Any] | None) -> str:
-    """The job's metadata ``limit_key`` (a tenant, an API key's name) if it is a string, else
-    the model."""
-    key = (metadata or {}).get("limit_key")
-    if isinstance(key, str) and key.strip() and len(key) <= 200:
-        return key
-    return model
-
-
-def requeue_countdown_s(
-    retry_in_s: float, *, visibility_timeout_s: float, jitter: float = 0.0
-) -> float:
+def requeue_countdown_s(retry_in_s: float, *, jitter: float = 0.0) -> float:
     """When a job the limiter turned away comes back: at its next chance, spread by
     ``jitter`` (0..1 of :data:`COUNTDOWN_JITTER`), within the bounds above."""
-    cap_s = min(MAX_COUNTDOWN_S, visibility_timeout_s / 4)
     countdown_s = max(MIN_COUNTDOWN_S, retry_in_s) * (1 + COUNTDOWN_JITTER * jitter)
-    return min(cap_s, countdown_s)
+    return min(MAX_COUNTDOWN_S, countdown_s)
 
 
 def cooldown_s_for(exc: UpstreamError, *, max_s: float) -> float:
@@ -156,7 +144,6 @@ class RateLimitGate:
         limits: Settings | Mapping[str, RateLimit],
         *,
         max_wait_s: float,
-        visibility_timeout_s: float,
         cooldown_max_s: float,
         metadata_of: Callable[[str], Mapping[str, Any]] | None = None,
         sleep: Callable[[float], None] = time.sleep,
@@ -169,7 +156,6 @@ class RateLimitGate:
         #: None (no backend): no limits configured, nothing to do.
         self.limiter = None if backend is None else self._limiter(backend, sleep)
         self.max_wait_s = max_wait_s
-        self.visibility_timeout_s = visibility_timeout_s
         self.cooldown_max_s = cooldown_max_s
         self._metadata_of = metadata_of
         self._random = random.Random()
@@ -191,13 +177,13 @@ class RateLimitGate:
             timing = Timing(
                 period_s=settings.rate_limit_period_s + SEND_MARGIN_S,
                 lease_ttl_s=settings.rate_limit_lease_ttl_s,
+                burst_s=settings.rate_limit_burst_s,
             )
             backend = RedisBackend(client, Keys(settings.key_prefix), timing=timing)
         return cls(
             backend,
             settings,
             max_wait_s=settings.rate_limit_max_wait_s,
-            visibility_timeout_s=settings.effective_visibility_timeout_s,
             cooldown_max_s=settings.retry_after_max_s,
             metadata_of=metadata_of,
         )
@@ -251,7 +237,6 @@ class RateLimitGate:
     def _postponed(self, exc: RateLimitWaitTooLong, model: str) -> JobPostponed:
         countdown_s = requeue_countdown_s(
             exc.retry_in_s,
-            visibility_timeout_s=self.visibility_timeout_s,
             jitter=self._random.random(),
         )
         m.RATE_LIMIT_REQUEUES.labels(model, exc.reason).inc()
@@ -271,14 +256,29 @@ class RateLimitGate:
             ),
         )
 
-    def settle(self, reservation: Reservation, message: Mapping[str, Any]) -> None:
+    def settle(self, reservation: Reservation, message: Mapping[str, Any], *, model: str) -> None:
         """Give back what the call did not use, per the final message's ``usage``."""
-        self.renewer.drop(reservation)
         usage = message.get("usage")
+        if not isinstance(usage, Mapping) or not reservation.limited:
+            self.release(reservation)  # unknown usage: the reservation stands
+            return
+        self._refund(reservation, Usage.from_api(usage), model)
+
+    def _refund(self, reservation: Reservation, used: Usage, model: str) -> None:
+        self.renewer.drop(reservation)
         try:
-            reservation.settle(usage if isinstance(usage, Mapping) else None)
-        except Exception:  # the call happened; a lost refund only makes the limiter stricter
+            reservation.settle(used)
+        except Exception:  # a lost refund only makes the limiter stricter
             log.warning("rate_limit_settle_failed", limit_key=reservation.limit_key, exc_info=True)
+            return
+        cost = reservation.cost
+        refunds = {
+            "input": cost.input_tokens - used.input_tokens,
+            "output": cost.output_tokens - used.output_tokens,
+        }
+        for kind, tokens in refunds.items():
+            if tokens > 0:
+                m.RATE_LIMIT_REFUNDED_TOKENS.labels(model, kind).inc(tokens)
 
     def release(self, reservation: Reservation) -> None:
         """Free the lease (idempotent; nothing to do after :meth:`settle`)."""
@@ -288,10 +288,29 @@ class RateLimitGate:
         except Exception:  # the lease expires on its own
             log.warning("rate_limit_release_failed", limit_key=reservation.limit_key, exc_info=True)
 
-    def after_error(self, reservation: Reservation, exc: UpstreamError, *, model: str) -> None:
-        """A 429 or 529 with ``retry-after`` pauses the key for every worker."""
+    def after_error(
+        self,
+        reservation: Reservation,
+        exc: UpstreamError,
+        *,
+        model: str,
+        produced_output: bool = True,
+    ) -> None:
+        """Settle a failed call as the upstream counted it, and pause the key for every
+        worker after a 429 or 529 with ``retry-after``.
+
+        A call that produced no output (an error status, a connection error, a stream cut
+        before any chunk) gives its output reservation back, and a 429/529 its input too: a
+        rejected request must not keep the key's tokens spent. A call cut after output
+        began keeps its whole reservation (what it produced is unknown).
+        """
         if self.limiter is None:
             return
+        if not produced_output and reservation.limited:
+            used = no_output_usage(
+                reservation.cost, input_counted=exc.status_code not in COOLDOWN_STATUSES
+            )
+            self._refund(reservation, used, model)
         cooldown_s = cooldown_s_for(exc, max_s=self.cooldown_max_s)
         if cooldown_s <= 0:
             return

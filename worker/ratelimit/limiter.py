@@ -36,7 +36,7 @@ import structlog
 
 from worker.errors import LLMWorkerError
 from worker.ratelimit.backend import Backend, Grant
-from worker.ratelimit.cost import Cost, Usage
+from worker.ratelimit.cost import Cost, Usage, capacity_problem
 from worker.settings import RateLimit, Settings
 
 log = structlog.get_logger("worker.ratelimit")
@@ -55,6 +55,15 @@ class RateLimitWaitTooLong(LLMWorkerError):
             f"rate limit {reason} of {limit_key!r}: next chance in {retry_in_s:.3f} s "
             f"(waited {waited_s:.3f} s)"
         )
+
+
+class RateLimitCapacity(LLMWorkerError):
+    """The request is larger than a whole bucket of its limit key: no wait could grant it."""
+
+    def __init__(self, limit_key: str, problem: str) -> None:
+        self.limit_key = limit_key
+        self.problem = problem
+        super().__init__(f"rate limit of {limit_key!r}: {problem}")
 
 
 class Reservation:
@@ -183,6 +192,11 @@ class Limiter:
         limit = self.limit_for(limit_key)
         if limit is None:
             return Reservation(limit_key, cost, clock=self._clock)
+        problem = capacity_problem(limit, cost)
+        if problem is not None:
+            # Granted at a full bucket, it would put the key in debt for as long as the
+            # excess takes to refill (days for max_tokens 10**9): refuse it instead.
+            raise RateLimitCapacity(limit_key, problem)
         start_s = self._clock()
         slept = False
         while True:

@@ -50,6 +50,7 @@ class _KeyState:
     """Everything one limit key holds; the Redis backend keeps the same in five keys."""
 
     requests: dict[str, float] = field(default_factory=dict)  # reservation id -> expiry
+    burst: dict[str, float] = field(default_factory=dict)  # the same, over the burst window
     leases: dict[str, float] = field(default_factory=dict)  # reservation id -> expiry
     input: bucket.BucketState | None = None  # None: full
     output: bucket.BucketState | None = None
@@ -101,8 +102,11 @@ class MemoryBackend:
             key = self.state.of(limit_key)
             if key.cooldown_until_s > now_s:
                 refuse(key.cooldown_until_s - now_s, "cooldown")
+            burst = self._timing.burst_limit(limit.rpm or 0)
             if limit.rpm:
                 refuse(slots.wait_s(key.requests.values(), limit.rpm, now_s), "rpm")
+                if burst:
+                    refuse(slots.wait_s(key.burst.values(), burst, now_s), "rpm")
             input_level = output_level = 0.0
             if limit.input_tpm:
                 input_level = bucket.level_at(key.input, limit.input_tpm, period_s, now_s)
@@ -128,17 +132,45 @@ class MemoryBackend:
                 return Decision(grant=None, retry_in_s=wait_s, reason=reason)
 
             reservation_id = new_reservation_id()
-            if limit.rpm:
-                key.requests = slots.prune(key.requests, now_s)
-                key.requests[reservation_id] = now_s + period_s
-            if limit.input_tpm:
-                key.input = bucket.take(input_level, request_cost.input_tokens, now_s)
-            if limit.output_tpm:
-                key.output = bucket.take(output_level, request_cost.output_tokens, now_s)
-            if limit.max_in_flight:
-                key.leases = slots.prune(key.leases, now_s)
-                key.leases[reservation_id] = now_s + self._timing.lease_ttl_s
+            self._take(
+                key,
+                limit,
+                request_cost,
+                reservation_id=reservation_id,
+                now_s=now_s,
+                input_level=input_level,
+                output_level=output_level,
+            )
         return Decision(grant=Grant(reservation_id, limit_key, limit, request_cost))
+
+    def _take(
+        self,
+        key: _KeyState,
+        limit: RateLimit,
+        request_cost: Cost,
+        *,
+        reservation_id: str,
+        now_s: float,
+        input_level: float,
+        output_level: float,
+    ) -> None:
+        """Consume from every limit of the key (the checks passed); call with the lock held."""
+        period_s = self._timing.period_s
+        if limit.rpm:
+            key.requests = slots.prune(key.requests, now_s)
+            key.requests[reservation_id] = now_s + period_s
+            if self._timing.burst_limit(limit.rpm):
+                key.burst = slots.prune(key.burst, now_s)
+                key.burst[reservation_id] = now_s + self._timing.burst_s
+        if limit.input_tpm:
+            key.input = bucket.take(input_level, request_cost.input_tokens, now_s, limit.input_tpm)
+        if limit.output_tpm:
+            key.output = bucket.take(
+                output_level, request_cost.output_tokens, now_s, limit.output_tpm
+            )
+        if limit.max_in_flight:
+            key.leases = slots.prune(key.leases, now_s)
+            key.leases[reservation_id] = now_s + self._timing.lease_ttl_s
 
     def release(self, grant: Grant, actual_usage: Usage | None) -> None:
         """Free the lease; give back unused tokens, or charge the overdraft."""

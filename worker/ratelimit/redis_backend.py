@@ -79,6 +79,7 @@ class RedisBackend:
                 k.limiter(limit_key, "input"),
                 k.limiter(limit_key, "output"),
                 k.limiter(limit_key, "leases"),
+                k.limiter(limit_key, "burst"),
             ],
             args=[
                 reservation_id,
@@ -91,6 +92,8 @@ class RedisBackend:
                 limit.max_in_flight or 0,
                 request_cost.input_tokens,
                 request_cost.output_tokens,
+                t.burst_limit(limit.rpm or 0),
+                t.burst_s,
             ],
         )
         if int(granted):

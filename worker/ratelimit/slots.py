@@ -8,6 +8,11 @@ Both of the limiter's counting limits are the same arithmetic over a set of expi
   a sliding log admits at most ``rpm`` in *every* window of one period (the guarantee the
   property tests pin), so it stays under a provider that counts per fixed or sliding minute.
   The cost is memory: one entry per request of the last period.
+* **pacing** (``rpm`` again, over a short window): each grant also holds a slot for
+  ``burst_s``, and at most :func:`burst_limit` of them may be held: the window's share of
+  ``rpm``. So a backlog is sent at the limit's pace (120 rpm with a 5 s window: 10 every 5 s)
+  instead of a whole minute's requests in the first half second, which providers that also
+  enforce over shorter intervals answer with 429s; over a period it still reaches 100 %.
 * **calls in flight** (``max_in_flight``): each grant holds a lease until ``now + lease_ttl_s``;
   releasing deletes it, renewing pushes its expiry, and a killed worker's lease simply expires.
 
@@ -17,7 +22,16 @@ keep the two in step. No I/O here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
+
+
+def burst_limit(rpm: int, burst_s: float, period_s: float) -> int:
+    """Requests allowed in any ``burst_s`` window: its share of ``rpm``, at least one; 0 means
+    no pacing (no window, or one as long as the period, where ``rpm`` itself bounds)."""
+    if burst_s <= 0 or burst_s >= period_s or rpm <= 0:
+        return 0
+    return max(1, math.ceil(rpm * burst_s / period_s - 1e-9))
 
 
 def held(expiries: Iterable[float], now_s: float) -> list[float]:

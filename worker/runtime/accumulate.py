@@ -26,6 +26,13 @@ Differences from the SDK, all on input the SDK cannot handle either:
   ``IndexError``/``AttributeError``; a ``message_delta`` without ``usage.output_tokens``
   (some compatible proxies omit it) leaves the count unchanged instead of failing.
 
+What the fold skips, as the SDK does (its ``MessageStream`` folds nothing before
+``message_start``, and its ``accumulate_event`` ignores event types it does not know):
+``ping`` anywhere, unknown event types anywhere, and any event before ``message_start``.
+Until ``message_start`` the snapshot is an empty dict (a value, not None, so that a caller
+holding "the snapshot so far" always holds one); :func:`final_message` refuses it. ``error``
+events are never folded: they raise.
+
 The fold never mutates its arguments: each step copies the few dicts it changes, so an
 earlier snapshot can still be published or compared while the stream goes on.
 """
@@ -37,6 +44,8 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import pydantic_core
+
+from worker.runtime.sse import MalformedStreamError
 
 __all__ = ["AccumulateError", "accumulate", "final_message"]
 
@@ -61,21 +70,29 @@ Snapshot = dict[str, Any]
 Event = Mapping[str, Any]
 
 
-class AccumulateError(ValueError):
-    """A stream event cannot be applied to the message accumulated so far."""
+class AccumulateError(MalformedStreamError, ValueError):
+    """A stream event cannot be applied to the message accumulated so far.
+
+    The upstream's malformed stream: transient (another attempt may succeed), with reason
+    ``malformed_sse``, wherever it is raised (:func:`final_message` too).
+    """
 
 
 def accumulate(snapshot: Snapshot | None, event: Event) -> Snapshot:
     """Apply one stream event; return the new snapshot (the arguments are left unchanged).
 
-    ``ping``, ``message_stop``, a repeated ``message_start`` and unknown types change
-    nothing, as in the SDK. ``error`` events are the caller's to handle before this.
+    ``snapshot`` None (or empty) is the start of a stream. Before
+    ``message_start`` every event is skipped; after it ``ping``, ``message_stop``, a repeated
+    ``message_start`` and unknown types change nothing, as in the SDK. An ``error`` event
+    raises :class:`AccumulateError` (callers handle it before this; it is never folded).
     """
     event_type = event.get("type")
-    if snapshot is None:
+    if event_type == "error":
+        raise AccumulateError("an error event cannot be folded into a message")
+    if not snapshot:
         if event_type == "message_start":
             return _message_start(event)
-        raise AccumulateError(f"stream event {event_type!r} arrived before message_start")
+        return {}  # as the SDK: nothing before message_start is folded
     handler = _HANDLERS.get(event_type) if isinstance(event_type, str) else None
     if handler is None:
         return snapshot
@@ -87,7 +104,10 @@ def final_message(snapshot: Snapshot) -> Snapshot:
 
     Needed only when a tool block never saw its ``content_block_stop`` (a cut stream);
     harmless otherwise. Never mutates ``snapshot`` (returns it as is when nothing is pending).
+    :class:`AccumulateError` when no ``message_start`` came (an empty snapshot).
     """
+    if not snapshot:
+        raise AccumulateError("the stream carried no message_start")
     content = _content(snapshot)
     if not any(_PARTIAL_JSON in block for block in content):
         return snapshot

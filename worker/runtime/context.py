@@ -18,6 +18,7 @@ from redis.backoff import AbstractBackoff
 from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 from redis.retry import Retry
 
+from worker import metrics as m
 from worker.broker import UNACKED_INDEX_KEY, is_redis_broker
 from worker.keys import Keys
 from worker.ratelimit.gate import RateLimitGate
@@ -78,6 +79,10 @@ class Runtime:
     upstream: UpstreamClient
     hostname: str
     leases: LeaseKeeper
+
+    def __post_init__(self) -> None:
+        # The models of these settings are the values the model label may take here.
+        m.add_model_labels(self.settings.catalogue.label_names())
 
     @cached_property
     def rate_limit(self) -> RateLimitGate:

@@ -16,7 +16,7 @@ from worker import events as ev
 from worker import metrics as m
 from worker.errors import PermanentUpstreamError, TransientUpstreamError, UpstreamError
 from worker.ratelimit.gate import JobPostponed, WaitInterrupted
-from worker.ratelimit.limiter import Reservation
+from worker.ratelimit.limiter import RateLimitCapacity, Reservation
 from worker.runtime.accumulate import AccumulateError, accumulate, final_message
 from worker.runtime.coalesce import coalesce
 from worker.runtime.context import Runtime
@@ -26,6 +26,19 @@ from worker.runtime.leases import JobHandle
 from worker.runtime.retry_policy import backoff_delay_s, should_give_up
 
 log = structlog.get_logger("worker.runtime.runner")
+
+
+#: Stream events that are part of an answer; pings and unknown types are not.
+ANSWER_EVENTS = frozenset(
+    {
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    }
+)
 
 
 class HandBack(Exception):
@@ -59,7 +72,9 @@ class JobRunner:
         self.handle = handle
         self.payload = payload
         self.seq = claim.last_seq
-        self._attempt_seq = claim.last_seq  # the seq at the current attempt's start
+        #: The current attempt has published part of an answer (not only pings or events
+        #: the SDK skips): a failure now is mid-stream.
+        self._answer_started = False
         self.started_at = time.time()
         self.submitted_at = submitted_at
         self.deadline_at = claim.deadline_at or (self.started_at + self.settings.job_deadline_s)
@@ -198,7 +213,7 @@ class JobRunner:
                 attempt += 1
                 self._publish([self._event(ev.STARTED, attempt)], attempts=attempt)
             structlog.contextvars.bind_contextvars(attempt=attempt)
-            chunks_before = self._attempt_seq = self.seq
+            self._answer_started = False
             try:
                 message = self._attempt(attempt)
             except _Stopped:
@@ -207,7 +222,7 @@ class JobRunner:
             except UpstreamError as exc:
                 if self._stop_requested(attempt, interrupted=True):
                     return  # the error is the interrupt itself (or the deadline)
-                mid_stream = self.seq > chunks_before
+                mid_stream = self._answer_started
                 if mid_stream and not self.settings.retry_mid_stream and exc.retryable:
                     exc = PermanentUpstreamError(
                         f"{exc.message} (mid-stream retries are off)",
@@ -242,7 +257,7 @@ class JobRunner:
         elif reason == "lease_lost":
             log.warning("job_left_to_lease_holder")
         else:
-            if interrupted and self.seq > self._attempt_seq and not self.settings.retry_mid_stream:
+            if interrupted and self._answer_started and not self.settings.retry_mid_stream:
                 self._fail_mid_stream(attempt, "worker_shutdown", "shut down mid-stream")
                 return True
             if interrupted:
@@ -369,6 +384,11 @@ class JobRunner:
             requeue: Exception = HandBack()
         except JobPostponed as exc:
             postponed = requeue = exc
+        except RateLimitCapacity as exc:
+            # No wait could grant it: a permanent failure, not a lock on the key.
+            raise PermanentUpstreamError(
+                str(exc), error_type="rate_limit_capacity", reason="rate_limit_capacity"
+            ) from None
         event = self._event(
             ev.RETRY,
             attempt,
@@ -399,10 +419,14 @@ class JobRunner:
             else:
                 message = self._stream(attempt, sent_at)
                 status = 200
-            self.rt.rate_limit.settle(reservation, message)
+            self.rt.rate_limit.settle(reservation, message, model=self.model)
         except UpstreamError as exc:
             status = 200 if self._response_arrived else exc.status_code
-            self.rt.rate_limit.after_error(reservation, exc, model=self.model)
+            # Output began if a chunk was published, or a 200 body arrived (malformed).
+            output = self._answer_started or exc.status_code == 200
+            self.rt.rate_limit.after_error(
+                reservation, exc, model=self.model, produced_output=output
+            )
             raise
         finally:
             self.rt.rate_limit.release(reservation)
@@ -445,6 +469,8 @@ class JobRunner:
         as chunks, their text deltas coalesced (:mod:`worker.runtime.coalesce`), in one round
         trip."""
         self._response_arrived = True
+        if not self._answer_started:
+            self._answer_started = any(e.get("type") in ANSWER_EVENTS for e in batch)
         for upstream_event in batch:
             try:
                 snapshot = accumulate(snapshot, upstream_event)

@@ -184,6 +184,8 @@ def parse_event(sse: ServerSentEvent) -> dict[str, Any] | Literal[StreamEnd.DONE
     - Otherwise the data must be a JSON object. Its ``type`` wins over the SSE ``event:``
       name when they disagree (the JSON is what the SDK reads); when it has no ``type``,
       the ``event:`` name is used. Unknown types are returned as they are.
+    - An ``event: ping`` is never an error, whatever its data (the SDK skips it unread): a
+      JSON object that is a ping comes back as it is, anything else as ``None``.
 
     Raises :class:`MalformedStreamError` for invalid JSON, a non-object, or no type at all.
     """
@@ -192,6 +194,8 @@ def parse_event(sse: ServerSentEvent) -> dict[str, Any] | Literal[StreamEnd.DONE
         return DONE
     if not stripped:
         return None
+    if sse.event == "ping":
+        return _ping(stripped)
     try:
         payload = orjson.loads(stripped)
     except orjson.JSONDecodeError as exc:
@@ -208,6 +212,17 @@ def parse_event(sse: ServerSentEvent) -> dict[str, Any] | Literal[StreamEnd.DONE
     event_type = payload.get("type")
     if not isinstance(event_type, str) or not event_type:
         raise MalformedStreamError(f"SSE event has no usable type: {_quote(sse.data)}")
+    return payload
+
+
+def _ping(data: str) -> dict[str, Any] | None:
+    """An ``event: ping``'s payload when it is a ping object, else None (nothing to apply)."""
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(payload, dict) or payload.setdefault("type", "ping") != "ping":
+        return None
     return payload
 
 

@@ -35,6 +35,11 @@ from worker.settings import load_settings
 
 log = structlog.get_logger("worker.runtime.task")
 
+#: What a producer reads when a bug of ours ended its job: the type and a fixed sentence. The
+#: exception and its traceback are in the worker's log (``job_crashed``), never in the job.
+INTERNAL_ERROR_MESSAGE = "the worker failed to run this job; its logs have the details"
+UNDECODABLE_MESSAGE = "the queued message could not be decoded; the worker's log has the details"
+
 
 def _runtime() -> Runtime:
     return get_runtime(app.settings or load_settings())
@@ -76,15 +81,17 @@ def run_job(self: Any, *args: Any, **kwargs: Any) -> None:
         # stays unacked until the visibility sweep returns it); the job's lease lapses.
         log.warning("job_redis_unavailable", error=type(exc).__name__)
         raise Reject("Redis is unavailable", requeue=True) from exc
-    except Exception as exc:
-        # A bug of ours: never retried (it would fail the same way), never left hanging.
+    except Exception:
+        # A bug of ours: never retried (it would fail the same way), never left hanging. The
+        # producer gets a fixed message; the exception, which may quote internals (paths,
+        # addresses, the request), stays in this log line.
         log.exception("job_crashed")
         try:
             fail_unrunnable(
                 rt,
                 job_id,
                 "internal_error",
-                f"{type(exc).__name__}: {exc}"[:500],
+                INTERNAL_ERROR_MESSAGE,
                 {"args": args, "kwargs": kwargs},
             )
         except Exception:
@@ -123,7 +130,7 @@ def _run(
     try:
         request = validate_request(
             payload["request"],
-            allowed_models=rt.settings.allowed_models,
+            catalogue=rt.settings.catalogue,
             max_request_bytes=rt.settings.max_request_bytes,
         )
     except RequestInvalid as exc:
@@ -253,13 +260,8 @@ def reject_undecodable(message: Any, exc: Exception) -> None:
         rt.store.dead_letter(job_id="", reason="undecodable_message", payload=_as_text(body))
         log.error("message_undecodable", detail=str(exc)[:200])
         return
-    fail_unrunnable(
-        rt,
-        str(job_id),
-        "undecodable_message",
-        f"cannot decode the message: {exc}"[:500],
-        _as_text(body),
-    )
+    log.error("message_undecodable", job_id=str(job_id), detail=str(exc)[:200])
+    fail_unrunnable(rt, str(job_id), "undecodable_message", UNDECODABLE_MESSAGE, _as_text(body))
 
 
 def _as_text(body: Any) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import orjson
 
-from worker.errors import TransientUpstreamError, UpstreamError
+from worker.errors import PermanentUpstreamError, TransientUpstreamError, UpstreamError
 from worker.runtime.retry_policy import error_from_response, error_from_stream_event
 from worker.runtime.sse import DONE, SSEDecoder, parse_event
 from worker.settings import Settings
@@ -48,6 +48,15 @@ def _network_error(exc: httpx.HTTPError, *, in_body: bool) -> TransientUpstreamE
         reason = "network_error"
     message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return TransientUpstreamError(message, error_type="api_connection_error", reason=reason)
+
+
+def _too_large(limit: int) -> PermanentUpstreamError:
+    return PermanentUpstreamError(
+        f"the upstream's response passed MAX_RESPONSE_BYTES ({limit} bytes); it was cut there",
+        error_type="api_error",
+        status_code=200,
+        reason="response_too_large",
+    )
 
 
 #: Called with a function that aborts the call in progress (from any thread or greenlet).
@@ -141,6 +150,7 @@ class UpstreamClient:
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
         self._idle_timeout_s = settings.idle_timeout_s
+        self._max_response_bytes = settings.max_response_bytes
         self._url = httpx.URL(str(settings.api_base_url).rstrip("/") + "/messages")
         self._headers = list(headers.items())
         self._timeouts = httpx.Timeout(
@@ -201,15 +211,18 @@ class UpstreamClient:
         try:
             if on_open is not None:
                 on_open(_aborter(response))
-            response.read()
+            if response.status_code >= 300:
+                body = self._read_error_body(response)
+            else:
+                body = self._read_body(response)
         except httpx.HTTPError as exc:
             raise _network_error(exc, in_body=False) from exc
         finally:
             response.close()
         if response.status_code >= 300:
-            raise error_from_response(response.status_code, response.headers, response.content)
+            raise error_from_response(response.status_code, response.headers, body)
         try:
-            message = orjson.loads(response.content)
+            message = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise TransientUpstreamError(
                 "upstream returned a body that is not JSON",
@@ -274,8 +287,13 @@ class UpstreamClient:
         """
         decoder = SSEDecoder()
         finished = False
+        size = 0
         try:
             for raw in response.iter_bytes():
+                # A bound on the stream bounds the decoder's buffers and the message as well.
+                size += len(raw)
+                if size > self._max_response_bytes:
+                    raise _too_large(self._max_response_bytes)
                 batch, finished, error = _batch(decoder.decode(raw))
                 if batch:
                     yield batch
@@ -295,6 +313,18 @@ class UpstreamClient:
             raise TransientUpstreamError(
                 "the stream ended before message_stop", reason="incomplete_stream"
             )
+
+    def _read_body(self, response: httpx.Response) -> bytes:
+        """The whole body, or :class:`PermanentUpstreamError` once it passes
+        ``MAX_RESPONSE_BYTES`` (read no further: memory stays bounded)."""
+        parts: list[bytes] = []
+        size = 0
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            if size > self._max_response_bytes:
+                raise _too_large(self._max_response_bytes)
+            parts.append(chunk)
+        return b"".join(parts)
 
     @staticmethod
     def _read_error_body(response: httpx.Response) -> bytes:

@@ -49,8 +49,10 @@ local function bucket_wait(level, capacity, period, amount)
   return (need - level) * period / capacity
 end
 
--- Store a level; the hash expires once the bucket would be full again (missing = full).
+-- Store a level, within one capacity of debt and never above full (bucket.bounded); the hash
+-- expires once the bucket would be full again (missing = full).
 local function bucket_store(key, capacity, period, level)
+  level = math.max(-capacity, math.min(capacity, level))
   redis.call('HSET', key, 'level', num(level), 'updated_s', num(now))
   redis.call('PEXPIRE', key, math.ceil(math.max(0, capacity - level) * period / capacity * 1000) + 1000)
 end

@@ -12,10 +12,10 @@ local output_delta = tonumber(ARGV[6])
 local held = redis.call('ZREM', KEYS[3], ARGV[1])
 if input_tpm > 0 and input_delta ~= 0 then
   local level = bucket_level(KEYS[1], input_tpm, period)
-  bucket_store(KEYS[1], input_tpm, period, math.min(input_tpm, level + input_delta))
+  bucket_store(KEYS[1], input_tpm, period, level + input_delta)
 end
 if output_tpm > 0 and output_delta ~= 0 then
   local level = bucket_level(KEYS[2], output_tpm, period)
-  bucket_store(KEYS[2], output_tpm, period, math.min(output_tpm, level + output_delta))
+  bucket_store(KEYS[2], output_tpm, period, level + output_delta)
 end
 return held

@@ -1,0 +1,90 @@
+"""worker.client.core, the pure parts a producer runs before anything is written: job ids,
+metadata, and the per-model counts; with the catalogue applied as settings configure it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from worker.client import core as p
+from worker.errors import RequestInvalid
+from worker.settings import load_settings
+
+REQUEST: dict[str, Any] = {
+    "model": "deepseek-ai/DeepSeek-V3",
+    "max_tokens": 16,
+    "messages": [{"role": "user", "content": "Hi"}],
+}
+
+
+@pytest.mark.parametrize("job_id", ["a", "A-b_c.d:e", "x" * 128, "batch-b0-custom"])
+def test_job_ids_of_the_pattern_are_valid(job_id: str) -> None:
+    """1-128 letters, digits, '_', '.', ':' or '-' make a job id."""
+    assert p.valid_job_id(job_id)
+    assert p.check_options(job_id, None) == []
+
+
+@pytest.mark.parametrize(
+    "job_id", ["", "x" * 129, "job\n", "job\n\n", "a/b", "a b", "\u0661", 7, True, b"job"]
+)
+def test_other_job_ids_are_refused(job_id: object) -> None:
+    """Anything else, a trailing newline included (the pattern ends in \\Z), is refused."""
+    assert not p.valid_job_id(job_id)
+    assert [e["loc"] for e in p.check_options(job_id, None)] == ["job_id"]
+
+
+@pytest.mark.parametrize("limit_key", ["tenant-1", "x" * 200, "a b"])
+def test_a_limit_key_in_metadata_is_a_short_string(limit_key: str) -> None:
+    """metadata.limit_key, when given, is a non-blank string of at most 200 characters."""
+    assert p.check_options(None, {"limit_key": limit_key}) == []
+
+
+@pytest.mark.parametrize("limit_key", ["", "   ", "x" * 201, 7, None, ["t"], True])
+def test_a_limit_key_of_another_kind_is_refused(limit_key: object) -> None:
+    """An empty, blank, too long or non-string limit_key is refused at metadata.limit_key
+    (the limiter would silently ignore it)."""
+    errors = p.check_options(None, {"limit_key": limit_key}, "requests[2].")
+    assert [e["loc"] for e in errors] == ["requests[2].metadata.limit_key"]
+
+
+def test_a_submission_lists_every_problem_of_every_request() -> None:
+    """Strict types, the catalogue's maximum and the options are all reported at once, each
+    at its request's location."""
+    settings = load_settings()
+    requests = [
+        {**REQUEST, "max_tokens": "16"},
+        {**REQUEST, "stream": 1},
+        {**REQUEST, "max_tokens": 8193},
+    ]
+    with pytest.raises(RequestInvalid) as info:
+        p.prepare_submission(settings, requests, ["ok", "bad\n", None], None)
+    locs = sorted(e["loc"] for e in info.value.errors)
+    assert locs == [
+        "requests[0].max_tokens",
+        "requests[1].job_id",
+        "requests[1].stream",
+        "requests[2].max_tokens",
+    ]
+
+
+def test_a_submission_enqueues_an_alias_under_its_models_name() -> None:
+    """The request a job carries names the model, not the alias the producer wrote; the
+    idempotency fingerprint is that of the rewritten request."""
+    settings = load_settings(
+        models={"deepseek-ai/DeepSeek-V3": {"max_tokens": 8192, "aliases": ["ds-v3"]}}
+    )
+    aliased = p.prepare_submission(settings, [{**REQUEST, "model": "ds-v3"}], ["j"], None)
+    plain = p.prepare_submission(settings, [REQUEST], ["j"], None)
+    assert aliased.requests == plain.requests
+    assert aliased.requests[0]["model"] == "deepseek-ai/DeepSeek-V3"
+    assert p.request_sha(aliased.requests[0]) == p.request_sha(plain.requests[0])
+
+
+def test_counts_by_model_fold_unknown_models_into_other() -> None:
+    """The Redis counter behind llm_worker_queue_jobs_submitted_total gets one field per
+    configured model and one `other`, however many model names producers send."""
+    counts = p.count_by_model(
+        ["deepseek-ai/DeepSeek-V3", "no-such/model-1", "no-such/model-2", "deepseek-ai/DeepSeek-V3"]
+    )
+    assert counts == {"deepseek-ai/DeepSeek-V3": 2, "other": 2}
