@@ -508,3 +508,26 @@ def test_a_ping_with_junk_data_is_skipped_like_the_sdk() -> None:
     events = [start(), *text_block(0, ["ok"]), message_delta("end_turn"), MESSAGE_STOP]
     body = b"event: ping\ndata: keep-alive\n\n" + sse(events)
     assert ours_from_bytes(body, 5) == sdk_from_bytes(body)
+
+
+def test_fifty_thousand_deltas_accumulate_without_rebuilding_the_text() -> None:
+    """Each text delta appends in O(1): the block's text is not rebuilt per delta (which was
+    quadratic in the answer's length), yet the final message has all 50,000 pieces in order,
+    and an earlier snapshot still finishes to the text it had."""
+    pieces = [f"{i % 10}" for i in range(50_000)]
+    snapshot: dict[str, Any] | None = None
+    middle: dict[str, Any] | None = None
+    for number, event in enumerate([start(), *text_block(0, pieces)[:-1]]):
+        snapshot = accumulate(snapshot, event)
+        if number == 25_001:  # message_start, block start, then 25,000 deltas
+            middle = snapshot
+        if number > 1:
+            # Mid-block, the text field holds no joined string: nothing grows per delta.
+            assert snapshot["content"][0]["text"] == ""
+    assert snapshot is not None
+    assert middle is not None
+    finished = final_message(accumulate(snapshot, {"type": "content_block_stop", "index": 0}))
+    assert finished["content"][0]["text"] == "".join(pieces)
+    assert "_pieces" not in finished["content"][0]
+    # The chain is shared, never changed: the earlier snapshot has its own 25,000 pieces.
+    assert final_message(middle)["content"][0]["text"] == "".join(pieces[:25_000])

@@ -52,6 +52,12 @@ __all__ = ["AccumulateError", "accumulate", "final_message"]
 # Where a tool block keeps its concatenated input_json_delta text until it is parsed.
 # It lives in the block (a JSON-serialisable string), and final_message() drops it.
 _PARTIAL_JSON: Final = "_partial_json"
+# Where a block keeps the pieces appended to its fields (text, thinking, partial JSON) since
+# they were last joined: field -> (earlier chain, piece). Appending is O(1) and shares the
+# earlier snapshot's chain without changing it; the pieces are joined once, at the block's
+# content_block_stop or in final_message. Rebuilding the string on every delta was quadratic
+# (40,000 deltas: 0.29 s of CPU).
+_PIECES: Final = "_pieces"
 
 # Block types whose input arrives as input_json_delta (the SDK's TRACKS_TOOL_INPUT).
 _TRACKS_TOOL_INPUT: Final = frozenset({"tool_use", "server_tool_use"})
@@ -109,13 +115,10 @@ def final_message(snapshot: Snapshot) -> Snapshot:
     if not snapshot:
         raise AccumulateError("the stream carried no message_start")
     content = _content(snapshot)
-    if not any(_PARTIAL_JSON in block for block in content):
+    if not any(_PARTIAL_JSON in block or _PIECES in block for block in content):
         return snapshot
     finished = dict(snapshot)
-    finished["content"] = [
-        _finish_tool_input(block, index) if _PARTIAL_JSON in block else block
-        for index, block in enumerate(content)
-    ]
+    finished["content"] = [_finish_block(block, index) for index, block in enumerate(content)]
     return finished
 
 
@@ -162,12 +165,11 @@ def _apply_delta(block: dict[str, Any], delta: Mapping[str, Any]) -> dict[str, A
     """
     delta_type, block_type = delta.get("type"), block.get("type")
     if delta_type == "text_delta" and block_type == "text":
-        return {**block, "text": block.get("text", "") + delta.get("text", "")}
+        return _append(block, "text", delta.get("text", ""))
     if delta_type == "input_json_delta" and block_type in _TRACKS_TOOL_INPUT:
-        pending = block.get(_PARTIAL_JSON, "") + delta.get("partial_json", "")
-        return {**block, _PARTIAL_JSON: pending}
+        return _append(block, _PARTIAL_JSON, delta.get("partial_json", ""))
     if delta_type == "thinking_delta" and block_type == "thinking":
-        return {**block, "thinking": block.get("thinking", "") + delta.get("thinking", "")}
+        return _append(block, "thinking", delta.get("thinking", ""))
     if delta_type == "signature_delta" and block_type == "thinking":
         return {**block, "signature": delta.get("signature")}
     if delta_type == "citations_delta" and block_type == "text":
@@ -180,10 +182,11 @@ def _apply_delta(block: dict[str, Any], delta: Mapping[str, Any]) -> dict[str, A
 def _content_block_stop(snapshot: Snapshot, event: Event) -> Snapshot:
     content = _content(snapshot)
     index = _block_index(event, content)
-    if _PARTIAL_JSON not in content[index]:
+    block = content[index]
+    if _PARTIAL_JSON not in block and _PIECES not in block:
         return snapshot
     content = list(content)
-    content[index] = _finish_tool_input(content[index], index)
+    content[index] = _finish_block(block, index)
     return _with_content(snapshot, content)
 
 
@@ -209,6 +212,34 @@ def _message_delta(snapshot: Snapshot, event: Event) -> Snapshot:
             usage[key] = copy.deepcopy(usage_delta[key])
     updated["usage"] = usage
     return updated
+
+
+def _append(block: dict[str, Any], field: str, piece: Any) -> dict[str, Any]:
+    """``block`` with ``piece`` appended to ``field`` (see :data:`_PIECES`), in O(1)."""
+    pieces = block.get(_PIECES) or {}
+    return {**block, _PIECES: {**pieces, field: (pieces.get(field), piece)}}
+
+
+def _joined(block: dict[str, Any]) -> dict[str, Any]:
+    """``block`` with its pending pieces joined into their fields."""
+    if _PIECES not in block:
+        return block
+    joined = {key: value for key, value in block.items() if key != _PIECES}
+    for field, last in block[_PIECES].items():
+        parts: list[str] = []
+        link = last
+        while link is not None:
+            link, piece = link
+            parts.append(piece if isinstance(piece, str) else str(piece))
+        parts.reverse()
+        joined[field] = (joined.get(field) or "") + "".join(parts)
+    return joined
+
+
+def _finish_block(block: dict[str, Any], index: int) -> dict[str, Any]:
+    """The block complete: its pieces joined, its tool input parsed."""
+    block = _joined(block)
+    return _finish_tool_input(block, index) if _PARTIAL_JSON in block else block
 
 
 def _finish_tool_input(block: dict[str, Any], index: int) -> dict[str, Any]:
