@@ -90,6 +90,11 @@ class Settings(BaseSettings):
     # One upstream response read at most this far: a non-streamed body, or a whole stream (which
     # bounds the SSE decoder's buffers and the message); past it the call fails, not the worker.
     max_response_bytes: int = Field(default=16 * 1_048_576, ge=65_536)
+    # The dead-letter stream (llmw:dlq) keeps at most this many entries (approximately, the
+    # oldest go first), each payload at most this many bytes (past it: its length, sha256 and
+    # head), so its memory is bounded under noeviction.
+    dead_letters_max: int = Field(default=10_000, ge=1)
+    dead_letter_payload_bytes: int = Field(default=65_536, ge=1024)
 
     max_attempts: int = Field(default=5, ge=1, le=100)
     backoff_base_s: PositiveSeconds = 0.5

@@ -7,6 +7,7 @@ submit, cancel and read a job here; the worker's side (claim, leases, events, th
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -60,6 +61,24 @@ def cancel_call(keys: Keys, job_id: str, *, result_ttl_s: int) -> tuple[list[str
 
 def payload_bytes(payload: Any) -> str | bytes:
     return payload if isinstance(payload, str | bytes) else orjson.dumps(payload)
+
+
+def bounded_payload(payload: Any, limit: int) -> bytes:
+    """A dead letter's payload, at most about ``limit`` bytes: whole when it fits, else a JSON
+    note of its length and sha256 with its first ``limit`` bytes (it is then kept for a look,
+    not for a requeue)."""
+    data = payload_bytes(payload)
+    raw = data.encode() if isinstance(data, str) else data
+    if len(raw) <= limit:
+        return raw
+    return orjson.dumps(
+        {
+            "truncated": True,
+            "bytes": len(raw),
+            "sha256": hashlib.sha256(raw).hexdigest(),
+            "head": raw[:limit].decode("utf-8", "replace"),
+        }
+    )
 
 
 class JobStore:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 
+import orjson
 import pytest
 
 from tests.core.test_cli import cli
@@ -124,3 +126,42 @@ def test_python_api_get_names_every_unknown_id(isolated: tuple[dict[str, str], C
     _env, client = isolated
     with pytest.raises(DeadLetterError, match="1-0, 2-0"):
         DeadLetters(client).get(["1-0", "2-0"])
+
+
+def test_listing_reads_page_by_page_and_filters_across_pages(
+    isolated: tuple[dict[str, str], Client],
+) -> None:
+    """1,200 letters (three pages): a limit reads the oldest first, and a reason filter finds
+    every match across page boundaries."""
+    _env, client = isolated
+    pipe = client.redis.pipeline(transaction=False)
+    for i in range(1_200):
+        reason = "rare" if i % 400 == 399 else "common"
+        pipe.xadd(client.keys.dead_letters, {"job_id": f"j{i}", "reason": reason, "payload": "{}"})
+    pipe.execute()
+    dead = DeadLetters(client)
+    assert [e.job_id for e in dead.entries(limit=3)] == ["j0", "j1", "j2"]
+    assert [e.job_id for e in dead.entries(reason="rare")] == ["j399", "j799", "j1199"]
+    assert len(dead.entries()) == 1_200
+
+
+def test_a_large_payload_is_kept_as_its_length_hash_and_head(
+    isolated: tuple[dict[str, str], Client],
+) -> None:
+    """Past DEAD_LETTER_PAYLOAD_BYTES a payload is stored as a note (bytes, sha256, head), so
+    the stream's memory stays bounded; requeue reports it instead of sending half a request."""
+    _env, client = isolated
+    store = WorkerStore(client.redis, client.keys, result_ttl_s=60, dead_letter_payload_bytes=2048)
+    payload = {"job_id": "big", "request": make_request("x" * 10_000)}
+    store.dead_letter(job_id="big", reason="http_400", payload=payload)
+    (entry,) = DeadLetters(client).entries()
+    stored = json.loads(entry.payload)
+    raw = orjson.dumps(payload)
+    assert stored["truncated"] is True
+    assert stored["bytes"] == len(raw)
+    assert stored["sha256"] == hashlib.sha256(raw).hexdigest()
+    assert len(stored["head"]) == 2048
+    assert len(entry.payload) < 2048 + 200
+    (outcome,) = DeadLetters(client).requeue([entry])
+    assert outcome.job is None
+    assert outcome.error == "the payload is not a job request"

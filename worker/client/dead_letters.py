@@ -11,9 +11,10 @@ metadata): the old job has its one terminal event already, and its consumers hav
 
 from __future__ import annotations
 
+import itertools
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,8 @@ from worker.client.sync import Client, Job
 from worker.errors import LLMWorkerError, RequestInvalid
 from worker.store import text
 
+#: Entries read per round trip when listing.
+PAGE = 500
 ENTRY_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}\Z")
 
 
@@ -97,14 +100,21 @@ class DeadLetters:
         return int(self.client.redis.xlen(self.key))
 
     def entries(self, *, reason: str | None = None, limit: int | None = None) -> list[DeadLetter]:
-        """Oldest first, optionally only one reason, at most ``limit``."""
-        entries = [
-            DeadLetter.from_entry(entry_id, fields)
-            for entry_id, fields in self.client.redis.xrange(self.key)
-        ]
-        if reason is not None:
-            entries = [e for e in entries if e.reason == reason]
-        return entries[:limit] if limit is not None else entries
+        """Oldest first, optionally only one reason, at most ``limit``: read a page at a time
+        (``XRANGE … COUNT``), so a short list of a long stream reads only what it shows."""
+        return list(itertools.islice(self._iter(reason), limit))
+
+    def _iter(self, reason: str | None) -> Iterator[DeadLetter]:
+        start = "-"
+        while True:
+            rows = self.client.redis.xrange(self.key, start, "+", count=PAGE)
+            for entry_id, fields in rows:
+                entry = DeadLetter.from_entry(entry_id, fields)
+                if reason is None or entry.reason == reason:
+                    yield entry
+            if len(rows) < PAGE:
+                return
+            start = f"({text(rows[-1][0])}"  # exclusive: after the page's last entry
 
     def get(self, entry_ids: Iterable[str]) -> list[DeadLetter]:
         """The entries with these ids; DeadLetterError naming every bad or unknown id."""

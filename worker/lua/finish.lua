@@ -6,7 +6,7 @@
 -- ARGV[5] now   ARGV[6] usage JSON or ''   ARGV[7] error JSON or ''   ARGV[8] stop_reason or ''
 -- ARGV[9] the writer's lease token, or '' for a writer that holds none (a job rejected
 -- before it ran)   ARGV[10] job id   ARGV[11] dead-letter reason   ARGV[12] dead-letter
--- payload (with KEYS[6])
+-- payload   ARGV[13] the dead-letter stream's length bound (with KEYS[6])
 -- Returns 1 when this call ended the job, 0 when it had ended before, -1 when another worker
 -- holds its lease now (this writer lost it without knowing: the job is not its to end).
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -32,7 +32,7 @@ if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'stop_reason', ARGV[8]) end
 redis.call('HDEL', KEYS[1], 'worker', 'lease', 'lease_until')
 if KEYS[6] then
   -- In the same step as the end, so whoever sees the failure also finds its dead letter.
-  redis.call('XADD', KEYS[6], 'MAXLEN', '~', 100000, '*',
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[13], '*',
     'job_id', ARGV[10], 'reason', ARGV[11], 'payload', ARGV[12], 'ts', ARGV[5])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[4])

@@ -126,7 +126,13 @@ class DeliveryClock:
 
 def build_runtime(settings: Settings) -> Runtime:
     client = redis_client(settings)
-    store = WorkerStore(client, Keys(settings.key_prefix), result_ttl_s=settings.result_ttl_s)
+    store = WorkerStore(
+        client,
+        Keys(settings.key_prefix),
+        result_ttl_s=settings.result_ttl_s,
+        dead_letters_max=settings.dead_letters_max,
+        dead_letter_payload_bytes=settings.dead_letter_payload_bytes,
+    )
     clock = delivery_clock(settings, client)
     return Runtime(
         settings=settings,

@@ -17,7 +17,7 @@ from worker import events as ev
 from worker.errors import LLMWorkerError
 from worker.keys import Keys
 from worker.runtime.group_commit import GroupCommitter, Pending
-from worker.store import JobStore, load_lua, payload_bytes, text
+from worker.store import JobStore, bounded_payload, load_lua, text
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +62,20 @@ def is_lease_lost(exc: BaseException) -> bool:
 class WorkerStore(JobStore):
     """:class:`~worker.store.JobStore` with what only a worker does to a job."""
 
-    def __init__(self, client: redis.Redis[bytes], keys: Keys, *, result_ttl_s: int) -> None:
+    def __init__(
+        self,
+        client: redis.Redis[bytes],
+        keys: Keys,
+        *,
+        result_ttl_s: int,
+        dead_letters_max: int = 10_000,
+        dead_letter_payload_bytes: int = 65_536,
+    ) -> None:
         super().__init__(client, keys, result_ttl_s=result_ttl_s)
+        #: The dead-letter stream is bounded in entries and in each entry's payload, so its
+        #: memory is bounded (Redis runs with noeviction).
+        self.dead_letters_max = dead_letters_max
+        self.dead_letter_payload_bytes = dead_letter_payload_bytes
         self._claim = client.register_script(load_lua("claim.lua"))
         self._finish = client.register_script(load_lua("finish.lua"))
         self._renew = client.register_script(load_lua("renew.lua"))
@@ -213,7 +225,8 @@ class WorkerStore(JobStore):
         if dead_letter is not None:
             keys.append(k.dead_letters)
             reason, payload = dead_letter
-            dlq_args = [job_id, reason, payload_bytes(payload)]
+            payload_data = bounded_payload(payload, self.dead_letter_payload_bytes)
+            dlq_args = [job_id, reason, payload_data, self.dead_letters_max]
         ended = self._finish(
             keys=keys,
             args=[
@@ -233,16 +246,16 @@ class WorkerStore(JobStore):
             raise LeaseLost(job_id)
         return bool(ended)
 
-    def dead_letter(self, *, job_id: str, reason: str, payload: Any, maxlen: int = 100_000) -> None:
+    def dead_letter(self, *, job_id: str, reason: str, payload: Any) -> None:
         """Keep what could not be run, with why, for ``llm-worker dlq``."""
         self.redis.xadd(
             self.keys.dead_letters,
             {
                 "job_id": job_id,
                 "reason": reason,
-                "payload": payload_bytes(payload),
+                "payload": bounded_payload(payload, self.dead_letter_payload_bytes),
                 "ts": str(time.time()),
             },
-            maxlen=maxlen,
+            maxlen=self.dead_letters_max,
             approximate=True,
         )
