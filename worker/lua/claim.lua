@@ -18,6 +18,21 @@
 -- wait lease wait ms and ask again) or 'poison' (delivered more than the limit allows).
 -- The same call again with the same token (its reply was lost and the client retried it)
 -- answers what the first call did, without counting a second delivery.
+-- The seq and type of the job's last event (0, '' when it has none).
+local function last_event()
+  local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+  if last[1] then
+    local fields = last[1][2]
+    for i = 1, #fields, 2 do
+      if fields[i] == 'data' then
+        local event = cjson.decode(fields[i + 1])
+        return event['seq'] or 0, event['type'] or ''
+      end
+    end
+  end
+  return 0, ''
+end
+
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'completed' or state == 'failed' or state == 'cancelled' or state == 'expired' then
   return {state, 0, 0, 0, 0, '', 0}
@@ -28,18 +43,7 @@ local holder = redis.call('HGET', KEYS[1], 'lease')
 if holder and holder == ARGV[5] and state == 'running' then
   local before = redis.call('HMGET', KEYS[1], 'claim_before', 'claim_first', 'claim_started',
     'deliveries', 'attempts', 'cancel_requested', 'deadline_at')
-  local seq, last_type = 0, ''
-  local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-  if last[1] then
-    local fields = last[1][2]
-    for i = 1, #fields, 2 do
-      if fields[i] == 'data' then
-        local event = cjson.decode(fields[i + 1])
-        seq = event['seq'] or 0
-        last_type = event['type'] or ''
-      end
-    end
-  end
+  local seq, last_type = last_event()
   return {before[1] or 'running', tonumber(before[4] or '0'), tonumber(before[5] or '0'), seq,
     before[6] and 1 or 0, before[7] or '', 0, tonumber(before[2] or '0'), last_type,
     tonumber(before[3] or '0')}
@@ -76,19 +80,7 @@ if not redis.call('HGET', KEYS[1], 'started_at') then
   first = 1
 end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-local seq = 0
-local last_type = ''
-local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-if last[1] then
-  local fields = last[1][2]
-  for i = 1, #fields, 2 do
-    if fields[i] == 'data' then
-      local event = cjson.decode(fields[i + 1])
-      seq = event['seq'] or 0
-      last_type = event['type'] or ''
-    end
-  end
-end
+local seq, last_type = last_event()
 local fresh = state == 'queued' or state == 'missing' or (state == 'running' and attempts == 0)
 local now = tonumber(ARGV[1])
 local deadline_at = tonumber(deadline)
