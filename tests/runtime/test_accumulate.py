@@ -479,6 +479,14 @@ REPLAYED_STREAMS = {
         UNKNOWN_LATE,
         MESSAGE_STOP,
     ],
+    "message_stop_before_message_start": [
+        PING,
+        MESSAGE_STOP,
+        start(),
+        *text_block(0, ["after a stray stop"]),
+        message_delta("end_turn"),
+        MESSAGE_STOP,
+    ],
     "message_events_before_message_start": [
         PING,
         delta(0, type="text_delta", text="orphan"),

@@ -108,9 +108,13 @@ def _native_liveness_poll() -> None:
     )
 
 
-def _batch(sses: Iterable[Any]) -> tuple[list[dict[str, Any]], bool, UpstreamError | None]:
-    """The events of one read, whether ``message_stop`` was among them, and the error that
-    an ``error`` event stands for (the events before it are still delivered)."""
+def _batch(
+    sses: Iterable[Any], started: bool
+) -> tuple[list[dict[str, Any]], bool, UpstreamError | None, bool]:
+    """The events of one read, whether ``message_stop`` ended the message, the error that an
+    ``error`` event stands for (the events before it are still delivered), and whether
+    ``message_start`` has come (``started``: before this read). A ``message_stop`` before any
+    ``message_start`` ends nothing: the SDK skips it and reads on."""
     batch: list[dict[str, Any]] = []
     for sse in sses:
         event = parse_event(sse)
@@ -121,11 +125,12 @@ def _batch(sses: Iterable[Any]) -> tuple[list[dict[str, Any]], bool, UpstreamErr
             continue
         assert isinstance(event, dict)
         if event.get("type") == "error":
-            return batch, False, error_from_stream_event(event)
+            return batch, False, error_from_stream_event(event), started
         batch.append(event)
-        if event.get("type") == "message_stop":
-            return batch, True, None
-    return batch, False, None
+        started = started or event.get("type") == "message_start"
+        if started and event.get("type") == "message_stop":
+            return batch, True, None, started
+    return batch, False, None, started
 
 
 def _version() -> str:
@@ -286,7 +291,7 @@ class UpstreamClient:
         deltas, which adds no delay, since none of them waits for a later read.
         """
         decoder = SSEDecoder()
-        finished = False
+        finished = started = False
         size = 0
         try:
             for raw in response.iter_bytes():
@@ -294,7 +299,7 @@ class UpstreamClient:
                 size += len(raw)
                 if size > self._max_response_bytes:
                     raise _too_large(self._max_response_bytes)
-                batch, finished, error = _batch(decoder.decode(raw))
+                batch, finished, error, started = _batch(decoder.decode(raw), started)
                 if batch:
                     yield batch
                 if error is not None:
@@ -303,7 +308,7 @@ class UpstreamClient:
                     return
             for sse in decoder.flush():
                 event = parse_event(sse)
-                if isinstance(event, dict) and event.get("type") == "message_stop":
+                if started and isinstance(event, dict) and event.get("type") == "message_stop":
                     yield [event]
                     finished = True
         except httpx.HTTPError as exc:
