@@ -125,6 +125,9 @@ def test_metrics_count_a_known_set_of_jobs_exactly(
             submitted = int(
                 client.redis.hget(client.keys.submitted_counts(client.settings.queue), MODEL) or 0
             )
+        # The canary proves one process consumes; with --processes 2 the other may still be
+        # starting on a busy machine (the supervisor is ready only when every process is).
+        wait_for(lambda: get(proc, "/readyz").status_code == 200, 60, "every process ready")
         samples = scrape(proc)
         body = get(proc, "/metrics").text
     finally:

@@ -22,9 +22,14 @@ pytestmark = pytest.mark.integration
 # A delta and a message_stop with no message_start: valid SSE and JSON, but no message. The
 # delta is skipped (as the SDK skips anything before message_start); the end without a start
 # is the upstream's malformed stream.
+# A delta for a block that was never started, after message_start: nothing can fold it.
 ORPHAN_DELTA = (
+    b"event: message_start\n"
+    b'data: {"type":"message_start","message":{"id":"msg_1","type":"message",'
+    b'"role":"assistant","model":"m","content":[],"stop_reason":null,"stop_sequence":null,'
+    b'"usage":{"input_tokens":1,"output_tokens":0}}}\n\n'
     b"event: content_block_delta\n"
-    b'data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"x"}}\n\n'
+    b'data: {"type":"content_block_delta","index":3,"delta":{"type":"text_delta","text":"x"}}\n\n'
     b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 )
 
