@@ -50,6 +50,16 @@ class Keys:
         """List of a batch's custom_ids in request order (their jobs' ids derive from them)."""
         return f"{self.prefix}:batch:{batch_id}:items"
 
+    def batch_counts(self, batch_id: str) -> str:
+        """Hash of one Message Batch's ended requests: a count per terminal job state
+        (``completed``, ``failed``, ``cancelled``, ``expired``), ``ended_at`` (the last end)
+        and ``total`` (its requests). The job's end adds to it in the same Lua step.
+
+        The batch id comes last on purpose: ``finish.lua`` and ``cancel.lua`` build this name
+        as ``batch_counts("")`` followed by the job hash's ``batch`` field.
+        """
+        return f"{self.prefix}:batch_counts:{batch_id}"
+
     @property
     def batches(self) -> str:
         """Sorted set of batch ids by creation time, for listing."""

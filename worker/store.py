@@ -41,6 +41,12 @@ def decode_hash(raw: Mapping[Any, Any]) -> dict[str, str] | None:
     return {text(k): text(v) for k, v in raw.items()}
 
 
+def ending_script(name: str) -> str:
+    """A script that ends jobs (``finish.lua``, ``cancel.lua``), behind ``batch_end.lua``:
+    ending a job of a Message Batch adds to the batch's counts in the same step."""
+    return load_lua(name, prelude="batch_end.lua")
+
+
 def cancel_call(keys: Keys, job_id: str, *, result_ttl_s: int) -> tuple[list[str], list[Any]]:
     """The keys and arguments of ``cancel.lua``, for the sync and the async client alike.
 
@@ -55,7 +61,7 @@ def cancel_call(keys: Keys, job_id: str, *, result_ttl_s: int) -> tuple[list[str
             keys.results_channel,
             keys.cancels_channel,
         ],
-        [time.time(), job_id, result_ttl_s],
+        [time.time(), job_id, result_ttl_s, keys.batch_counts("")],
     )
 
 
@@ -89,7 +95,7 @@ class JobStore:
         self.keys = keys
         self.result_ttl_s = result_ttl_s
         self._submit = client.register_script(load_lua("submit.lua"))
-        self._cancel = client.register_script(load_lua("cancel.lua"))
+        self._cancel = client.register_script(ending_script("cancel.lua"))
 
     def submit_script(self) -> Any:
         return self._submit

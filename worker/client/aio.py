@@ -27,7 +27,7 @@ from worker.client import core as p
 from worker.errors import JobNotFound
 from worker.keys import Keys
 from worker.settings import Settings
-from worker.store import cancel_call, decode_hash, load_lua, text
+from worker.store import cancel_call, decode_hash, ending_script, load_lua, text
 
 
 class AsyncClient:
@@ -51,7 +51,7 @@ class AsyncClient:
             str(settings.redis_url), socket_keepalive=True
         )
         self._submit = self.redis.register_script(load_lua("submit.lua"))
-        self._cancel = self.redis.register_script(load_lua("cancel.lua"))
+        self._cancel = self.redis.register_script(ending_script("cancel.lua"))
         broker = settings.effective_broker_url
         self._same_redis = broker == str(settings.redis_url)
         self._broker_redis = (
@@ -92,12 +92,21 @@ class AsyncClient:
         *,
         job_ids: Sequence[str | None] | None = None,
         metadata: Sequence[Mapping[str, Any] | None] | Mapping[str, Any] | None = None,
+        batch_id: str | None = None,
     ) -> list[AsyncJob]:
         """Validate every request first (one error lists every problem, nothing is written),
-        then create and enqueue all of them in one pipeline."""
+        then create and enqueue all of them in one pipeline.
+
+        ``batch_id`` is the gateway's (:mod:`worker.gateway.batches`): each job's end adds to
+        that Message Batch's counts."""
         submission = p.prepare_submission(self.settings, requests, job_ids, metadata)
         calls = p.submit_calls(
-            self.settings, self.keys, submission, now=time.time(), same_redis=self._same_redis
+            self.settings,
+            self.keys,
+            submission,
+            now=time.time(),
+            same_redis=self._same_redis,
+            batch_id=batch_id,
         )
         pipe = self.redis.pipeline(transaction=False)
         for call in calls:

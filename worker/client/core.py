@@ -168,9 +168,18 @@ class ScriptCall:
 
 
 def submit_calls(
-    settings: Settings, keys: Keys, submission: Submission, *, now: float, same_redis: bool
+    settings: Settings,
+    keys: Keys,
+    submission: Submission,
+    *,
+    now: float,
+    same_redis: bool,
+    batch_id: str | None = None,
 ) -> list[ScriptCall]:
-    """The arguments of ``submit.lua`` for every job (see the script for their meaning)."""
+    """The arguments of ``submit.lua`` for every job (see the script for their meaning).
+
+    ``batch_id``: the gateway Message Batch the jobs belong to (their ends are counted there).
+    """
     queued_ttl_s = int(settings.job_deadline_s + settings.result_ttl_s)
     calls = []
     for job_id, request, meta in zip(
@@ -197,6 +206,7 @@ def submit_calls(
                     queued_ttl_s,
                     message if same_redis else "",
                     deadline_at,
+                    batch_id or "",
                 ],
                 payload=payload,
                 message=message,

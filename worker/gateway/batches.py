@@ -1,7 +1,10 @@
 """Message Batches on Redis, for the gateway: a batch is a hash, the list of its custom_ids,
-and one job per request whose id derives from both (:func:`worker.client.batch_file.job_id_for`).
+a hash of counts, and one job per request whose id derives from both
+(:func:`worker.client.batch_file.job_id_for`).
 
-Counts and status are read from the jobs themselves, so they never drift from what ran.
+Each job records its batch (field ``batch``), and the Lua step that ends a job adds to the
+batch's counts (``worker/lua/batch_end.lua``): the counts cannot drift from what ran, and
+retrieving or listing a batch reads two hashes, whatever its size.
 """
 
 from __future__ import annotations
@@ -67,6 +70,49 @@ def parse_requests(client: AsyncClient, body: Any) -> list[b.BatchItem]:
     return items
 
 
+def valid_batch_id(batch_id: str) -> bool:
+    return batch_id.startswith("msgbatch_") and p.valid_job_id(batch_id)
+
+
+def request_counts(total: int, ended: Mapping[str, str]) -> dict[str, int]:
+    """Anthropic's ``request_counts`` from a batch's counts hash (ends by job state)."""
+    counts = dict.fromkeys(("processing", *b.RESULT_TYPES), 0)
+    for state, count in ended.items():
+        kind = b.result_type(state)
+        if kind is not None:
+            counts[kind] += int(count)
+    counts["processing"] = max(0, total - sum(counts.values()))
+    return counts
+
+
+def message_batch(
+    batch_id: str, meta: Mapping[str, str], ended: Mapping[str, str], base_url: str
+) -> dict[str, Any]:
+    """Anthropic's ``MessageBatch`` object from the batch hash and its counts hash."""
+    counts = request_counts(int(ended.get("total") or meta["count"]), ended)
+    created_at = float(meta["created_at"])
+    cancel_at = float(meta["cancel_initiated_at"]) if meta.get("cancel_initiated_at") else None
+    status = "ended"
+    if counts["processing"]:
+        status = "canceling" if cancel_at else "in_progress"
+    return {
+        "id": batch_id,
+        "type": "message_batch",
+        "processing_status": status,
+        "request_counts": counts,
+        "ended_at": rfc3339(float(ended.get("ended_at") or created_at))
+        if status == "ended"
+        else None,
+        "created_at": rfc3339(created_at),
+        "expires_at": rfc3339(float(meta["expires_at"])),
+        "archived_at": None,
+        "cancel_initiated_at": rfc3339(cancel_at),
+        "results_url": (
+            f"{base_url}/v1/messages/batches/{batch_id}/results" if status == "ended" else None
+        ),
+    }
+
+
 class BatchStore:
     def __init__(self, client: AsyncClient) -> None:
         self.client = client
@@ -83,6 +129,7 @@ class BatchStore:
                 [item.params for item in chunk],
                 job_ids=[b.job_id_for(batch_id, item.custom_id) for item in chunk],
                 metadata=[{"batch_id": batch_id, "custom_id": i.custom_id} for i in chunk],
+                batch_id=batch_id,
             )
         now = time.time()
         pipe = self.redis.pipeline(transaction=True)
@@ -91,14 +138,21 @@ class BatchStore:
             mapping={"created_at": now, "expires_at": now + EXPIRES_AFTER_S, "count": len(items)},
         )
         pipe.rpush(self.keys.batch_items(batch_id), *[item.custom_id for item in items])
+        # Jobs may have ended (and counted) already. `total` also makes the counts hash exist
+        # now, so that it has the batch's TTL even before any job ends.
+        pipe.hset(self.keys.batch_counts(batch_id), "total", len(items))
         pipe.zadd(self.keys.batches, {batch_id: now})
-        pipe.expire(self.keys.batch(batch_id), self.ttl_s)
-        pipe.expire(self.keys.batch_items(batch_id), self.ttl_s)
+        for key in (
+            self.keys.batch(batch_id),
+            self.keys.batch_items(batch_id),
+            self.keys.batch_counts(batch_id),
+        ):
+            pipe.expire(key, self.ttl_s)
         await pipe.execute()
         return batch_id
 
     async def _meta(self, batch_id: str) -> dict[str, str] | None:
-        if not batch_id.startswith("msgbatch_") or not p.valid_job_id(batch_id):
+        if not valid_batch_id(batch_id):
             return None
         raw = await self.redis.hgetall(self.keys.batch(batch_id))
         return decode_hash(raw)
@@ -120,38 +174,26 @@ class BatchStore:
 
     async def retrieve(self, batch_id: str, base_url: str) -> dict[str, Any] | None:
         """Anthropic's ``MessageBatch`` object, or None when there is no such batch."""
-        meta = await self._meta(batch_id)
-        if meta is None:
-            return None
-        states = await self._states(batch_id, await self._custom_ids(batch_id))
-        counts = dict.fromkeys(("processing", *b.RESULT_TYPES), 0)
-        ended_at = 0.0
-        for state, finished in states:
-            # A job gone from Redis has outlived RESULT_TTL_S: nothing is left to return.
-            kind = b.result_type(state) if state else "expired"
-            counts[kind or "processing"] += 1
-            if finished:
-                ended_at = max(ended_at, float(finished))
-        cancel_at = float(meta["cancel_initiated_at"]) if meta.get("cancel_initiated_at") else None
-        status = "ended"
-        if counts["processing"]:
-            status = "canceling" if cancel_at else "in_progress"
-        return {
-            "id": batch_id,
-            "type": "message_batch",
-            "processing_status": status,
-            "request_counts": counts,
-            "ended_at": rfc3339(ended_at or float(meta["created_at"]))
-            if status == "ended"
-            else None,
-            "created_at": rfc3339(float(meta["created_at"])),
-            "expires_at": rfc3339(float(meta["expires_at"])),
-            "archived_at": None,
-            "cancel_initiated_at": rfc3339(cancel_at),
-            "results_url": (
-                f"{base_url}/v1/messages/batches/{batch_id}/results" if status == "ended" else None
-            ),
-        }
+        return (await self._batches([batch_id], base_url)).get(batch_id)
+
+    async def _batches(self, batch_ids: list[str], base_url: str) -> dict[str, dict[str, Any]]:
+        """The batches that exist among ``batch_ids``, by id, read in one round trip of two
+        commands per batch (its hash and its counts), whatever the number of its requests."""
+        wanted = [batch_id for batch_id in batch_ids if valid_batch_id(batch_id)]
+        if not wanted:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for batch_id in wanted:
+            pipe.hgetall(self.keys.batch(batch_id))
+            pipe.hgetall(self.keys.batch_counts(batch_id))
+        replies = await pipe.execute()
+        found = {}
+        for index, batch_id in enumerate(wanted):
+            meta = decode_hash(replies[2 * index])
+            if meta is not None:
+                ended = decode_hash(replies[2 * index + 1]) or {}
+                found[batch_id] = message_batch(batch_id, meta, ended, base_url)
+        return found
 
     async def list_page(
         self, base_url: str, *, limit: int, before_id: str | None, after_id: str | None
@@ -169,7 +211,8 @@ class BatchStore:
             page, has_more = ids[max(0, end - limit) : end], end - limit > 0
         else:
             page, has_more = ids[:limit], limit < len(ids)
-        data = [batch for i in page if (batch := await self.retrieve(i, base_url)) is not None]
+        found = await self._batches(page, base_url)
+        data = [found[batch_id] for batch_id in page if batch_id in found]
         return {
             "data": data,
             "has_more": has_more,

@@ -5,8 +5,9 @@
 -- ARGV[1] state   ARGV[2] event JSON   ARGV[3] final message JSON or ''   ARGV[4] ttl
 -- ARGV[5] now   ARGV[6] usage JSON or ''   ARGV[7] error JSON or ''   ARGV[8] stop_reason or ''
 -- ARGV[9] the writer's lease token, or '' for a writer that holds none (a job rejected
--- before it ran)   ARGV[10] job id   ARGV[11] dead-letter reason   ARGV[12] dead-letter
--- payload   ARGV[13] the dead-letter stream's length bound (with KEYS[6])
+-- before it ran)   ARGV[10] the batch counts key prefix (see batch_end.lua)
+-- ARGV[11] job id   ARGV[12] dead-letter reason   ARGV[13] dead-letter payload
+-- ARGV[14] the dead-letter stream's length bound (with KEYS[6])
 -- Returns 1 when this call ended the job, 0 when it had ended before, -1 when another worker
 -- holds its lease now (this writer lost it without knowing: the job is not its to end).
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -30,10 +31,11 @@ if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'usage', ARGV[6]) end
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[7]) end
 if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'stop_reason', ARGV[8]) end
 redis.call('HDEL', KEYS[1], 'worker', 'lease', 'lease_until')
+count_batch_end(KEYS[1], ARGV[10], ARGV[1], ARGV[5], ARGV[4])
 if KEYS[6] then
   -- In the same step as the end, so whoever sees the failure also finds its dead letter.
-  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[13], '*',
-    'job_id', ARGV[10], 'reason', ARGV[11], 'payload', ARGV[12], 'ts', ARGV[5])
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[14], '*',
+    'job_id', ARGV[11], 'reason', ARGV[12], 'payload', ARGV[13], 'ts', ARGV[5])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])

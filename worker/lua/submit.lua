@@ -3,7 +3,8 @@
 -- KEYS[1] job hash   KEYS[2] broker queue list, or absent when the broker is elsewhere
 -- ARGV[1] request sha256   ARGV[2] now   ARGV[3] model   ARGV[4] metadata JSON
 -- ARGV[5] ttl seconds while queued   ARGV[6] Celery message JSON (when KEYS[2] given)
--- ARGV[7] deadline (epoch seconds)
+-- ARGV[7] deadline (epoch seconds)   ARGV[8] the id of the gateway Message Batch the job
+-- belongs to (its end adds to that batch's counts: see batch_end.lua), '' or absent
 -- Returns {1} when created, or {0, existing sha, existing state}.
 local existing = redis.call('HGET', KEYS[1], 'request_sha')
 if existing then
@@ -12,6 +13,9 @@ end
 redis.call('HSET', KEYS[1],
   'state', 'queued', 'request_sha', ARGV[1], 'submitted_at', ARGV[2], 'model', ARGV[3],
   'metadata', ARGV[4], 'attempts', 0, 'deliveries', 0, 'deadline_at', ARGV[7])
+if ARGV[8] and ARGV[8] ~= '' then
+  redis.call('HSET', KEYS[1], 'batch', ARGV[8])
+end
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 if KEYS[2] then
   redis.call('LPUSH', KEYS[2], ARGV[6])

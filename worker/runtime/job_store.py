@@ -17,7 +17,7 @@ from worker import events as ev
 from worker.errors import LLMWorkerError
 from worker.keys import Keys
 from worker.runtime.group_commit import GroupCommitter, Pending
-from worker.store import JobStore, bounded_payload, load_lua, text
+from worker.store import JobStore, bounded_payload, ending_script, load_lua, text
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +77,7 @@ class WorkerStore(JobStore):
         self.dead_letters_max = dead_letters_max
         self.dead_letter_payload_bytes = dead_letter_payload_bytes
         self._claim = client.register_script(load_lua("claim.lua"))
-        self._finish = client.register_script(load_lua("finish.lua"))
+        self._finish = client.register_script(ending_script("finish.lua"))
         self._renew = client.register_script(load_lua("renew.lua"))
         self._release = client.register_script(load_lua("release.lua"))
         self._append_body = load_lua("append.lua")
@@ -239,6 +239,7 @@ class WorkerStore(JobStore):
                 orjson.dumps(error) if error is not None else "",
                 stop_reason or "",
                 token,
+                k.batch_counts(""),
                 *dlq_args,
             ],
         )
