@@ -150,6 +150,10 @@ class Settings(BaseSettings):
     # without one), the largest request body it reads (a batch create), and its port.
     gateway_api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
     gateway_max_body_bytes: int = Field(default=33_554_432, ge=1024)
+    # The gateway's Redis connections: at most this many at once (each live event stream holds
+    # one while it waits); past it a request waits GATEWAY_REDIS_WAIT_S, then gets a 503.
+    gateway_redis_connections: int = Field(default=1000, ge=4, le=100_000)
+    gateway_redis_wait_s: PositiveSeconds = 5.0
     gateway_port: int = Field(default=8000, ge=0, le=65_535)
 
     @field_validator("allowed_models", mode="before")

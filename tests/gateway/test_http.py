@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -401,3 +402,41 @@ def test_an_upstream_that_refuses_our_key_is_a_502_never_a_401(
         assert body["error"]["type"] == "api_error", body
         assert f"upstream {host}" in body["error"]["message"]
         assert "your key was accepted" in body["error"]["message"]
+
+
+def test_a_client_that_disconnects_gives_its_redis_connection_back(
+    worker: WorkerProcess, client: Client
+) -> None:
+    """With 4 Redis connections for the whole gateway, 10 event streams opened one after the
+    other and dropped by their client all get served: each drop released its connection (a
+    leak would leave the 5th waiting, then a 503). Then the pool serves a plain request."""
+    proc, url = start_gateway(
+        worker, LLM_WORKER_GATEWAY_REDIS_CONNECTIONS="4", LLM_WORKER_GATEWAY_REDIS_WAIT_S="0.5"
+    )
+    headers = {"x-api-key": GATEWAY_KEY}
+    job = client.submit(make_request("held open [[sim tokens=10 fault=stall]]"))
+    try:
+        for _ in range(10):
+            with httpx.stream(
+                "GET", f"{url}/v1/jobs/{job.job_id}/events", headers=headers, timeout=10
+            ) as response:
+                assert response.status_code == 200
+                first = next(response.iter_lines())
+                assert first.startswith(("event:", "data:", "id:"))
+        status = httpx.get(f"{url}/v1/jobs/{job.job_id}", headers=headers, timeout=10)
+        assert status.status_code == 200
+        # Ten streams open at once share the 4 connections (each wait is a bounded block).
+        with contextlib.ExitStack() as streams:
+            for _ in range(10):
+                response = streams.enter_context(
+                    httpx.stream(
+                        "GET", f"{url}/v1/jobs/{job.job_id}/events", headers=headers, timeout=10
+                    )
+                )
+                assert response.status_code == 200
+                next(response.iter_lines())
+            named = [c for c in client.redis.client_list() if c.get("name") == "llmw-gateway"]
+            assert 1 <= len(named) <= 4
+    finally:
+        job.cancel()
+        stop_process(proc)

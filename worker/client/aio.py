@@ -39,7 +39,13 @@ class AsyncClient:
         *,
         redis_url: str | None = None,
         broker_url: str | None = None,
+        max_connections: int | None = None,
+        connection_wait_s: float = 5.0,
+        client_name: str | None = None,
     ) -> None:
+        """``max_connections`` bounds the Redis connections (a request beyond them waits
+        ``connection_wait_s``, then raises :class:`redis.exceptions.ConnectionError`); without
+        it the pool grows with the concurrent requests."""
         self.settings = settings = p.client_settings(
             settings, redis_url=redis_url, broker_url=broker_url
         )
@@ -47,9 +53,19 @@ class AsyncClient:
         self.keys = Keys(settings.key_prefix)
         # No connection is opened here: redis.asyncio connects on first use, in the loop
         # that uses it.
-        self.redis: aredis.Redis[bytes] = aredis.Redis.from_url(
-            str(settings.redis_url), socket_keepalive=True
-        )
+        if max_connections is None:
+            self.redis: aredis.Redis[bytes] = aredis.Redis.from_url(
+                str(settings.redis_url), socket_keepalive=True
+            )
+        else:
+            pool: aredis.BlockingConnectionPool[Any] = aredis.BlockingConnectionPool.from_url(
+                str(settings.redis_url),
+                max_connections=max_connections,
+                timeout=connection_wait_s,
+                socket_keepalive=True,
+                client_name=client_name,
+            )
+            self.redis = aredis.Redis(connection_pool=pool)
         self._submit = self.redis.register_script(load_lua("submit.lua"))
         self._cancel = self.redis.register_script(ending_script("cancel.lua"))
         broker = settings.effective_broker_url

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
+from redis.exceptions import ConnectionError as RedisConnectionError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -42,6 +43,9 @@ PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
 JOB_ID_HEADER = "llm-worker-job-id"
 
 
+#: The gateway's Redis connections carry this name (CLIENT LIST shows how many it holds).
+GATEWAY_CLIENT_NAME = "llmw-gateway"
+
 #: The Anthropic SDKs honour it over their own retry rules.
 SHOULD_RETRY_HEADER = "x-should-retry"
 
@@ -67,7 +71,13 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.keys = [k.get_secret_value().encode() for k in settings.gateway_api_keys]
-        self.client = AsyncClient(settings)
+        # Bounded: every live event stream holds a connection while it waits for events.
+        self.client = AsyncClient(
+            settings,
+            max_connections=settings.gateway_redis_connections,
+            connection_wait_s=settings.gateway_redis_wait_s,
+            client_name=GATEWAY_CLIENT_NAME,
+        )
         self.batches = BatchStore(self.client)
         self.wait_s = settings.job_deadline_s + 60
 
@@ -348,7 +358,10 @@ def create_app(settings: Settings) -> Starlette:
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={HTTPProblem: _problem_handler},  # type: ignore[dict-item]
+        exception_handlers={
+            HTTPProblem: _problem_handler,  # type: ignore[dict-item]
+            RedisConnectionError: _redis_unavailable,
+        },
         middleware=[Middleware(KeyGuard, gateway=gateway)],
     )
     return app
@@ -374,6 +387,16 @@ class KeyGuard:
 
 async def _problem_handler(request: Request, exc: HTTPProblem) -> Response:
     return problem_response(exc.status, exc.error_type, exc.message)
+
+
+async def _redis_unavailable(request: Request, exc: Exception) -> Response:
+    """Redis down, or every connection of the gateway's bounded pool busy: 503, which the
+    SDKs retry after a pause, never a 500."""
+    response = problem_response(
+        503, "overloaded_error", "the gateway cannot reach its Redis now (busy or down)"
+    )
+    response.headers["retry-after"] = "1"
+    return response
 
 
 def serve(settings: Settings, *, host: str, port: int) -> None:
