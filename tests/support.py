@@ -222,3 +222,30 @@ def make_request(
         "messages": [{"role": "user", "content": prompt}],
         **extra,
     }
+
+
+def events_so_far(job: Any) -> list[dict[str, Any]]:
+    """A job's events published until now, without waiting for more."""
+    from worker import events as ev
+
+    entries = job.client.redis.xrange(job.client.keys.events(job.job_id))
+    return [ev.loads(fields[b"data"]) for _id, fields in entries]
+
+
+def terminals(events: list[dict[str, Any]]) -> list[str]:
+    """The terminal event types among ``events`` (exactly one for a job that ended)."""
+    from worker import events as ev
+
+    return [e["type"] for e in events if e["type"] in ev.TERMINAL_TYPES]
+
+
+def streaming(jobs: list[Any]) -> int:
+    """Jobs whose current attempt has published at least one chunk."""
+    from worker import events as ev
+
+    count = 0
+    for job in jobs:
+        kinds = [e["type"] for e in events_so_far(job)]
+        if kinds and kinds[-1] == ev.CHUNK:
+            count += 1
+    return count

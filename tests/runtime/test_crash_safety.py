@@ -15,7 +15,16 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.support import WorkerProcess, celery_worker_args, make_request, wait_for, worker_env
+from tests.support import (
+    WorkerProcess,
+    celery_worker_args,
+    events_so_far,
+    make_request,
+    streaming,
+    terminals,
+    wait_for,
+    worker_env,
+)
 from worker import events as ev
 from worker.client.sync import Client, Job
 from worker.dev.embedded import EmbeddedRedis
@@ -43,26 +52,6 @@ def _kill(worker: WorkerProcess) -> None:
 
 def _events(job: Job) -> list[dict[str, Any]]:
     return list(job.events(timeout=10))
-
-
-def _terminals(events: list[dict[str, Any]]) -> list[str]:
-    return [e["type"] for e in events if e["type"] in ev.TERMINAL_TYPES]
-
-
-def _so_far(job: Job) -> list[dict[str, Any]]:
-    """The events published until now, without waiting for more."""
-    entries = job.client.redis.xrange(job.client.keys.events(job.job_id))
-    return [ev.loads(fields[b"data"]) for _id, fields in entries]
-
-
-def _streaming(jobs: list[Job]) -> int:
-    """Jobs whose current attempt has published at least one chunk."""
-    count = 0
-    for job in jobs:
-        kinds = [e["type"] for e in _so_far(job)]
-        if ev.CHUNK in kinds and kinds[-1] == ev.CHUNK:
-            count += 1
-    return count
 
 
 @pytest.fixture
@@ -93,7 +82,7 @@ def test_sigkill_with_fifty_jobs_streaming_loses_none_and_runs_none_twice(
         # Every job taken by the worker: this test is about jobs in flight (a message on its
         # way from the queue to `unacked` has a test of its own below).
         wait_for(
-            lambda: _streaming(jobs) >= 55 and all(_so_far(job) for job in jobs),
+            lambda: streaming(jobs) >= 55 and all(events_so_far(job) for job in jobs),
             30,
             "55 jobs streaming and all 60 started",
             interval_s=0.2,
@@ -115,7 +104,7 @@ def test_sigkill_with_fifty_jobs_streaming_loses_none_and_runs_none_twice(
         statuses = [job.status() for job in jobs]
     assert all(m["usage"]["output_tokens"] == 80 for m in messages)
     for events in histories:
-        assert _terminals(events) == [ev.COMPLETED]
+        assert terminals(events) == [ev.COMPLETED]
         seqs = [e["seq"] for e in events]
         assert seqs == list(range(1, len(seqs) + 1))
     taken_over = [
@@ -181,9 +170,9 @@ def test_sigterm_lets_streaming_jobs_finish_and_hands_back_a_job_in_backoff(
         waiting = client.submit(
             make_request(f"backoff {tag} [[sim tokens=3 fault=503 fault_times=1]]")
         )
-        wait_for(lambda: _streaming(streams) == 5, 30, "5 jobs streaming", interval_s=0.1)
+        wait_for(lambda: streaming(streams) == 5, 30, "5 jobs streaming", interval_s=0.1)
         wait_for(
-            lambda: any(e["type"] == ev.RETRY for e in _so_far(waiting)),
+            lambda: any(e["type"] == ev.RETRY for e in events_so_far(waiting)),
             30,
             "the backoff",
         )
@@ -191,15 +180,15 @@ def test_sigterm_lets_streaming_jobs_finish_and_hands_back_a_job_in_backoff(
         first.proc.wait(timeout=30)
         for job in streams:  # finished by the first worker, in one attempt
             events = _events(job)
-            assert _terminals(events) == [ev.COMPLETED]
+            assert terminals(events) == [ev.COMPLETED]
             assert [e["type"] for e in events].count(ev.STARTED) == 1
         assert waiting.status()["state"] == "queued"
         # Handed back, not waited out: after the 20 s backoff the first worker would have
         # completed it (the fault hits the first request only) before exiting.
-        assert _terminals(_so_far(waiting)) == []
+        assert terminals(events_so_far(waiting)) == []
         workers.append(_start(env))
         assert waiting.result(timeout=60)["usage"]["output_tokens"] == 3
-        assert _terminals(_events(waiting)) == [ev.COMPLETED]
+        assert terminals(_events(waiting)) == [ev.COMPLETED]
 
 
 def test_sigterm_hands_back_a_job_in_backoff_under_prefork(
@@ -223,13 +212,15 @@ def test_sigterm_hands_back_a_job_in_backoff_under_prefork(
     with Client(settings) as client:
         prompt = f"prefork backoff {uuid.uuid4().hex} [[sim tokens=3 fault=503 fault_times=1]]"
         waiting = client.submit(make_request(prompt))
-        wait_for(lambda: any(e["type"] == ev.RETRY for e in _so_far(waiting)), 30, "the backoff")
+        wait_for(
+            lambda: any(e["type"] == ev.RETRY for e in events_so_far(waiting)), 30, "the backoff"
+        )
         first.proc.send_signal(signal.SIGTERM)
         first.proc.wait(timeout=30)
         assert waiting.status()["state"] == "queued"  # handed back, not waited out
         workers.append(_start(env))
         assert waiting.result(timeout=60)["usage"]["output_tokens"] == 3
-        assert _terminals(_events(waiting)) == [ev.COMPLETED]
+        assert terminals(_events(waiting)) == [ev.COMPLETED]
 
 
 def test_sigterm_past_the_grace_hands_a_stalled_stream_back(
@@ -243,7 +234,7 @@ def test_sigterm_past_the_grace_hands_a_stalled_stream_back(
     with Client(settings_from_env(env)) as client:
         prompt = f"grace {uuid.uuid4().hex} [[sim tokens=10 fault=stall fault_times=1]]"
         job = client.submit(make_request(prompt))
-        wait_for(lambda: _streaming([job]) == 1, 30, "the stream")
+        wait_for(lambda: streaming([job]) == 1, 30, "the stream")
         first.proc.send_signal(signal.SIGTERM)
         first.proc.wait(timeout=30)
         assert job.status()["state"] == "queued"  # interrupted at the grace, not waited out
@@ -252,7 +243,7 @@ def test_sigterm_past_the_grace_hands_a_stalled_stream_back(
         events = _events(job)
     retries = [e for e in events if e["type"] == ev.RETRY]
     assert [r["reason"] for r in retries] == ["worker_shutdown"]
-    assert _terminals(events) == [ev.COMPLETED]
+    assert terminals(events) == [ev.COMPLETED]
 
 
 def test_jobs_complete_once_across_a_redis_restart(
@@ -267,13 +258,13 @@ def test_jobs_complete_once_across_a_redis_restart(
             jobs = client.submit_many(
                 [make_request(f"restart {tag} {i} [[sim tokens=60 tps=20]]") for i in range(30)]
             )
-            wait_for(lambda: _streaming(jobs) >= 20, 30, "20 jobs streaming", interval_s=0.2)
+            wait_for(lambda: streaming(jobs) >= 20, 30, "20 jobs streaming", interval_s=0.2)
             server.restart()
             messages = [job.result(timeout=120) for job in jobs]
             histories = [_events(job) for job in jobs]
         assert all(m["usage"]["output_tokens"] == 60 for m in messages)
         for events in histories:
-            assert _terminals(events) == [ev.COMPLETED]
+            assert terminals(events) == [ev.COMPLETED]
         # The worker is still consuming after the restart.
         with Client(settings_from_env(env)) as client:
             client.submit(make_request("after the restart [[sim tokens=2]]")).result(timeout=60)
@@ -294,7 +285,7 @@ def test_a_job_that_kills_its_worker_is_dead_lettered_at_the_delivery_limit(
             wait_for(
                 lambda d=delivery: (
                     job.status().get("deliveries") == d  # type: ignore[misc]
-                    and _streaming([job]) == 1
+                    and streaming([job]) == 1
                     and job.status()["state"] == "running"
                 ),
                 60,
@@ -304,7 +295,7 @@ def test_a_job_that_kills_its_worker_is_dead_lettered_at_the_delivery_limit(
         workers.append(_start(env))
         events = _events(job)
         failed = events[-1]
-        assert _terminals(events) == [ev.FAILED]
+        assert terminals(events) == [ev.FAILED]
         assert failed["error"]["type"] == "delivery_limit"
         dead = [
             {k.decode(): v.decode() for k, v in fields.items()}
@@ -329,7 +320,7 @@ def test_without_mid_stream_retries_a_stream_cut_by_its_worker_fails_instead_of_
     with Client(settings_from_env(env)) as client:
         job_id = f"no-restart-{how}-{uuid.uuid4().hex}"
         job = client.submit(make_request(f"{job_id} [[sim tokens=10 fault=stall]]"), job_id=job_id)
-        wait_for(lambda: _streaming([job]) == 1, 30, "the stream")
+        wait_for(lambda: streaming([job]) == 1, 30, "the stream")
         if how == "sigkill":
             _kill(first)
             workers.append(_start(env))
@@ -338,6 +329,6 @@ def test_without_mid_stream_retries_a_stream_cut_by_its_worker_fails_instead_of_
             first.proc.wait(timeout=30)
         events = _events(job)
     reason = "worker_lost" if how == "sigkill" else "worker_shutdown"
-    assert _terminals(events) == [ev.FAILED]
+    assert terminals(events) == [ev.FAILED]
     assert events[-1]["error"]["type"] == reason
     assert [e["type"] for e in events].count(ev.STARTED) == 1

@@ -9,7 +9,6 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import pytest
@@ -17,15 +16,18 @@ import pytest
 from tests.support import (
     WorkerProcess,
     celery_worker_args,
+    events_so_far,
     make_request,
     start_simulator,
     stop_process,
+    streaming,
+    terminals,
     upstream_requests,
     wait_for,
     worker_env,
 )
 from worker import events as ev
-from worker.client.sync import Client, Job
+from worker.client.sync import Client
 from worker.dev.embedded import EmbeddedRedis
 from worker.errors import JobExpired
 from worker.settings import Settings, settings_from_env
@@ -54,24 +56,6 @@ def _start(env: dict[str, str], concurrency: int = 100) -> WorkerProcess:
     return WorkerProcess(celery_worker_args(concurrency=concurrency, queue=settings.queue), env)
 
 
-def _so_far(job: Job) -> list[dict[str, Any]]:
-    entries = job.client.redis.xrange(job.client.keys.events(job.job_id))
-    return [ev.loads(fields[b"data"]) for _id, fields in entries]
-
-
-def _terminals(events: list[dict[str, Any]]) -> list[str]:
-    return [e["type"] for e in events if e["type"] in ev.TERMINAL_TYPES]
-
-
-def _streaming(jobs: list[Job]) -> int:
-    count = 0
-    for job in jobs:
-        kinds = [e["type"] for e in _so_far(job)]
-        if kinds and kinds[-1] == ev.CHUNK:
-            count += 1
-    return count
-
-
 def test_sigkill_at_the_defaults_brings_jobs_back_within_a_minute(
     redis_url: str, simulator_url: str, workers: list[WorkerProcess]
 ) -> None:
@@ -89,7 +73,7 @@ def test_sigkill_at_the_defaults_brings_jobs_back_within_a_minute(
         jobs = client.submit_many(
             [make_request(f"defaults {tag} {i} [[sim tokens=60 tps=10]]") for i in range(40)]
         )
-        wait_for(lambda: _streaming(jobs) == 40, 60, "40 jobs streaming", interval_s=0.2)
+        wait_for(lambda: streaming(jobs) == 40, 60, "40 jobs streaming", interval_s=0.2)
         os.killpg(first.proc.pid, signal.SIGKILL)
         first.proc.wait(timeout=10)
         second = _start(env)
@@ -112,7 +96,7 @@ def test_sigkill_at_the_defaults_brings_jobs_back_within_a_minute(
         histories = [list(j.events(timeout=10)) for j in jobs]
         statuses = [j.status() for j in jobs]
     for events, status in zip(histories, statuses, strict=True):
-        assert _terminals(events) == [ev.COMPLETED]
+        assert terminals(events) == [ev.COMPLETED]
         assert [e["reason"] for e in events if e["type"] == ev.RETRY] == ["worker_lost"]
         assert [e["type"] for e in events].count(ev.STARTED) == status["deliveries"] == 2
 
@@ -137,7 +121,7 @@ def test_a_cancelled_and_a_lapsed_job_never_run_once_their_records_expired(
         cancelled = client.submit(make_request("cancelled while queued [[sim tokens=3]]"))
         lapsed = client.submit(make_request("left to lapse [[sim tokens=3]]"))
         assert cancelled.cancel() is True
-        assert _terminals(_so_far(cancelled)) == [ev.CANCELLED]
+        assert terminals(events_so_far(cancelled)) == [ev.CANCELLED]
         records = [client.keys.job(cancelled.job_id), client.keys.job(lapsed.job_id)]
         wait_for(lambda: client.redis.exists(*records) == 0, 30, "both records to expire")
         assert client.redis.llen(settings.queue) == 2  # the messages still wait
@@ -173,8 +157,8 @@ def test_a_stream_kept_alive_by_pings_ends_expired_at_its_deadline(
             with pytest.raises(JobExpired) as expired:
                 job.result(timeout=20)  # the pings go on for 30 s
             assert expired.value.error["type"] == "expired"
-            events = _so_far(job)
-            assert _terminals(events) == [ev.EXPIRED]
+            events = events_so_far(job)
+            assert terminals(events) == [ev.EXPIRED]
             assert [e["type"] for e in events].count(ev.STARTED) == 1
             assert any(e["type"] == ev.CHUNK for e in events)  # it was streaming
 
@@ -207,7 +191,7 @@ def test_a_redis_outage_longer_than_the_retry_window_fails_and_loses_nothing(
             jobs = client.submit_many(
                 [make_request(f"outage {tag} {i} [[sim tokens=80 tps=10]]") for i in range(10)]
             )
-            wait_for(lambda: _streaming(jobs) == 10, 30, "10 jobs streaming", interval_s=0.2)
+            wait_for(lambda: streaming(jobs) == 10, 30, "10 jobs streaming", interval_s=0.2)
             server.stop(keep_data=True)
             wait_for(
                 lambda: "job_redis_unavailable" in worker.log(),
@@ -220,6 +204,6 @@ def test_a_redis_outage_longer_than_the_retry_window_fails_and_loses_nothing(
             histories = [list(job.events(timeout=10)) for job in jobs]
             dead = client.redis.xlen(client.keys.dead_letters)
     for events in histories:
-        assert _terminals(events) == [ev.COMPLETED]
+        assert terminals(events) == [ev.COMPLETED]
     assert dead == 0
     assert "job_crashed" not in worker.log()
