@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 
 from worker.dev.embedded import free_port
 from worker.settings import SEED_MODELS, Settings, settings_from_env
@@ -249,3 +250,27 @@ def streaming(jobs: list[Any]) -> int:
         if kinds and kinds[-1] == ev.CHUNK:
             count += 1
     return count
+
+
+#: A ``message_start`` event of an empty message, for streams built in tests.
+MESSAGE_START: dict[str, Any] = {
+    "type": "message_start",
+    "message": {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "m",
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {"input_tokens": 3, "output_tokens": 1},
+    },
+}
+
+
+def sse_body(*events: dict[str, Any]) -> bytes:
+    """An upstream SSE body carrying ``events``, one ``event:``/``data:`` frame each."""
+    return b"".join(
+        b"event: " + str(e["type"]).encode() + b"\ndata: " + orjson.dumps(e) + b"\n\n"
+        for e in events
+    )

@@ -7,6 +7,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.support import MESSAGE_START
 from worker.runtime.accumulate import accumulate, final_message
 from worker.runtime.coalesce import coalesce
 
@@ -32,19 +33,6 @@ def stop(index: int) -> dict[str, Any]:
     return {"type": "content_block_stop", "index": index}
 
 
-MESSAGE_START = {
-    "type": "message_start",
-    "message": {
-        "id": "msg_1",
-        "type": "message",
-        "role": "assistant",
-        "model": "m",
-        "content": [],
-        "stop_reason": None,
-        "stop_sequence": None,
-        "usage": {"input_tokens": 3, "output_tokens": 1},
-    },
-}
 MESSAGE_END = [
     {
         "type": "message_delta",

@@ -8,6 +8,7 @@ import httpx
 import orjson
 import pytest
 
+from tests.support import MESSAGE_START, sse_body
 from worker import events as ev
 from worker.keys import Keys
 from worker.runtime.context import Runtime, redis_client
@@ -19,43 +20,14 @@ from worker.settings import load_settings
 
 pytestmark = pytest.mark.integration
 
-# A delta and a message_stop with no message_start: valid SSE and JSON, but no message. The
-# delta is skipped (as the SDK skips anything before message_start); the end without a start
-# is the upstream's malformed stream.
 # A delta for a block that was never started, after message_start: nothing can fold it.
-ORPHAN_DELTA = (
-    b"event: message_start\n"
-    b'data: {"type":"message_start","message":{"id":"msg_1","type":"message",'
-    b'"role":"assistant","model":"m","content":[],"stop_reason":null,"stop_sequence":null,'
-    b'"usage":{"input_tokens":1,"output_tokens":0}}}\n\n'
-    b"event: content_block_delta\n"
-    b'data: {"type":"content_block_delta","index":3,"delta":{"type":"text_delta","text":"x"}}\n\n'
-    b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+ORPHAN_DELTA = sse_body(
+    MESSAGE_START,
+    {"type": "content_block_delta", "index": 3, "delta": {"type": "text_delta", "text": "x"}},
+    {"type": "message_stop"},
 )
-
-
-def _sse(*events: dict[str, Any]) -> bytes:
-    return b"".join(
-        b"event: " + str(e["type"]).encode() + b"\ndata: " + orjson.dumps(e) + b"\n\n"
-        for e in events
-    )
-
-
-MESSAGE_START = {
-    "type": "message_start",
-    "message": {
-        "id": "msg_1",
-        "type": "message",
-        "role": "assistant",
-        "model": "m",
-        "content": [],
-        "stop_reason": None,
-        "stop_sequence": None,
-        "usage": {"input_tokens": 3, "output_tokens": 1},
-    },
-}
 # Opens with a ping, carries event types no SDK knows, before message_start and after.
-ODD_BUT_FINE = _sse(
+ODD_BUT_FINE = sse_body(
     {"type": "ping"},
     {"type": "vendor_hello", "region": "eu"},
     MESSAGE_START,
@@ -110,11 +82,11 @@ def _events(rt: Runtime, job_id: str) -> list[dict[str, Any]]:
     return [ev.loads(fields[b"data"]) for _id, fields in entries]
 
 
-def test_unfoldable_stream_is_retried_as_malformed_then_fails(redis_url: str) -> None:
-    """An event sequence the accumulator rejects costs a retry (malformed_sse), not a crash."""
+def _run_stream(redis_url: str, job_id: str, body: bytes) -> list[dict[str, Any]]:
+    """Run one streamed job against an upstream that answers ``body``; the job's events."""
     transport = httpx.MockTransport(
         lambda _request: httpx.Response(
-            200, headers={"content-type": "text/event-stream"}, content=ORPHAN_DELTA
+            200, headers={"content-type": "text/event-stream"}, content=body
         )
     )
     rt = _runtime(redis_url, transport)
@@ -124,12 +96,20 @@ def test_unfoldable_stream_is_retried_as_malformed_then_fails(redis_url: str) ->
         "stream": True,
         "messages": [{"role": "user", "content": "hi"}],
     }
-    _runner(rt, "orphan-job", request).run()
-    events = [e for e in _events(rt, "orphan-job") if e["type"] != ev.CHUNK]
-    assert [e["type"] for e in events] == [ev.STARTED, ev.RETRY, ev.STARTED, ev.FAILED]
-    assert events[1]["reason"] == "malformed_sse"
-    assert events[-1]["error"]["type"] == "api_error"
-    rt.close()
+    try:
+        _runner(rt, job_id, request).run()
+        return _events(rt, job_id)
+    finally:
+        rt.close()
+
+
+def test_unfoldable_stream_is_retried_as_malformed_then_fails(redis_url: str) -> None:
+    """An event sequence the accumulator rejects costs a retry (malformed_sse), not a crash."""
+    events = _run_stream(redis_url, "orphan-job", ORPHAN_DELTA)
+    ends = [e for e in events if e["type"] != ev.CHUNK]
+    assert [e["type"] for e in ends] == [ev.STARTED, ev.RETRY, ev.STARTED, ev.FAILED]
+    assert ends[1]["reason"] == "malformed_sse"
+    assert ends[-1]["error"]["type"] == "api_error"
 
 
 def test_pings_and_unknown_events_do_not_fail_a_job_and_pass_through_verbatim(
@@ -137,26 +117,12 @@ def test_pings_and_unknown_events_do_not_fail_a_job_and_pass_through_verbatim(
 ) -> None:
     """A stream that opens with a ping and carries unknown event types completes on its first
     attempt; its chunks carry those events verbatim, in order, for readers that want them."""
-    transport = httpx.MockTransport(
-        lambda _request: httpx.Response(
-            200, headers={"content-type": "text/event-stream"}, content=ODD_BUT_FINE
-        )
-    )
-    rt = _runtime(redis_url, transport)
-    request = {
-        "model": "m",
-        "max_tokens": 5,
-        "stream": True,
-        "messages": [{"role": "user", "content": "hi"}],
-    }
-    _runner(rt, "odd-but-fine", request).run()
-    events = _events(rt, "odd-but-fine")
+    events = _run_stream(redis_url, "odd-but-fine", ODD_BUT_FINE)
     assert [e["type"] for e in events if e["type"] != ev.CHUNK] == [ev.STARTED, ev.COMPLETED]
     chunk_types = [e["event"]["type"] for e in events if e["type"] == ev.CHUNK]
     assert chunk_types[:3] == ["ping", "vendor_hello", "message_start"]
     assert "vendor_usage_estimate" in chunk_types
     assert events[-1]["message"]["content"] == [{"type": "text", "text": "ok"}]
-    rt.close()
 
 
 @pytest.mark.parametrize("body", [b"<html>not json</html>", b'{"type": "error"}'])
