@@ -101,7 +101,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
             raise SystemExit(f"llm-worker submit: --metadata is not JSON: {exc}") from None
     with Client() as client:
         try:
-            job = client.submit(request, job_id=args.job_id, metadata=metadata)
+            job = client.submit(
+                request,
+                job_id=args.job_id,
+                metadata=metadata,
+                priority=args.priority,
+                tenant=args.tenant,
+                deadline_s=args.deadline,
+            )
         except LLMWorkerError as exc:
             _console(stderr=True).print(f"llm-worker submit: {exc}", markup=False)
             return EXIT_USAGE
@@ -181,7 +188,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     with Client() as client:
         try:
-            job = client.get(args.job_id)
+            job = client.get(args.job_id, tenant=args.tenant)
         except JobNotFound as exc:
             _console(stderr=True).print(str(exc), markup=False)
             return EXIT_USAGE
@@ -194,7 +201,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     with Client() as client:
         try:
-            status = client.get(args.job_id).status()
+            status = client.get(args.job_id, tenant=args.tenant).status()
         except JobNotFound as exc:
             _console(stderr=True).print(str(exc), markup=False)
             return EXIT_USAGE
@@ -208,7 +215,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
     with Client() as client:
         try:
-            job = client.get(args.job_id)
+            job = client.get(args.job_id, tenant=args.tenant)
             changed = job.cancel()
         except JobNotFound as exc:
             _console(stderr=True).print(str(exc), markup=False)
@@ -224,11 +231,32 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 # -- batch ---------------------------------------------------------------------------------
 
 
+def _traffic_arguments(parser: argparse.ArgumentParser, *, batch: bool) -> None:
+    default_priority = "2" if batch else "5"
+    default_deadline = "BATCH_DEADLINE_S (24 h)" if batch else "JOB_DEADLINE_S"
+    parser.add_argument(
+        "--priority",
+        type=int,
+        help=f"0-9, higher served first (default {default_priority})",
+    )
+    parser.add_argument("--tenant", help="the team the job(s) belong to")
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        metavar="SECONDS",
+        help=f"the job's life from submission (default {default_deadline})",
+    )
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
-    from worker.client.batch_run import run_batch
+    from worker.client.batch_run import BatchOptions, run_batch
 
     return run_batch(
-        Path(args.file), Path(args.out), batch_id=args.batch_id, timeout_s=args.timeout
+        Path(args.file),
+        Path(args.out),
+        batch_id=args.batch_id,
+        timeout_s=args.timeout,
+        options=BatchOptions(priority=args.priority, tenant=args.tenant, deadline_s=args.deadline),
     )
 
 
@@ -422,22 +450,26 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat list 
     submit.add_argument("--no-stream", dest="stream", action="store_false")
     submit.add_argument("--job-id")
     submit.add_argument("--metadata", help="a JSON object returned with the result")
+    _traffic_arguments(submit, batch=False)
     submit.add_argument("--wait", action="store_true", help="follow the job and print its text")
     submit.add_argument("--timeout", type=float, help="seconds to wait with --wait")
     submit.set_defaults(func=cmd_submit)
 
     watch = sub.add_parser("watch", help="replay a job's events and follow it to the end")
     watch.add_argument("job_id")
+    watch.add_argument("--tenant", help="the tenant the job belongs to")
     watch.add_argument("--raw", action="store_true", help="print every event as a JSON line")
     watch.add_argument("--timeout", type=float)
     watch.set_defaults(func=cmd_watch)
 
     status = sub.add_parser("status", help="print a job's state as JSON")
     status.add_argument("job_id")
+    status.add_argument("--tenant", help="the tenant the job belongs to")
     status.set_defaults(func=cmd_status)
 
     cancel = sub.add_parser("cancel", help="cancel a queued or running job")
     cancel.add_argument("job_id")
+    cancel.add_argument("--tenant", help="the tenant the job belongs to")
     cancel.set_defaults(func=cmd_cancel)
 
     batch = sub.add_parser(
@@ -455,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat list 
         help="name the batch (default: from the file's bytes, so an edited file is a new batch)",
     )
     batch.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+    _traffic_arguments(batch, batch=True)
     batch.set_defaults(func=cmd_batch)
 
     gateway = sub.add_parser(

@@ -106,6 +106,10 @@ class Settings(BaseSettings):
     first_byte_timeout_s: PositiveSeconds = 120.0
     idle_timeout_s: PositiveSeconds = 60.0
     job_deadline_s: PositiveSeconds = 900.0
+    # The default life of a job of a batch file (`llm-worker batch`) and of a gateway Message
+    # Batch: a large batch behind a rate limit runs for hours (Message Batches allow 24 h).
+    batch_deadline_s: PositiveSeconds = 86_400.0
+    gateway_batch_deadline_s: PositiveSeconds = 86_400.0
     visibility_timeout_s: PositiveSeconds | None = None
     # A running job's lease; its worker renews it every third of this. A killed worker's jobs
     # are taken over once it lapses.

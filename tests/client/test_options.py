@@ -9,6 +9,7 @@ import pytest
 
 from worker.client import core as p
 from worker.errors import RequestInvalid
+from worker.keys import Keys
 from worker.settings import load_settings
 
 REQUEST: dict[str, Any] = {
@@ -88,3 +89,81 @@ def test_counts_by_model_fold_unknown_models_into_other() -> None:
         ["deepseek-ai/DeepSeek-V3", "no-such/model-1", "no-such/model-2", "deepseek-ai/DeepSeek-V3"]
     )
     assert counts == {"deepseek-ai/DeepSeek-V3": 2, "other": 2}
+
+
+# -- priority, tenant, deadline_s, fallback_models -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("priority", -1),
+        ("priority", 10),
+        ("priority", 5.0),
+        ("priority", "5"),
+        ("priority", True),
+        ("tenant", ""),
+        ("tenant", "a/b"),
+        ("tenant", "a:b"),
+        ("tenant", "x" * 65),
+        ("tenant", 7),
+        ("deadline_s", 0),
+        ("deadline_s", -3),
+        ("deadline_s", 7 * 86_400 + 1),
+        ("deadline_s", "60"),
+        ("deadline_s", False),
+        ("fallback_models", "deepseek-ai/DeepSeek-V3"),
+        ("fallback_models", [""]),
+        ("fallback_models", [7]),
+        ("fallback_models", ["m"] * 9),
+    ],
+)
+def test_a_bad_job_option_is_refused_by_name(option: str, value: object) -> None:
+    """Each option out of its range or of the wrong type is refused at its own location,
+    before anything is written."""
+    with pytest.raises(RequestInvalid) as info:
+        p.prepare_submission(load_settings(), [REQUEST], None, None, **{option: value})
+    assert [e["loc"] for e in info.value.errors] == [option]
+
+
+def test_options_default_to_priority_5_no_tenant_and_the_settings_deadline() -> None:
+    """Without options a job has priority 5, no tenant, and JOB_DEADLINE_S from submission."""
+    settings = load_settings(job_deadline_s=120)
+    submission = p.prepare_submission(settings, [REQUEST], ["j"], None)
+    assert submission.options == [p.JobOptions(priority=5)]
+    (call,) = p.submit_calls(settings, Keys("t"), submission, now=1000.0, same_redis=True)
+    assert call.payload["deadline_at"] == 1120.0
+    assert call.payload["priority"] == 5
+    assert "tenant" not in call.payload
+
+
+def test_a_tenants_job_id_is_qualified_by_its_tenant() -> None:
+    """Two tenants using the same job_id get two ids, ``<tenant>/<job_id>``, in Redis."""
+    submission = p.prepare_submission(
+        load_settings(), [REQUEST, REQUEST], ["same", "same"], None, tenant=["a", "b"]
+    )
+    assert submission.ids == ["a/same", "b/same"]
+    assert p.split_qualified_id("a/same") == ("a", "same")
+    assert p.split_qualified_id("same") == (None, "same")
+    assert p.valid_qualified_id("a/same")
+    assert not p.valid_qualified_id("a/b/c")
+
+
+def test_options_may_be_given_per_request() -> None:
+    """A list gives one value per request; a list of model names is one value for all."""
+    settings = load_settings()
+    submission = p.prepare_submission(
+        settings,
+        [REQUEST, REQUEST],
+        None,
+        None,
+        priority=[9, None],
+        deadline_s=30,
+        fallback_models=["moonshotai/Kimi-K2-Instruct"],
+        default_priority=2,
+    )
+    assert [o.priority for o in submission.options] == [9, 2]
+    assert [o.deadline_s for o in submission.options] == [30.0, 30.0]
+    assert {o.fallback_models for o in submission.options} == {("moonshotai/Kimi-K2-Instruct",)}
+    with pytest.raises(ValueError, match="one entry per request"):
+        p.prepare_submission(settings, [REQUEST, REQUEST], None, None, priority=[1])

@@ -20,6 +20,7 @@ def test_expired_batches_leave_the_list(redis_url: str) -> None:
         redis_url=redis_url,
         key_prefix=f"llmw-bl-{uuid.uuid4().hex[:6]}",
         result_ttl_s=5,
+        gateway_batch_deadline_s=100,  # a batch lives 100 s + the result TTL
         lease_ttl_s=1,  # a result TTL of 5 s must exceed twice the visibility timeout
         visibility_timeout_s=2,
     )

@@ -440,3 +440,47 @@ def test_a_client_that_disconnects_gives_its_redis_connection_back(
     finally:
         job.cancel()
         stop_process(proc)
+
+
+def test_priority_and_deadline_headers_reach_the_job(gateway_url: str, client: Client) -> None:
+    """`llm-worker-priority` and `llm-worker-deadline` set the job's options; a batch's jobs
+    default to priority 2 and the batch's 24 h; a header that is not a number, or out of
+    range, is a 400 naming it, and nothing is enqueued."""
+    headers = {"x-api-key": GATEWAY_KEY, "llm-worker-job-id": "gw-opts-1"}
+    options = {"llm-worker-priority": "8", "llm-worker-deadline": "120"}
+    response = httpx.post(
+        f"{gateway_url}/v1/messages",
+        json=make_request("opts", stream=False),
+        headers={**headers, **options},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    status = client.get("gw-opts-1").status()
+    assert status["priority"] == 8
+    assert status["deadline_at"] == pytest.approx(status["submitted_at"] + 120)
+    created = httpx.post(
+        f"{gateway_url}/v1/messages/batches",
+        json={"requests": [{"custom_id": "one", "params": make_request("b", stream=False)}]},
+        headers={"x-api-key": GATEWAY_KEY},
+    ).json()
+    job = client.get(f"batch-{created['id']}-one")
+    assert job.status()["priority"] == 2
+    assert job.status()["deadline_at"] == pytest.approx(job.status()["submitted_at"] + 86_400)
+    job.result(timeout=60)
+    before, queued = written_keys(client), client.redis.llen(client.settings.queue)
+    for name, value in [("llm-worker-priority", "high"), ("llm-worker-priority", "12")]:
+        bad = httpx.post(
+            f"{gateway_url}/v1/messages",
+            json=make_request("x"),
+            headers={"x-api-key": GATEWAY_KEY, name: value},
+        )
+        assert bad.status_code == 400, bad.text
+        assert "priority" in bad.json()["error"]["message"]
+    bad_deadline = httpx.post(
+        f"{gateway_url}/v1/messages",
+        json=make_request("x"),
+        headers={"x-api-key": GATEWAY_KEY, "llm-worker-deadline": "0"},
+    )
+    assert bad_deadline.status_code == 400
+    assert "deadline_s" in bad_deadline.json()["error"]["message"]
+    assert new_keys(client, before, queued) == set()

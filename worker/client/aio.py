@@ -96,10 +96,27 @@ class AsyncClient:
         *,
         job_id: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        priority: int | None = None,
+        tenant: str | None = None,
+        deadline_s: float | None = None,
+        fallback_models: Sequence[str] | None = None,
     ) -> AsyncJob:
         """Validate and enqueue one job; an existing ``job_id`` with the same request returns
-        that job, with a different request raises :class:`JobConflict`."""
-        jobs = await self.submit_many([request], job_ids=[job_id], metadata=[metadata])
+        that job, with a different request raises :class:`JobConflict`.
+
+        ``priority`` 0-9, higher served first (default 5); ``tenant`` names the team the job
+        belongs to (its id is then ``<tenant>/<job_id>``, so tenants' ids never collide);
+        ``deadline_s`` is the job's life from now (default JOB_DEADLINE_S);
+        ``fallback_models`` the models to try when this one keeps failing."""
+        jobs = await self.submit_many(
+            [request],
+            job_ids=[job_id],
+            metadata=[metadata],
+            priority=priority,
+            tenant=tenant,
+            deadline_s=deadline_s,
+            fallback_models=None if fallback_models is None else [list(fallback_models)],
+        )
         return jobs[0]
 
     async def submit_many(
@@ -108,14 +125,31 @@ class AsyncClient:
         *,
         job_ids: Sequence[str | None] | None = None,
         metadata: Sequence[Mapping[str, Any] | None] | Mapping[str, Any] | None = None,
+        priority: int | Sequence[int | None] | None = None,
+        tenant: str | Sequence[str | None] | None = None,
+        deadline_s: float | Sequence[float | None] | None = None,
+        fallback_models: Sequence[str] | Sequence[Sequence[str] | None] | None = None,
+        default_priority: int = p.DEFAULT_PRIORITY,
         batch_id: str | None = None,
     ) -> list[AsyncJob]:
         """Validate every request first (one error lists every problem, nothing is written),
-        then create and enqueue all of them in one pipeline.
+        then create and enqueue all of them in one pipeline. ``priority``, ``tenant``,
+        ``deadline_s`` and ``fallback_models`` are one value for all or a list with one per
+        request (see :meth:`submit`).
 
         ``batch_id`` is the gateway's (:mod:`worker.gateway.batches`): each job's end adds to
         that Message Batch's counts."""
-        submission = p.prepare_submission(self.settings, requests, job_ids, metadata)
+        submission = p.prepare_submission(
+            self.settings,
+            requests,
+            job_ids,
+            metadata,
+            priority=priority,
+            tenant=tenant,
+            deadline_s=deadline_s,
+            fallback_models=fallback_models,
+            default_priority=default_priority,
+        )
         calls = p.submit_calls(
             self.settings,
             self.keys,
@@ -167,9 +201,16 @@ class AsyncClient:
 
     # -- reading -------------------------------------------------------------------------
 
-    async def get(self, job_id: str) -> AsyncJob:
-        """The handle of an existing job; :class:`JobNotFound` when there is none."""
-        if not p.valid_job_id(job_id):
+    async def get(self, job_id: str, *, tenant: str | None = None) -> AsyncJob:
+        """The handle of an existing job; :class:`JobNotFound` when there is none.
+
+        ``job_id`` as :meth:`submit` gave it (``<tenant>/<id>`` for a tenant's job), or the
+        plain id with its ``tenant``."""
+        if tenant is not None:
+            if not p.valid_tenant(tenant) or not p.valid_job_id(job_id):
+                raise JobNotFound(str(job_id))
+            job_id = p.qualified_id(tenant, job_id)
+        if not p.valid_qualified_id(job_id):
             raise JobNotFound(str(job_id))
         if not await self.redis.exists(self.keys.job(job_id)):
             raise JobNotFound(job_id)
@@ -188,6 +229,11 @@ class AsyncJob:
 
     def __repr__(self) -> str:
         return f"AsyncJob({self.job_id!r})"
+
+    @property
+    def tenant(self) -> str | None:
+        """The tenant the job belongs to (from its id), or None."""
+        return p.split_qualified_id(self.job_id)[0]
 
     async def status(self) -> dict[str, Any]:
         """The job hash: ``state``, ``attempts``, timestamps, ``model``, ``usage``, ``error``…"""

@@ -24,6 +24,7 @@ import orjson
 
 from worker import events as ev
 from worker.client import batch_file as b
+from worker.client.core import BATCH_PRIORITY, check_traffic_options, qualified_id
 from worker.client.sync import Client
 
 SUBMIT_CHUNK = 500
@@ -46,17 +47,38 @@ class Progress:
         return "  ".join(f"{kind} {self.counts[kind]}" for kind in shown if self.counts[kind])
 
 
+@dataclass(frozen=True, slots=True)
+class BatchOptions:
+    """``--priority``, ``--tenant`` and ``--deadline`` of a batch run (None: the defaults,
+    priority 2 and BATCH_DEADLINE_S)."""
+
+    priority: int | None = None
+    tenant: str | None = None
+    deadline_s: float | None = None
+
+
 class BatchRun:
     """One run of one batch file against one results file."""
 
     def __init__(
-        self, client: Client, items: list[b.BatchItem], batch_id: str, out_path: Path
+        self,
+        client: Client,
+        items: list[b.BatchItem],
+        batch_id: str,
+        out_path: Path,
+        options: BatchOptions | None = None,
     ) -> None:
         self.client = client
         self.items = items
         self.batch_id = batch_id
         self.out_path = out_path
-        self.job_ids = {item.custom_id: b.job_id_for(batch_id, item.custom_id) for item in items}
+        self.options = options or BatchOptions()
+        self.plain_ids = {item.custom_id: b.job_id_for(batch_id, item.custom_id) for item in items}
+        # The ids in Redis: a tenant's jobs are ``<tenant>/<id>``.
+        self.job_ids = {
+            custom_id: qualified_id(self.options.tenant, job_id)
+            for custom_id, job_id in self.plain_ids.items()
+        }
         self.progress = Progress(total=len(items))
         self.submitted_now = 0
 
@@ -85,8 +107,12 @@ class BatchRun:
             chunk = pending[start : start + SUBMIT_CHUNK]
             self.client.submit_many(
                 [item.params for item in chunk],
-                job_ids=[self.job_ids[item.custom_id] for item in chunk],
+                job_ids=[self.plain_ids[item.custom_id] for item in chunk],
                 metadata=[{"batch_id": self.batch_id, "custom_id": i.custom_id} for i in chunk],
+                priority=self.options.priority,
+                tenant=self.options.tenant,
+                deadline_s=self.options.deadline_s or self.client.settings.batch_deadline_s,
+                default_priority=BATCH_PRIORITY,
             )
         # Other producers may add to the same counter; this is for the summary only.
         self.submitted_now = max(0, _total(self.client.redis.hgetall(queue_counts)) - before)
@@ -195,8 +221,20 @@ class BatchJobsVanished(Exception):
         )
 
 
+def _options_ok(err: Any, opts: BatchOptions) -> bool:
+    problems = check_traffic_options(opts.priority, opts.tenant, opts.deadline_s, None, "--")
+    for problem in problems:
+        err.print(f"llm-worker batch: {problem['loc']}: {problem['msg']}", markup=False)
+    return not problems
+
+
 def run_batch(  # noqa: PLR0911 - one exit code per way a run can end
-    path: Path, out_path: Path, *, batch_id: str | None = None, timeout_s: float | None = None
+    path: Path,
+    out_path: Path,
+    *,
+    batch_id: str | None = None,
+    timeout_s: float | None = None,
+    options: BatchOptions | None = None,
 ) -> int:
     """The ``batch`` command: 0 when every request has its result line, else an exit code."""
     from rich.console import Console
@@ -214,6 +252,8 @@ def run_batch(  # noqa: PLR0911 - one exit code per way a run can end
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     if batch_id is not None and not b.BATCH_ID_PATTERN.match(batch_id):
         err.print("llm-worker batch: --batch-id must be 1-40 of A-Z a-z 0-9 _ -", markup=False)
+        return 2
+    if not _options_ok(err, options or BatchOptions()):
         return 2
     try:
         content = path.read_bytes()
@@ -236,7 +276,7 @@ def run_batch(  # noqa: PLR0911 - one exit code per way a run can end
             if len(exc.errors) > 100:
                 err.print(f"  … and {len(exc.errors) - 100} more", markup=False)
             return 2
-        run = BatchRun(client, items, batch_id or b.file_batch_id(content), out_path)
+        run = BatchRun(client, items, batch_id or b.file_batch_id(content), out_path, options)
         try:
             recovered = run.recover()
             pending = [item for item in items if item.custom_id not in recovered.done]

@@ -27,6 +27,19 @@ from worker.settings import Settings, load_settings
 from worker.store import text
 
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")
+#: A tenant's name: it prefixes its jobs' ids (``<tenant>/<job_id>``), so it holds no ``/``.
+TENANT_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
+#: The id of a tenant's job in Redis and on the queue: the tenant's name, ``/``, its job id.
+QUALIFIED_ID_PATTERN = re.compile(r"^(?:[A-Za-z0-9_.-]{1,64}/)?[A-Za-z0-9_.:-]{1,128}\Z")
+#: Job priorities run from 0 to 9, higher first (AMQP's sense).
+MIN_PRIORITY, MAX_PRIORITY = 0, 9
+DEFAULT_PRIORITY = 5
+#: Batch files and Message Batches: behind interactive work by default.
+BATCH_PRIORITY = 2
+#: The longest life a job may ask for (``deadline_s``).
+MAX_DEADLINE_S = 7 * 86_400.0
+#: Fallback models one job may name.
+MAX_FALLBACK_MODELS = 8
 MAX_METADATA_BYTES = 16_384
 #: ``metadata["limit_key"]``, when given, is a rate-limit key: a non-blank string this long at
 #: most (what the limiter accepts; see docs/rate-limits.md).
@@ -42,6 +55,27 @@ def request_sha(request: Mapping[str, Any]) -> str:
 
 def valid_job_id(job_id: Any) -> bool:
     return isinstance(job_id, str) and bool(JOB_ID_PATTERN.match(job_id))
+
+
+def valid_qualified_id(job_id: Any) -> bool:
+    """A job id as stored: plain, or ``<tenant>/<job_id>``."""
+    return isinstance(job_id, str) and bool(QUALIFIED_ID_PATTERN.match(job_id))
+
+
+def valid_tenant(tenant: Any) -> bool:
+    return isinstance(tenant, str) and bool(TENANT_PATTERN.match(tenant))
+
+
+def qualified_id(tenant: str | None, job_id: str) -> str:
+    """The id a job has in Redis and on the queue: tenants' ids never collide, so two tenants
+    may use the same ``job_id``."""
+    return f"{tenant}/{job_id}" if tenant else job_id
+
+
+def split_qualified_id(job_id: str) -> tuple[str | None, str]:
+    """``(tenant, job_id)`` of a stored id (the inverse of :func:`qualified_id`)."""
+    tenant, sep, rest = job_id.partition("/")
+    return (tenant, rest) if sep else (None, job_id)
 
 
 def check_options(job_id: Any, metadata: Any, prefix: str = "") -> list[dict[str, str]]:
@@ -81,6 +115,54 @@ def check_options(job_id: Any, metadata: Any, prefix: str = "") -> list[dict[str
     return errors
 
 
+def check_traffic_options(
+    priority: Any, tenant: Any, deadline_s: Any, fallback_models: Any, prefix: str = ""
+) -> list[dict[str, str]]:
+    """Problems with a job's ``priority``, ``tenant``, ``deadline_s`` and ``fallback_models``."""
+    errors = []
+    if priority is not None and (
+        not isinstance(priority, int)
+        or isinstance(priority, bool)
+        or not MIN_PRIORITY <= priority <= MAX_PRIORITY
+    ):
+        errors.append(
+            {
+                "loc": f"{prefix}priority",
+                "msg": f"must be an integer from {MIN_PRIORITY} to {MAX_PRIORITY} (higher first)",
+            }
+        )
+    if tenant is not None and not valid_tenant(tenant):
+        errors.append(
+            {
+                "loc": f"{prefix}tenant",
+                "msg": "must be 1-64 characters of letters, digits, '_', '.' or '-'",
+            }
+        )
+    if deadline_s is not None and (
+        not isinstance(deadline_s, int | float)
+        or isinstance(deadline_s, bool)
+        or not 0 < deadline_s <= MAX_DEADLINE_S
+    ):
+        errors.append(
+            {
+                "loc": f"{prefix}deadline_s",
+                "msg": f"must be a number of seconds above 0 and at most {MAX_DEADLINE_S:g}",
+            }
+        )
+    if fallback_models is not None and (
+        not isinstance(fallback_models, list | tuple)
+        or not all(isinstance(x, str) and x.strip() and len(x) <= 200 for x in fallback_models)
+        or len(fallback_models) > MAX_FALLBACK_MODELS
+    ):
+        errors.append(
+            {
+                "loc": f"{prefix}fallback_models",
+                "msg": f"must be a list of at most {MAX_FALLBACK_MODELS} model names",
+            }
+        )
+    return errors
+
+
 def _valid_limit_key(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip()) and len(value) <= MAX_LIMIT_KEY_CHARS
 
@@ -116,12 +198,41 @@ def _rate_limit_problems(
 
 
 @dataclass(frozen=True, slots=True)
+class JobOptions:
+    """How one job is scheduled: its priority, its tenant, its life and its fallbacks."""
+
+    priority: int = DEFAULT_PRIORITY
+    tenant: str | None = None
+    deadline_s: float | None = None  # None: the settings' JOB_DEADLINE_S
+    fallback_models: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Submission:
-    """Validated jobs, ready to enqueue: one entry per job, ids final."""
+    """Validated jobs, ready to enqueue: one entry per job, ids final (tenants' ids qualified,
+    see :func:`qualified_id`)."""
 
     ids: list[str]
     requests: list[dict[str, Any]]
     metadata: list[Mapping[str, Any] | None]
+    options: list[JobOptions]
+
+
+PerJob = Any  # a value for every job, or a list or tuple with one per job
+
+
+def _per_job(value: PerJob, count: int, name: str) -> list[Any]:
+    """One value per job: ``value`` repeated, or ``value`` itself when it is a list or tuple
+    (for ``fallback_models``, a list of lists: a list of names is one value for all)."""
+    per_job = isinstance(value, list | tuple) and (
+        name != "fallback_models"
+        or (bool(value) and all(v is None or isinstance(v, list | tuple) for v in value))
+    )
+    if not per_job:
+        return [value] * count
+    if len(value) != count:
+        raise ValueError(f"{name} must have one entry per request")
+    return list(value)
 
 
 def prepare_submission(
@@ -129,16 +240,30 @@ def prepare_submission(
     requests: Iterable[Mapping[str, Any]],
     job_ids: Sequence[str | None] | None,
     metadata: Sequence[Mapping[str, Any] | None] | Mapping[str, Any] | None,
+    *,
+    priority: PerJob = None,
+    tenant: PerJob = None,
+    deadline_s: PerJob = None,
+    fallback_models: PerJob = None,
+    default_priority: int = DEFAULT_PRIORITY,
 ) -> Submission:
-    """Validate every request and option (one error lists every problem); mint missing ids."""
+    """Validate every request and option (one error lists every problem); mint missing ids.
+
+    ``priority``, ``tenant``, ``deadline_s`` and ``fallback_models`` are each one value for
+    every job or a list with one per job (``fallback_models``: a list of lists)."""
     items = list(requests)
     ids = list(job_ids) if job_ids is not None else [None] * len(items)
     metas = list(metadata) if isinstance(metadata, Sequence) else [metadata] * len(items)
     if len(ids) != len(items) or len(metas) != len(items):
         raise ValueError("job_ids and metadata must have one entry per request")
+    priorities = _per_job(priority, len(items), "priority")
+    tenants = _per_job(tenant, len(items), "tenant")
+    deadlines = _per_job(deadline_s, len(items), "deadline_s")
+    fallbacks = _per_job(fallback_models, len(items), "fallback_models")
     single = len(items) == 1
     validated: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
+    options: list[JobOptions] = []
     for index, (request, job_id, meta) in enumerate(zip(items, ids, metas, strict=True)):
         prefix = "" if single else f"requests[{index}]."
         try:
@@ -148,12 +273,30 @@ def prepare_submission(
         else:
             errors.extend(_rate_limit_problems(settings, validated[-1], meta, prefix))
         errors.extend(check_options(job_id, meta, prefix))
+        problems = check_traffic_options(
+            priorities[index], tenants[index], deadlines[index], fallbacks[index], prefix
+        )
+        errors.extend(problems)
+        if not problems:
+            options.append(
+                JobOptions(
+                    priority=default_priority if priorities[index] is None else priorities[index],
+                    tenant=tenants[index],
+                    deadline_s=None if deadlines[index] is None else float(deadlines[index]),
+                    fallback_models=None
+                    if fallbacks[index] is None
+                    else tuple(str(x) for x in fallbacks[index]),
+                )
+            )
     if errors:
         raise RequestInvalid(errors)
-    final_ids = [job_id or uuid.uuid4().hex for job_id in ids]
+    final_ids = [
+        qualified_id(opts.tenant, job_id or uuid.uuid4().hex)
+        for job_id, opts in zip(ids, options, strict=True)
+    ]
     if len(set(final_ids)) != len(final_ids):
         raise RequestInvalid([{"loc": "job_ids", "msg": "the same job_id appears twice"}])
-    return Submission(final_ids, validated, metas)
+    return Submission(final_ids, validated, metas, options)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,19 +323,24 @@ def submit_calls(
 
     ``batch_id``: the gateway Message Batch the jobs belong to (their ends are counted there).
     """
-    queued_ttl_s = int(settings.job_deadline_s + settings.result_ttl_s)
     calls = []
-    for job_id, request, meta in zip(
-        submission.ids, submission.requests, submission.metadata, strict=True
+    for job_id, request, meta, opts in zip(
+        submission.ids, submission.requests, submission.metadata, submission.options, strict=True
     ):
+        deadline_s = settings.job_deadline_s if opts.deadline_s is None else opts.deadline_s
         # The message carries its deadline: a worker judges it even if the record is gone.
-        deadline_at = now + settings.job_deadline_s
-        payload = {
+        deadline_at = now + deadline_s
+        payload: dict[str, Any] = {
             "job_id": job_id,
             "request": request,
             "submitted_at": now,
             "deadline_at": deadline_at,
+            "priority": opts.priority,
         }
+        if opts.tenant:
+            payload["tenant"] = opts.tenant
+        if opts.fallback_models is not None:
+            payload["fallback_models"] = list(opts.fallback_models)
         message = task_message(job_id, payload, queue=settings.queue)
         calls.append(
             ScriptCall(
@@ -203,10 +351,15 @@ def submit_calls(
                     now,
                     request["model"],
                     orjson.dumps(dict(meta or {})),
-                    queued_ttl_s,
+                    int(deadline_s + settings.result_ttl_s),
                     message if same_redis else "",
                     deadline_at,
                     batch_id or "",
+                    opts.priority,
+                    opts.tenant or "",
+                    ""
+                    if opts.fallback_models is None
+                    else orjson.dumps(list(opts.fallback_models)),
                 ],
                 payload=payload,
                 message=message,
@@ -254,9 +407,9 @@ def parse_status(job_id: str, raw: Mapping[str, str]) -> dict[str, Any]:
     """A job hash as the API shows it: JSON fields decoded, numbers as numbers."""
     status: dict[str, Any] = {"job_id": job_id}
     for key, value in raw.items():
-        if key in {"usage", "error", "metadata"}:
+        if key in {"usage", "error", "metadata", "fallback_models"}:
             status[key] = orjson.loads(value) if value else None
-        elif key in {"attempts", "deliveries"}:
+        elif key in {"attempts", "deliveries", "priority"}:
             status[key] = int(value)
         elif key.endswith("_at") and value:
             status[key] = float(value)

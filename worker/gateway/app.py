@@ -41,6 +41,9 @@ from worker.settings import Settings
 
 PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
 JOB_ID_HEADER = "llm-worker-job-id"
+#: A job's priority (0-9, higher first; default 5) and its life in seconds from submission.
+PRIORITY_HEADER = "llm-worker-priority"
+DEADLINE_HEADER = "llm-worker-deadline"
 
 
 #: The gateway's Redis connections carry this name (CLIENT LIST shows how many it holds).
@@ -61,6 +64,20 @@ def problem_response(status: int, error_type: str, message: str) -> JSONResponse
     return JSONResponse(
         error_response({"type": error_type, "message": message}), status_code=status
     )
+
+
+def _number_header(request: Request, name: str, kind: type[int] | type[float]) -> Any:
+    """A numeric request header, or None when absent; 400 when it is not a number."""
+    raw = request.headers.get(name)
+    if raw is None or not raw.strip():
+        return None
+    try:
+        return kind(raw.strip())
+    except ValueError:
+        kind_name = "an integer" if kind is int else "a number"
+        raise HTTPProblem(
+            400, "invalid_request_error", f"header {name} must be {kind_name}"
+        ) from None
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -127,8 +144,13 @@ class Gateway:
             raise HTTPProblem(400, "invalid_request_error", "the body must be a JSON object")
         streamed = body.get("stream") is True
         job_id = request.headers.get(JOB_ID_HEADER) or None
+        priority = _number_header(request, PRIORITY_HEADER, int)
+        deadline_s = _number_header(request, DEADLINE_HEADER, float)
+        wait_s = self.wait_s if deadline_s is None else deadline_s + 60
         try:
-            job = await self.client.submit(body, job_id=job_id)
+            job = await self.client.submit(
+                body, job_id=job_id, priority=priority, deadline_s=deadline_s
+            )
         except RequestInvalid as exc:
             raise HTTPProblem(400, "invalid_request_error", _describe(exc)) from None
         except JobConflict as exc:
@@ -136,7 +158,7 @@ class Gateway:
         if streamed:
             return self._anthropic_stream(job, after="0-0")
         try:
-            message = await job.result(timeout=self.wait_s)
+            message = await job.result(timeout=wait_s)
         except JobFailed as exc:
             kind = ev.FAILED
             if isinstance(exc, JobCancelled):
@@ -153,10 +175,10 @@ class Gateway:
                 headers[SHOULD_RETRY_HEADER] = "false"
             return _json(error_response(error), status, headers)
         except TimeoutError:
-            # The gateway's own wait ended (JOB_DEADLINE_S + 60 s): the job goes on and its
+            # The gateway's own wait ended (the job's deadline + 60 s): the job goes on and its
             # result can still be read; a retry would start it a second time.
             message_text = (
-                f"the job did not end within the gateway's wait of {self.wait_s:g} s; it goes "
+                f"the job did not end within the gateway's wait of {wait_s:g} s; it goes "
                 f"on: GET /v1/jobs/{job.job_id}"
             )
             headers = {**self._headers(job), SHOULD_RETRY_HEADER: "false"}
@@ -221,7 +243,11 @@ class Gateway:
             items = parse_requests(self.client, body)
         except RequestInvalid as exc:
             raise HTTPProblem(400, "invalid_request_error", _describe(exc)) from None
-        batch_id = await self.batches.create(items)
+        priority = _number_header(request, PRIORITY_HEADER, int)
+        try:
+            batch_id = await self.batches.create(items, priority=priority)
+        except RequestInvalid as exc:
+            raise HTTPProblem(400, "invalid_request_error", _describe(exc)) from None
         return _json(await self.batches.retrieve(batch_id, self.base_url(request)))
 
     async def _batch(self, request: Request) -> dict[str, Any]:

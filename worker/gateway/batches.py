@@ -28,7 +28,6 @@ MAX_REQUESTS = 100_000
 SUBMIT_CHUNK = 500
 READ_CHUNK = 1_000
 #: Anthropic keeps a batch open for 24 hours; ours end sooner or at the job deadline.
-EXPIRES_AFTER_S = 86_400
 
 
 def rfc3339(ts: float | None) -> str | None:
@@ -118,9 +117,10 @@ class BatchStore:
         self.client = client
         self.keys = client.keys
         self.redis = client.redis
-        self.ttl_s = int(client.settings.job_deadline_s + client.settings.result_ttl_s)
+        self.deadline_s = client.settings.gateway_batch_deadline_s
+        self.ttl_s = int(self.deadline_s + client.settings.result_ttl_s)
 
-    async def create(self, items: list[b.BatchItem]) -> str:
+    async def create(self, items: list[b.BatchItem], *, priority: int | None = None) -> str:
         """Submit every request as a job, then record the batch. Returns its id."""
         batch_id = "msgbatch_" + uuid.uuid4().hex[:24]
         for start in range(0, len(items), SUBMIT_CHUNK):
@@ -130,12 +130,15 @@ class BatchStore:
                 job_ids=[b.job_id_for(batch_id, item.custom_id) for item in chunk],
                 metadata=[{"batch_id": batch_id, "custom_id": i.custom_id} for i in chunk],
                 batch_id=batch_id,
+                deadline_s=self.deadline_s,
+                priority=priority,
+                default_priority=p.BATCH_PRIORITY,
             )
         now = time.time()
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(
             self.keys.batch(batch_id),
-            mapping={"created_at": now, "expires_at": now + EXPIRES_AFTER_S, "count": len(items)},
+            mapping={"created_at": now, "expires_at": now + self.deadline_s, "count": len(items)},
         )
         pipe.rpush(self.keys.batch_items(batch_id), *[item.custom_id for item in items])
         # Jobs may have ended (and counted) already. `total` also makes the counts hash exist
