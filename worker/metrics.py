@@ -43,6 +43,27 @@ class _KnownModels:
 
 
 _known = _KnownModels()
+_known_tenants = _KnownModels()
+_known_tenants.names = frozenset()
+
+#: The ``tenant`` label of a job with no tenant, and of a tenant no setting names.
+NO_TENANT = "none"
+OTHER_TENANT = "other"
+_TENANT_LABEL = "tenant"
+
+
+def add_tenant_labels(names: Iterable[str]) -> None:
+    """Let these tenants be ``tenant`` label values in this process: the configured names
+    (gateway keys, tenant weights, quotas, budgets), so the label set stays bounded."""
+    _known_tenants.add(names)
+
+
+def tenant_label(tenant: str | None) -> str:
+    """A bounded ``tenant`` label: a configured tenant's name, ``none`` for a job without a
+    tenant, else ``other``."""
+    if not tenant:
+        return NO_TENANT
+    return tenant if tenant in _known_tenants.names else OTHER_TENANT
 
 
 def add_model_labels(names: Iterable[str]) -> None:
@@ -62,18 +83,27 @@ def model_label(model: str) -> str:
 def _fold(
     names: Sequence[str], values: tuple[object, ...], kwargs: dict[str, object]
 ) -> tuple[tuple[object, ...], dict[str, object]]:
-    """``labels()`` arguments with the ``model`` value folded; anything malformed is left for
-    prometheus-client to refuse."""
-    if _MODEL_LABEL in kwargs:
-        return values, {**kwargs, _MODEL_LABEL: model_label(str(kwargs[_MODEL_LABEL]))}
-    if _MODEL_LABEL in names and len(values) == len(names):
-        at = list(names).index(_MODEL_LABEL)
-        return (*values[:at], model_label(str(values[at])), *values[at + 1 :]), kwargs
+    """``labels()`` arguments with the ``model`` and ``tenant`` values folded; anything
+    malformed is left for prometheus-client to refuse."""
+    for label, fold in ((_MODEL_LABEL, model_label), (_TENANT_LABEL, _tenant_fold)):
+        if label in kwargs:
+            kwargs = {**kwargs, label: fold(str(kwargs[label]))}
+        elif label in names and len(values) == len(names):
+            at = list(names).index(label)
+            values = (*values[:at], fold(str(values[at])), *values[at + 1 :])
     return values, kwargs
 
 
+def _tenant_fold(value: str) -> str:
+    # Already folded values pass through; "" is no tenant (pass ``tenant or ""``).
+    if value in {NO_TENANT, OTHER_TENANT}:
+        return value
+    return tenant_label(value)
+
+
 class ModelCounter(Counter):
-    """A counter with a ``model`` label, folded by :func:`model_label`."""
+    """A counter with a ``model`` (and maybe a ``tenant``) label, folded by :func:`model_label`
+    (and :func:`tenant_label`)."""
 
     def labels(self, *labelvalues: object, **labelkwargs: object) -> Self:
         values, kwargs = _fold(self._labelnames, labelvalues, labelkwargs)

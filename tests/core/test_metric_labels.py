@@ -55,3 +55,18 @@ def test_models_of_the_settings_become_label_values_once_registered() -> None:
     assert m.model_label(name) == name
     assert m.model_label("extra/x") == "extra/x"
     assert m.model_label(SEED_MODELS[0]) == SEED_MODELS[0]
+
+
+def test_a_tenant_label_is_a_configured_name_none_or_other() -> None:
+    """Registered tenants keep their name; no tenant is ``none``; any other is ``other``, also
+    when a metric's ``labels()`` is given it, so tenant labels stay bounded."""
+    name = f"t-{uuid.uuid4().hex[:6]}"
+    assert m.tenant_label(name) == "other"
+    m.add_tenant_labels([name])
+    assert m.tenant_label(name) == name
+    assert m.tenant_label(None) == m.tenant_label("") == "none"
+    counter = m.ModelCounter(
+        f"llmw_test_tenant_{uuid.uuid4().hex[:6]}", "test", ["model", "tenant"], registry=None
+    )
+    assert counter.labels("x", "stranger")._labelvalues == ("other", "other")
+    assert counter.labels(model="x", tenant=name)._labelvalues == ("other", name)
