@@ -79,3 +79,16 @@ class Keys:
         The limit key is a hash tag, so one key's state lives in one Redis Cluster slot.
         """
         return f"{self.prefix}:limiter:{{{limit_key}}}:{kind}"
+
+    def usage(self, tenant: str, day: str) -> str:
+        """Hash of one tenant's usage on one UTC day (``YYYY-MM-DD``): per model,
+        ``<model>|jobs``, ``<model>|input_tokens``, ``<model>|output_tokens``,
+        ``<model>|cost_pusd`` (exact, integer pico-dollars) and ``<model>|cost_usd`` (the same,
+        as a float). Jobs without a tenant count under tenant ``""``. The job's end adds to it
+        in the same Lua step."""
+        return f"{self.prefix}:usage:{tenant}:{day}"
+
+    def spend(self, tenant: str, period: str) -> str:
+        """String: a tenant's spend in one UTC day (``YYYY-MM-DD``) or month (``YYYY-MM``), in
+        integer pico-dollars, added by the job's end; what budgets are checked against."""
+        return f"{self.prefix}:spend:{tenant}:{period}"

@@ -263,6 +263,12 @@ INPUT_TOKENS = ModelCounter(
 OUTPUT_TOKENS = ModelCounter(
     "llm_worker_output_tokens_total", "Output tokens billed by the upstream.", ["model"]
 )
+COST_USD = ModelCounter(
+    "llm_worker_cost_usd_total",
+    "USD spent on completed jobs: each one's final usage times its answering model's price "
+    "(LLM_WORKER_PRICES), by that model and the job's tenant; failed calls cost 0.",
+    ["model", "tenant"],
+)
 CHUNKS_PUBLISHED = ModelCounter(
     "llm_worker_chunks_published_total", "Chunk events written to job streams.", ["model"]
 )

@@ -34,6 +34,7 @@ from worker.catalogue import (
     alias_map,
 )
 from worker.errors import SettingsError
+from worker.pricing import Budget, Price
 
 ENV_PREFIX = "LLM_WORKER_"
 #: Queue names and key prefixes: letters, digits, ``_ . : -``, nothing after (``\Z``).
@@ -51,6 +52,10 @@ BrokerUrl = Annotated[
 ]
 HttpUrl = Annotated[AnyUrl, UrlConstraints(allowed_schemes=["http", "https"])]
 PositiveSeconds = Annotated[float, Field(gt=0)]
+#: A tenant's name (the producers' rule, worker.client.core.TENANT_PATTERN).
+TENANT_PATTERN = r"^[A-Za-z0-9_.-]{1,64}\Z"
+#: Fallback models one model (or one job) may name.
+MAX_FALLBACK_MODELS = 8
 
 
 class RateLimit(BaseModel):
@@ -101,6 +106,20 @@ class Settings(BaseSettings):
     backoff_max_s: PositiveSeconds = 30.0
     retry_after_max_s: PositiveSeconds = 60.0
     retry_mid_stream: bool = True
+    # Models to try when a job's model keeps failing: JSON {"<model>": ["<model>", ...]}; a
+    # job's own fallback_models replace its model's list. After this many failures on one
+    # model that blame the model (5xx, 529, a long 429, overloaded mid-stream), the next
+    # attempt goes to the next model (see docs/fallbacks-and-cost.md).
+    fallbacks: dict[ModelName, tuple[ModelName, ...]] = Field(default_factory=dict)
+    fallback_after_attempts: int = Field(default=2, ge=1, le=100)
+    # Per model, USD per million tokens: {"<model>": {"input_per_mtok": 0.27, ...}}.
+    prices: dict[ModelName, Price] = Field(default_factory=dict)
+    # Per tenant: {"<tenant>": {"usd_per_day": 10, "usd_per_month": 200}}. A tenant at a
+    # budget has submits refused; its queued jobs are held (or failed: BUDGET_ACTION) and
+    # come back every BUDGET_HOLD_S to look again.
+    budgets: dict[str, Budget] = Field(default_factory=dict)
+    budget_action: Literal["hold", "fail"] = "hold"
+    budget_hold_s: PositiveSeconds = 60.0
 
     connect_timeout_s: PositiveSeconds = 10.0
     first_byte_timeout_s: PositiveSeconds = 120.0
@@ -217,6 +236,38 @@ class Settings(BaseSettings):
         # docker-compose passes ``${LLM_WORKER_API_KEY:-}`` as an empty string: no key.
         if value is None or (isinstance(value, str) and not value.strip()):
             return None
+        return value
+
+    @field_validator("fallbacks", "prices", "budgets", mode="before")
+    @classmethod
+    def _parse_json_object(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            import json
+
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError("is not valid JSON; expected a JSON object") from None
+        return value
+
+    @field_validator("fallbacks")
+    @classmethod
+    def _check_fallbacks(cls, value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        for model, names in value.items():
+            if len(names) > MAX_FALLBACK_MODELS:
+                raise ValueError(
+                    f"{model!r} lists {len(names)} fallbacks; at most {MAX_FALLBACK_MODELS}"
+                )
+        return value
+
+    @field_validator("budgets")
+    @classmethod
+    def _check_tenants(cls, value: dict[str, Budget]) -> dict[str, Budget]:
+        for tenant in value:
+            if not re.match(TENANT_PATTERN, tenant):
+                raise ValueError(
+                    f"tenant {tenant[:40]!r} must be 1-64 letters, digits, '_', '.' or '-'"
+                )
         return value
 
     @field_validator("rate_limits", mode="before")

@@ -108,6 +108,11 @@ class JobStore:
     def job_hash(self, job_id: str) -> dict[str, str] | None:
         return decode_hash(self.redis.hgetall(self.keys.job(job_id)))
 
+    def job_field(self, job_id: str, name: str) -> str | None:
+        """One field of the job hash, or None."""
+        raw = self.redis.hget(self.keys.job(job_id), name)
+        return None if raw is None else text(raw)
+
     def metadata(self, job_id: str) -> dict[str, Any]:
         """The job's ``metadata`` object as submitted; empty when absent or unreadable."""
         raw = self.redis.hget(self.keys.job(job_id), "metadata")

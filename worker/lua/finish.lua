@@ -1,13 +1,18 @@
 -- Write a job's one terminal event and its final state as a single step. A job that has
 -- ended already is left alone, so a redelivered or raced job still ends exactly once.
 -- KEYS[1] job hash   KEYS[2] events stream   KEYS[3] job channel   KEYS[4] results channel
--- KEYS[5] result key   KEYS[6] dead-letter stream (a failure to keep, else absent)
+-- KEYS[5] result key   KEYS[6] dead-letter stream (written only with a dead-letter reason)
+-- KEYS[7] the tenant's usage hash for the day, KEYS[8] its day spend, KEYS[9] its month
+-- spend (absent when the end adds no usage: see ARGV[17..21])
 -- ARGV[1] state   ARGV[2] event JSON   ARGV[3] final message JSON or ''   ARGV[4] ttl
 -- ARGV[5] now   ARGV[6] usage JSON or ''   ARGV[7] error JSON or ''   ARGV[8] stop_reason or ''
 -- ARGV[9] the writer's lease token, or '' for a writer that holds none (a job rejected
 -- before it ran)   ARGV[10] the batch counts key prefix (see batch_end.lua)
--- ARGV[11] job id   ARGV[12] dead-letter reason   ARGV[13] dead-letter payload
--- ARGV[14] the dead-letter stream's length bound (with KEYS[6])
+-- ARGV[11] job id   ARGV[12] dead-letter reason, or '' for none   ARGV[13] dead-letter payload
+-- ARGV[14] the dead-letter stream's length bound
+-- ARGV[15] the model that answered, or ''   ARGV[16] the job's cost in USD (exact decimal), or ''
+-- ARGV[17] model (usage field prefix)   ARGV[18] input tokens   ARGV[19] output tokens
+-- ARGV[20] cost in pico-dollars (integer)   ARGV[21] the usage keys' TTL when new
 -- Returns 1 when this call ended the job, 0 when it had ended before, -1 when another worker
 -- holds its lease now (this writer lost it without knowing: the job is not its to end).
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -30,12 +35,28 @@ redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', ARGV[5])
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'usage', ARGV[6]) end
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[7]) end
 if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'stop_reason', ARGV[8]) end
+if ARGV[15] ~= '' then redis.call('HSET', KEYS[1], 'answered_by', ARGV[15]) end
+if ARGV[16] ~= '' then redis.call('HSET', KEYS[1], 'cost_usd', ARGV[16]) end
 redis.call('HDEL', KEYS[1], 'worker', 'lease', 'lease_until')
 count_batch_end(KEYS[1], ARGV[10], ARGV[1], ARGV[5], ARGV[4])
-if KEYS[6] then
+if ARGV[12] ~= '' then
   -- In the same step as the end, so whoever sees the failure also finds its dead letter.
   redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[14], '*',
     'job_id', ARGV[11], 'reason', ARGV[12], 'payload', ARGV[13], 'ts', ARGV[5])
+end
+if KEYS[7] then
+  -- In the same step as the end, so a job's usage and cost are counted exactly once.
+  local model = ARGV[17]
+  redis.call('HINCRBY', KEYS[7], model .. '|jobs', 1)
+  redis.call('HINCRBY', KEYS[7], model .. '|input_tokens', ARGV[18])
+  redis.call('HINCRBY', KEYS[7], model .. '|output_tokens', ARGV[19])
+  redis.call('HINCRBY', KEYS[7], model .. '|cost_pusd', ARGV[20])
+  redis.call('HINCRBYFLOAT', KEYS[7], model .. '|cost_usd', ARGV[16])
+  redis.call('INCRBY', KEYS[8], ARGV[20])
+  redis.call('INCRBY', KEYS[9], ARGV[20])
+  for i = 7, 9 do
+    if redis.call('TTL', KEYS[i]) == -1 then redis.call('EXPIRE', KEYS[i], ARGV[21]) end
+  end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])

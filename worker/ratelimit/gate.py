@@ -73,6 +73,16 @@ class JobPostponed(LLMWorkerError):
         return {"type": self.reason, "message": self.detail, "status_code": None}
 
 
+class ModelCoolingDown(LLMWorkerError):
+    """The model's limit key is under a cooldown (after a 429/529) for ``retry_in_s``, and the
+    caller would rather try another model than wait (``reserve(skip_cooldown=True)``)."""
+
+    def __init__(self, limit_key: str, retry_in_s: float) -> None:
+        self.limit_key = limit_key
+        self.retry_in_s = retry_in_s
+        super().__init__(f"{limit_key!r} is cooling down for {retry_in_s:.3f} s")
+
+
 class WaitInterrupted(LLMWorkerError):
     """The job's stop signal (cancel, shutdown) woke it while it waited for the limiter."""
 
@@ -206,12 +216,15 @@ class RateLimitGate:
         model: str,
         deadline_at: float | None = None,
         sleep: Callable[[float], bool] | None = None,
+        skip_cooldown: bool = False,
     ) -> Reservation:
         """Wait for the limiter; the reservation to settle or release after the call.
 
         ``sleep`` (a job handle's) returns True when a stop signal woke it: the wait then
         ends with :class:`WaitInterrupted`. Raises :class:`JobPostponed` when the wait would
-        pass ``RATE_LIMIT_MAX_WAIT_S`` (or the job's deadline).
+        pass ``RATE_LIMIT_MAX_WAIT_S`` (or the job's deadline). With ``skip_cooldown`` (the
+        job has a fallback model), a key under a cooldown raises :class:`ModelCoolingDown`
+        at once instead of waiting.
         """
         limiter = self.limiter
         if limiter is None:
@@ -223,10 +236,19 @@ class RateLimitGate:
         if deadline_at is not None:
             max_wait_s = max(0.0, min(max_wait_s, deadline_at - self._wall_clock()))
         waiting = limiter if sleep is None else self._limiter(limiter.backend, _waker(sleep))
+        cost = Cost.for_request(request)
+        reservation = None
+        if skip_cooldown:
+            # One try without waiting: a refusal takes nothing, so only a cooldown's costs a
+            # second round trip (the wait below) when it is not a cooldown.
+            try:
+                reservation = waiting.acquire(limit_key, cost, max_wait_s=0.0)
+            except RateLimitWaitTooLong as exc:
+                if exc.reason == "cooldown":
+                    raise ModelCoolingDown(limit_key, exc.retry_in_s) from None
         try:
-            reservation = waiting.acquire(
-                limit_key, Cost.for_request(request), max_wait_s=max_wait_s
-            )
+            if reservation is None:
+                reservation = waiting.acquire(limit_key, cost, max_wait_s=max_wait_s)
         except RateLimitWaitTooLong as exc:
             raise self._postponed(exc, model) from exc
         m.RATE_LIMIT_WAIT.labels(model).observe(reservation.waited_s)

@@ -16,6 +16,7 @@ import redis
 from worker import events as ev
 from worker.errors import LLMWorkerError
 from worker.keys import Keys
+from worker.pricing import USAGE_RETENTION_S
 from worker.runtime.group_commit import GroupCommitter, Pending
 from worker.store import JobStore, bounded_payload, ending_script, load_lua, text
 
@@ -45,6 +46,20 @@ class Claim:
     @property
     def already_ended(self) -> bool:
         return self.state_before in ev.TERMINAL_TYPES
+
+
+@dataclass(frozen=True, slots=True)
+class Spend:
+    """What one ended job adds to its tenant's usage counters (``Keys.usage``, ``Keys.spend``):
+    the model that answered, its final usage's tokens and the exact cost."""
+
+    tenant: str
+    model: str
+    day: str
+    month: str
+    input_tokens: int
+    output_tokens: int
+    cost_pusd: int
 
 
 class LeaseLost(LLMWorkerError):
@@ -211,22 +226,40 @@ class WorkerStore(JobStore):
         stop_reason: str | None = None,
         dead_letter: tuple[str, Any] | None = None,
         token: str = "",
+        answered_by: str | None = None,
+        cost_usd: str | None = None,
+        spend: Spend | None = None,
     ) -> bool:
         """Write the terminal event and state; False when the job had ended already.
 
         ``dead_letter`` is ``(reason, payload)``: kept in the dead-letter stream in the same
         step when this call ends the job. With ``token`` (the writer's lease), raises
-        :class:`LeaseLost` when another worker holds the job's lease now.
+        :class:`LeaseLost` when another worker holds the job's lease now. ``answered_by`` and
+        ``cost_usd`` go to the job hash; ``spend`` is added to its tenant's day usage and
+        spend counters in the same step (so it is counted exactly once).
         """
         k = self.keys
         keys = [k.job(job_id), k.events(job_id), k.channel(job_id), k.results_channel]
-        keys.append(k.result(job_id))
-        dlq_args: list[Any] = []
+        keys += [k.result(job_id), k.dead_letters]
+        dlq_args: list[Any] = ["", "", ""]
         if dead_letter is not None:
-            keys.append(k.dead_letters)
             reason, payload = dead_letter
             payload_data = bounded_payload(payload, self.dead_letter_payload_bytes)
-            dlq_args = [job_id, reason, payload_data, self.dead_letters_max]
+            dlq_args = [reason, payload_data, self.dead_letters_max]
+        spend_args: list[Any] = []
+        if spend is not None:
+            keys += [
+                k.usage(spend.tenant, spend.day),
+                k.spend(spend.tenant, spend.day),
+                k.spend(spend.tenant, spend.month),
+            ]
+            spend_args = [
+                spend.model,
+                spend.input_tokens,
+                spend.output_tokens,
+                spend.cost_pusd,
+                USAGE_RETENTION_S,
+            ]
         ended = self._finish(
             keys=keys,
             args=[
@@ -240,7 +273,11 @@ class WorkerStore(JobStore):
                 stop_reason or "",
                 token,
                 k.batch_counts(""),
+                job_id,
                 *dlq_args,
+                answered_by or "",
+                cost_usd or "",
+                *spend_args,
             ],
         )
         if int(ended) == -1:

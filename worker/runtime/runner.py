@@ -15,13 +15,15 @@ import structlog
 from worker import events as ev
 from worker import metrics as m
 from worker.errors import PermanentUpstreamError, TransientUpstreamError, UpstreamError
-from worker.ratelimit.gate import JobPostponed, WaitInterrupted
+from worker.pricing import PICO_PER_USD, cost_pusd, usd_text, utc_day, utc_month
+from worker.ratelimit.gate import JobPostponed, ModelCoolingDown, WaitInterrupted
 from worker.ratelimit.limiter import RateLimitCapacity, Reservation
 from worker.runtime.accumulate import AccumulateError, accumulate, final_message
 from worker.runtime.coalesce import coalesce
 from worker.runtime.context import Runtime
+from worker.runtime.fallback import FallbackState, after_failure, plan_chain, skip_model
 from worker.runtime.group_commit import Pending
-from worker.runtime.job_store import Claim, is_lease_lost
+from worker.runtime.job_store import Claim, Spend, is_lease_lost
 from worker.runtime.leases import JobHandle
 from worker.runtime.retry_policy import backoff_delay_s, should_give_up
 
@@ -49,6 +51,14 @@ class _Stopped(Exception):
     """The job's handle was stopped (cancel, lease lost, shutdown) during an attempt."""
 
 
+class _SkipModel(Exception):
+    """The attempt's model is under a rate-limit cooldown and a later model of the chain
+    exists: the attempt moves to it before anything was sent."""
+
+    def __init__(self, cooldown: ModelCoolingDown) -> None:
+        self.cooldown = cooldown
+
+
 class JobRunner:
     """Runs one delivered job to its terminal event."""
 
@@ -62,12 +72,30 @@ class JobRunner:
         *,
         submitted_at: float | None = None,
         payload: dict[str, Any] | None = None,
+        fallbacks: tuple[str, ...] = (),
     ) -> None:
         self.rt = rt
         self.settings = rt.settings
         self.job_id = job_id
+        #: The request as submitted; an attempt on a fallback sends it with its model replaced.
+        self.original_request = request
         self.request = request
         self.model = str(request.get("model", ""))
+        self.tenant = job_id.partition("/")[0] if "/" in job_id else ""
+        chain, skipped = plan_chain(
+            self.model,
+            fallbacks,
+            catalogue=self.settings.catalogue,
+            max_tokens=int(request.get("max_tokens") or 0),
+        )
+        for left_out in skipped:
+            log.warning(
+                "fallback_model_skipped",
+                fallback=left_out.model,
+                reason=left_out.reason,
+                detail=left_out.detail,
+            )
+        self.fallback = FallbackState(chain)
         self.claim = claim
         self.handle = handle
         self.payload = payload
@@ -122,19 +150,34 @@ class JobRunner:
     ) -> bool:
         message = fields.get("message")
         error = fields.get("error")
+        usage = message.get("usage") if message else None
+        # Only the answer is billed: the final usage of the attempt that completed, at its
+        # model's price. Failed attempts and jobs that did not complete cost 0.
+        cost = 0
+        spend = None
+        if type_ == ev.COMPLETED:
+            cost = cost_pusd(usage, self.settings.prices.get(self.model))
+            fields["answered_by"] = self.model
+            fields["cost_usd"] = usd_text(cost)
+            spend = self._spend(usage, cost)
         self._pending.settle()  # the terminal event comes after every chunk
         event = self._event(type_, attempt, **fields)
         ended = self.rt.store.finish(
             self.job_id,
             event,
             message=message,
-            usage=message.get("usage") if message else None,
+            usage=usage,
             error=error,
             stop_reason=message.get("stop_reason") if message else None,
             dead_letter=dead_letter,
             token=self.handle.token,
+            answered_by=self.model if type_ == ev.COMPLETED else None,
+            cost_usd=usd_text(cost),
+            spend=spend,
         )
         if ended:
+            if cost:
+                m.COST_USD.labels(self.model, self.tenant).inc(cost / PICO_PER_USD)
             m.JOBS_FINISHED.labels(self.model, type_).inc()
             m.JOB_DURATION.labels(self.model, type_).observe(time.time() - self.started_at)
             log.info(
@@ -143,6 +186,19 @@ class JobRunner:
         else:
             log.info("job_already_finished", outcome=type_)
         return ended
+
+    def _spend(self, usage: dict[str, Any] | None, cost: int) -> Spend:
+        now = time.time()
+        usage = usage or {}
+        return Spend(
+            tenant=self.tenant,
+            model=self.model,
+            day=utc_day(now),
+            month=utc_month(now),
+            input_tokens=_count(usage.get("input_tokens")),
+            output_tokens=_count(usage.get("output_tokens")),
+            cost_pusd=cost,
+        )
 
     # -- the job -------------------------------------------------------------------------
 
@@ -192,11 +248,28 @@ class JobRunner:
             m.RETRIES.labels(self.model, "worker_lost").inc()
         if self.submitted_at is not None and self.claim.first_start:
             m.QUEUE_WAIT.labels(self.model).observe(max(0.0, self.started_at - self.submitted_at))
-        m.JOBS_IN_FLIGHT.labels(self.model).inc()
+        if self.fallback.has_next and not self.claim.first_start:
+            # Taken up again (redelivered, or back from a postponement): go on with the
+            # model the last attempt went to.
+            resumed = FallbackState.resume(
+                self.fallback.chain, self.rt.store.job_field(self.job_id, "attempt_model")
+            )
+            self._use_model(resumed)
+        in_flight_model = self.model
+        m.JOBS_IN_FLIGHT.labels(in_flight_model).inc()
         try:
             self._attempts()
         finally:
-            m.JOBS_IN_FLIGHT.labels(self.model).dec()
+            m.JOBS_IN_FLIGHT.labels(in_flight_model).dec()
+
+    def _use_model(self, state: FallbackState) -> None:
+        """The next attempts go to ``state.model``: the same request, its ``model`` replaced."""
+        self.fallback = state
+        if state.model == self.model:
+            return
+        self.model = state.model
+        self.request = {**self.original_request, "model": state.model}
+        structlog.contextvars.bind_contextvars(model=state.model)
 
     def _attempts(self) -> None:
         attempt = self.claim.attempts
@@ -219,6 +292,10 @@ class JobRunner:
             except _Stopped:
                 self._stop_requested(attempt, interrupted=True)
                 return
+            except _SkipModel as skip:
+                self._skip_cooling_model(attempt, skip.cooldown)
+                attempt -= 1  # nothing was sent: the attempt is begun again, on the next model
+                continue
             except UpstreamError as exc:
                 if self._stop_requested(attempt, interrupted=True):
                     return  # the error is the interrupt itself (or the deadline)
@@ -235,6 +312,34 @@ class JobRunner:
                 return
             self._finish(ev.COMPLETED, attempt, message=message)
             return
+
+    def _skip_cooling_model(self, attempt: int, cooldown: ModelCoolingDown) -> None:
+        """Move to the next model of the chain now: the current one is cooling down."""
+        left = self.model
+        state = skip_model(self.fallback)
+        assert state is not None  # reserve() only raises it when a later model exists
+        self._use_model(state)
+        log.info(
+            "fallback_model_switched",
+            from_model=left,
+            to_model=self.model,
+            reason="model_cooling_down",
+            cooldown_s=round(cooldown.retry_in_s, 3),
+        )
+        event = self._event(
+            ev.RETRY,
+            attempt,
+            reason="model_cooling_down",
+            delay_s=0.0,
+            model=self.model,
+            error={
+                "type": "model_cooling_down",
+                "message": f"{left} is under a rate-limit cooldown for "
+                f"{cooldown.retry_in_s:.1f} s; the attempt goes to {self.model}",
+                "status_code": None,
+            },
+        )
+        self._publish([event], attempts=attempt - 1, attempt_model=self.model)
 
     def _stop_requested(self, attempt: int, *, interrupted: bool = False) -> bool:
         """Act on a stop signal, if any: True when the job must not go on here.
@@ -338,11 +443,25 @@ class JobRunner:
             )
             return False
         m.RETRIES.labels(self.model, exc.reason).inc()
+        failed_on = self.model
+        self._use_model(
+            after_failure(self.fallback, exc, after_attempts=self.settings.fallback_after_attempts)
+        )
+        if self.model != failed_on:
+            log.info(
+                "fallback_model_switched",
+                from_model=failed_on,
+                to_model=self.model,
+                reason=exc.reason,
+            )
         log.info(
             "upstream_retry_scheduled",
             reason=exc.reason,
             delay_s=round(delay_s, 3),
             status_code=exc.status_code,
+        )
+        hash_fields: dict[str, Any] = (
+            {"attempt_model": self.model} if len(self.fallback.chain) > 1 else {}
         )
         self._publish(
             [
@@ -352,8 +471,10 @@ class JobRunner:
                     reason=exc.reason,
                     delay_s=round(delay_s, 3),
                     error=exc.to_error(),
+                    model=self.model,
                 )
-            ]
+            ],
+            **hash_fields,
         )
         self.handle.sleep(delay_s)  # wakes early on cancel or shutdown
         return True
@@ -372,7 +493,10 @@ class JobRunner:
                 model=self.model,
                 deadline_at=self.deadline_at,
                 sleep=self.handle.sleep,
+                skip_cooldown=self.fallback.has_next,
             )
+        except ModelCoolingDown as exc:
+            raise _SkipModel(exc) from None
         except WaitInterrupted:
             if self.handle.stop_reason is not None:
                 raise _Stopped from None
@@ -488,3 +612,10 @@ class JobRunner:
         m.CHUNKS_PUBLISHED.labels(self.model).inc(len(chunks))
         assert snapshot is not None  # a batch is never empty
         return snapshot
+
+
+def _count(value: Any) -> int:
+    """A token count from the upstream's usage: a non-negative integer, else 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return 0
+    return value

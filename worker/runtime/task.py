@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 import signal
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
@@ -24,6 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import events as ev
 from worker.broker import TASK_NAME
+from worker.catalogue import MODEL_NAME_PATTERN
 from worker.celery_app import app
 from worker.errors import RequestInvalid
 from worker.ratelimit.gate import JobPostponed
@@ -31,7 +33,7 @@ from worker.request import validate_request
 from worker.runtime.context import Runtime, current_runtime, get_runtime
 from worker.runtime.leases import new_token, wait_time_s
 from worker.runtime.runner import HandBack, JobRunner
-from worker.settings import load_settings
+from worker.settings import MAX_FALLBACK_MODELS, load_settings
 
 log = structlog.get_logger("worker.runtime.task")
 
@@ -110,6 +112,24 @@ def _epoch(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+def job_fallbacks(
+    payload: dict[str, Any], model: str, configured: Mapping[str, tuple[str, ...]]
+) -> tuple[str, ...] | None:
+    """The job's fallback models: its own ``fallback_models`` (which replace the configured
+    ones, ``[]`` meaning none), else ``FALLBACKS[model]``; None when the message's are
+    malformed (the queue is not trusted)."""
+    own = payload.get("fallback_models")
+    if own is None:
+        return configured.get(model, ())
+    if (
+        not isinstance(own, list)
+        or len(own) > MAX_FALLBACK_MODELS
+        or not all(isinstance(name, str) and MODEL_NAME_PATTERN.match(name) for name in own)
+    ):
+        return None
+    return tuple(own)
+
+
 def _run(
     rt: Runtime,
     job_id: str,
@@ -139,6 +159,16 @@ def _run(
     model = request["model"]
     structlog.contextvars.bind_contextvars(model=model)
     settings = rt.settings
+    fallbacks = job_fallbacks(payload, model, settings.fallbacks)
+    if fallbacks is None:
+        fail_unrunnable(
+            rt,
+            job_id,
+            "invalid_payload",
+            f"fallback_models must be a list of at most {MAX_FALLBACK_MODELS} model names",
+            payload,
+        )
+        return
     token = new_token(rt.hostname)
     while True:
         if rt.leases.draining:
@@ -183,6 +213,7 @@ def _run(
         handle,
         submitted_at=_epoch(payload.get("submitted_at")),
         payload=payload,
+        fallbacks=fallbacks,
     )
     try:
         runner.run()

@@ -112,7 +112,9 @@ class Simulator:
         """Decide the request's fault, then answer accordingly."""
         seed = self.config.seed
         extra = generation.directives.extra
-        fault = self.faults.decide(extra, lambda: textgen.request_digest(seed, body))
+        fault = self.faults.decide(
+            extra, lambda: textgen.request_digest(seed, body), model=body["model"]
+        )
         if fault is not None:
             self.stats.fault(record, fault.kind)
             early = self._early_fault(fault)
@@ -186,6 +188,11 @@ class Simulator:
         if kind == "slow":
             tps = 1.0 / mix.slow_gap_s
         message_id = new_id("msg_")
+        if kind is None or kind in ("slow", "stall", "pings"):  # a whole answer is sent
+            record.usage = {
+                "input_tokens": generation.input_tokens,
+                "output_tokens": generation.output_tokens,
+            }
         if record.stream:
             frames = wire.stream_frames(
                 generation,

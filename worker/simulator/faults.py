@@ -4,7 +4,9 @@ A request gets a fault in one of two ways:
 
 - forced, by its directive: ``[[sim fault=KIND]]`` every time, or
   ``[[sim fault=KIND fault_times=N]]`` for the first N requests with the same prompt
-  (same :func:`~worker.simulator.textgen.request_digest`), then never again;
+  (same :func:`~worker.simulator.textgen.request_digest`), then never again; with
+  ``fault_model=MODEL`` only requests for that model get it (a model that is down while
+  the others answer);
 - drawn from :class:`~worker.simulator.config.FaultMix`: one ``random()`` per request from
   a generator seeded with the config seed, so the same seed and the same order of
   requests give the same faults. A request with a directive draws nothing.
@@ -97,6 +99,8 @@ def forced_fault(extra: Mapping[str, str]) -> tuple[str, int | None] | None:
     if kind is None:
         if times_raw is not None:
             raise DirectiveError("sim directive fault_times= needs fault=")
+        if "fault_model" in extra:
+            raise DirectiveError("sim directive fault_model= needs fault=")
         return None
     if kind not in FAULT_KINDS:
         raise DirectiveError(f"sim directive fault={kind!r} is not one of {FAULT_KINDS}")
@@ -117,13 +121,19 @@ class FaultDecider:
         self._random = random.Random(seed)
         self._seen: dict[int, int] = {}
 
-    def decide(self, extra: Mapping[str, str], request_key: Callable[[], int]) -> Fault | None:
+    def decide(
+        self, extra: Mapping[str, str], request_key: Callable[[], int], model: str | None = None
+    ) -> Fault | None:
         """The fault for a request with directive ``extra``; ``request_key`` is its digest.
+        A forced fault with ``fault_model=M`` applies only to requests for model ``M``.
 
         Raises DirectiveError for a malformed ``fault=`` directive.
         """
         if extra:
             forced = forced_fault(extra)
+            only_for = extra.get("fault_model")
+            if forced is not None and only_for is not None and only_for != model:
+                return None  # a request with a directive draws nothing
             if forced is not None:
                 kind, times = forced
                 if times is None:
@@ -134,6 +144,9 @@ class FaultDecider:
                 return Fault(kind, forced=True) if seen < times else None
         if not self._rates:
             return None
+        return self._draw()
+
+    def _draw(self) -> Fault | None:
         drawn = choose_kind(self._rates, self._random.random())
         return None if drawn is None else Fault(drawn)
 

@@ -11,11 +11,14 @@ The JSON shape of :meth:`Stats.snapshot`::
      "faults": {"429": int, "cut": int, ...}, "rate_limited": int,
      "accepted_per_s": {"<unix second>": int, ...},
      "requests_log": [{"ts", "status", "model", "stream", "path", "first_byte_ts",
-                       "end_ts", "fault", "rate_limited"}, ...]}
+                       "end_ts", "fault", "rate_limited", "usage"}, ...]}
 
 Times are Unix seconds (``time.time()``). ``status`` is null and ``end_ts`` null while a
 request is in flight; a streamed request ends when its last byte is written or its
 client goes away. ``status`` 0 means no response at all (the ``reset`` fault).
+
+``usage`` is the ``{"input_tokens", "output_tokens"}`` the answer reports, or null for a
+request that got no whole answer (an error status or a mid-stream fault).
 
 ``faults`` counts injected faults by kind (only kinds that occurred); ``rate_limited``
 counts 429s from the simulator's own limits, which are not faults. ``accepted_per_s``
@@ -44,6 +47,7 @@ class RequestRecord:
         "status",
         "stream",
         "ts",
+        "usage",
     )
 
     def __init__(self, path: str, ts: float) -> None:
@@ -56,6 +60,9 @@ class RequestRecord:
         self.end_ts: float | None = None
         self.fault: str | None = None
         self.rate_limited = False
+        #: The usage the answer reports (input and output tokens); None for a request that
+        #: got no full answer (an error status, a mid-stream fault).
+        self.usage: dict[str, int] | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -68,6 +75,7 @@ class RequestRecord:
             "end_ts": self.end_ts,
             "fault": self.fault,
             "rate_limited": self.rate_limited,
+            "usage": self.usage,
         }
 
 
