@@ -5,6 +5,7 @@
     ├── RequestInvalid           a request failed validation (lists every bad field); ValueError too
     ├── JobConflict              a job_id that exists already, with a different request
     ├── JobNotFound              no job with that id (or it expired)
+    ├── BudgetExceeded           the tenant has reached its budget (LLM_WORKER_BUDGETS)
     ├── JobFailed                the job ended without a result (carries the upstream's error)
     │   ├── JobCancelled
     │   └── JobExpired
@@ -94,6 +95,16 @@ class JobNotFound(LLMWorkerError, KeyError):
 
     def __str__(self) -> str:
         return f"no job {self.job_id!r} (never submitted, or expired)"
+
+
+class BudgetExceeded(LLMWorkerError):
+    """The tenant has reached a budget of ``LLM_WORKER_BUDGETS``: nothing was submitted. The
+    message names the budget (per day or month) and what was spent; it lifts when the period
+    rolls over (UTC) or the budget is raised."""
+
+    def __init__(self, tenant: str, message: str) -> None:
+        self.tenant = tenant
+        super().__init__(message)
 
 
 class JobFailed(LLMWorkerError):

@@ -269,6 +269,26 @@ COST_USD = ModelCounter(
     "(LLM_WORKER_PRICES), by that model and the job's tenant; failed calls cost 0.",
     ["model", "tenant"],
 )
+BUDGET_HOLDS = ModelCounter(
+    "llm_worker_budget_holds_total",
+    "Deliveries of a job whose tenant was at its budget (LLM_WORKER_BUDGETS), by what was done "
+    "(action: hold, the job went back to the queue for BUDGET_HOLD_S; fail, it ended failed).",
+    ["tenant", "action"],
+)
+TENANT_SPEND = Gauge(
+    "llm_worker_tenant_spend_usd",
+    "A budgeted tenant's spend in the current UTC day or month (period: day, month), read "
+    "from Redis when scraped (the same on every worker: aggregate with max).",
+    ["tenant", "period"],
+    multiprocess_mode="mostrecent",
+)
+TENANT_BUDGET = Gauge(
+    "llm_worker_tenant_budget_usd",
+    "A tenant's budget per UTC day or month (LLM_WORKER_BUDGETS), for spend-against-budget "
+    "panels and alerts.",
+    ["tenant", "period"],
+    multiprocess_mode="mostrecent",
+)
 CHUNKS_PUBLISHED = ModelCounter(
     "llm_worker_chunks_published_total", "Chunk events written to job streams.", ["model"]
 )

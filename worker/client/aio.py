@@ -150,11 +150,20 @@ class AsyncClient:
             fallback_models=fallback_models,
             default_priority=default_priority,
         )
+        now = time.time()
+        reads = p.budget_reads(
+            self.settings, self.keys, [o.tenant for o in submission.options], now
+        )
+        if reads:
+            values = await self.redis.mget([r.key for r in reads])
+            refusal = p.budget_refusal(self.settings, reads, values, now)
+            if refusal is not None:
+                raise refusal
         calls = p.submit_calls(
             self.settings,
             self.keys,
             submission,
-            now=time.time(),
+            now=now,
             same_redis=self._same_redis,
             batch_id=batch_id,
         )

@@ -19,8 +19,16 @@ import orjson
 from worker import events as ev
 from worker import metrics as m
 from worker.broker import task_message
-from worker.errors import JobCancelled, JobExpired, JobFailed, JobNotFound, RequestInvalid
+from worker.errors import (
+    BudgetExceeded,
+    JobCancelled,
+    JobExpired,
+    JobFailed,
+    JobNotFound,
+    RequestInvalid,
+)
 from worker.keys import Keys
+from worker.pricing import budget_problem
 from worker.ratelimit.cost import submit_problem
 from worker.request import validate_request
 from worker.settings import Settings, load_settings
@@ -297,6 +305,44 @@ def prepare_submission(
     if len(set(final_ids)) != len(final_ids):
         raise RequestInvalid([{"loc": "job_ids", "msg": "the same job_id appears twice"}])
     return Submission(final_ids, validated, metas, options)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetRead:
+    """One spend counter to read before submitting a budgeted tenant's jobs."""
+
+    tenant: str
+    period_name: str  # day or month
+    key: str
+
+
+def budget_reads(
+    settings: Settings, keys: Keys, tenants: Iterable[str | None], now: float
+) -> list[BudgetRead]:
+    """The spend counters of every tenant among ``tenants`` that has a budget (none when no
+    budget is configured: submitting costs no extra round trip)."""
+    reads = []
+    for tenant in dict.fromkeys(t for t in tenants if t):
+        budget = settings.budgets.get(tenant)
+        if budget is None:
+            continue
+        for name, period, _limit in budget.limits(now):
+            reads.append(BudgetRead(tenant, name, keys.spend(tenant, period)))
+    return reads
+
+
+def budget_refusal(
+    settings: Settings, reads: list[BudgetRead], values: Sequence[Any], now: float
+) -> BudgetExceeded | None:
+    """The error for the first tenant at its budget, given the counters' values, or None."""
+    spent: dict[str, dict[str, int]] = {}
+    for read, value in zip(reads, values, strict=True):
+        spent.setdefault(read.tenant, {})[read.period_name] = int(value or 0)
+    for tenant, by_period in spent.items():
+        problem = budget_problem(tenant, settings.budgets[tenant], by_period, now)
+        if problem is not None:
+            return BudgetExceeded(tenant, problem + "; nothing was submitted")
+    return None
 
 
 @dataclass(frozen=True, slots=True)

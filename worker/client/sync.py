@@ -124,8 +124,18 @@ class Client:
         return self._enqueue(submission)
 
     def _enqueue(self, submission: p.Submission) -> list[Job]:
+        now = time.time()
+        reads = p.budget_reads(
+            self.settings, self.keys, [o.tenant for o in submission.options], now
+        )
+        if reads:
+            refusal = p.budget_refusal(
+                self.settings, reads, self.redis.mget([r.key for r in reads]), now
+            )
+            if refusal is not None:
+                raise refusal
         calls = p.submit_calls(
-            self.settings, self.keys, submission, now=time.time(), same_redis=self._same_redis
+            self.settings, self.keys, submission, now=now, same_redis=self._same_redis
         )
         script = self.store.submit_script()
         pipe = self.redis.pipeline(transaction=False)

@@ -27,6 +27,7 @@ from worker import events as ev
 from worker.client.aio import AsyncClient, AsyncJob
 from worker.client.batch_file import error_response
 from worker.errors import (
+    BudgetExceeded,
     JobCancelled,
     JobConflict,
     JobExpired,
@@ -44,6 +45,8 @@ JOB_ID_HEADER = "llm-worker-job-id"
 #: A job's priority (0-9, higher first; default 5) and its life in seconds from submission.
 PRIORITY_HEADER = "llm-worker-priority"
 DEADLINE_HEADER = "llm-worker-deadline"
+#: The job's fallback models, comma-separated, in order (replacing LLM_WORKER_FALLBACKS').
+FALLBACK_HEADER = "llm-worker-fallback-models"
 
 
 #: The gateway's Redis connections carry this name (CLIENT LIST shows how many it holds).
@@ -146,13 +149,22 @@ class Gateway:
         job_id = request.headers.get(JOB_ID_HEADER) or None
         priority = _number_header(request, PRIORITY_HEADER, int)
         deadline_s = _number_header(request, DEADLINE_HEADER, float)
+        fallbacks = request.headers.get(FALLBACK_HEADER)
         wait_s = self.wait_s if deadline_s is None else deadline_s + 60
         try:
             job = await self.client.submit(
-                body, job_id=job_id, priority=priority, deadline_s=deadline_s
+                body,
+                job_id=job_id,
+                priority=priority,
+                deadline_s=deadline_s,
+                fallback_models=None
+                if fallbacks is None
+                else [name.strip() for name in fallbacks.split(",") if name.strip()],
             )
         except RequestInvalid as exc:
             raise HTTPProblem(400, "invalid_request_error", _describe(exc)) from None
+        except BudgetExceeded as exc:
+            raise HTTPProblem(429, "rate_limit_error", str(exc)) from None
         except JobConflict as exc:
             raise HTTPProblem(409, "invalid_request_error", str(exc)) from None
         if streamed:
@@ -248,6 +260,8 @@ class Gateway:
             batch_id = await self.batches.create(items, priority=priority)
         except RequestInvalid as exc:
             raise HTTPProblem(400, "invalid_request_error", _describe(exc)) from None
+        except BudgetExceeded as exc:
+            raise HTTPProblem(429, "rate_limit_error", str(exc)) from None
         return _json(await self.batches.retrieve(batch_id, self.base_url(request)))
 
     async def _batch(self, request: Request) -> dict[str, Any]:

@@ -15,11 +15,14 @@ code runs in the one process that serves HTTP.
 - ``llm_worker_queue_jobs_submitted_total``: the Redis counter (per queue and model) that
   every producer adds to, mirrored into a counter (it only moves forward).
 - ``llm_worker_ready``: Redis answers and the consumer is consuming.
+- ``llm_worker_tenant_spend_usd`` / ``llm_worker_tenant_budget_usd``: each budgeted tenant's
+  spend counters (``Keys.spend``) for the current UTC day and month, and its budgets.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import orjson
@@ -29,6 +32,7 @@ from kombu.transport import redis as kombu_redis
 
 from worker import metrics as m
 from worker.keys import Keys
+from worker.pricing import PICO_PER_USD
 from worker.settings import Settings
 
 log = structlog.get_logger("worker.process.scrape")
@@ -69,6 +73,8 @@ class ScrapeGauges:
         alive: Callable[[], bool],
     ) -> None:
         m.add_model_labels(settings.catalogue.label_names())
+        m.add_tenant_labels(settings.budgets)
+        self.budgets = settings.budgets
         self.queue = settings.queue
         self.keys = Keys(settings.key_prefix)
         self.results = results
@@ -100,6 +106,7 @@ class ScrapeGauges:
                     m.QUEUE_DEPTH.labels(self.queue, "unacked").set(unacked)
                 m.DEAD_LETTERS.set(int(self.results.xlen(self.keys.dead_letters)))
                 self._mirror_submitted()
+                self._spend_against_budgets()
             except redis.RedisError as exc:
                 log.warning("scrape_refresh_failed", error=f"{type(exc).__name__}: {exc}"[:200])
 
@@ -119,6 +126,21 @@ class ScrapeGauges:
                     self._tag_queues[tag] = routing_key(raw)
         unacked = sum(1 for tag in current if self._tag_queues.get(tag) == self.queue)
         return sum(int(n) for n in lengths), unacked
+
+    def _spend_against_budgets(self) -> None:
+        """Each budgeted tenant's spend this UTC day and month, beside its budget."""
+        if not self.budgets:
+            return
+        now = time.time()
+        rows = [
+            (tenant, name, period, limit)
+            for tenant, budget in self.budgets.items()
+            for name, period, limit in budget.limits(now)
+        ]
+        values = self.results.mget([self.keys.spend(t, period) for t, _n, period, _l in rows])
+        for (tenant, name, _period, limit), value in zip(rows, values, strict=True):
+            m.TENANT_SPEND.labels(tenant, name).set(int(value or 0) / PICO_PER_USD)
+            m.TENANT_BUDGET.labels(tenant, name).set(limit / PICO_PER_USD)
 
     def _mirror_submitted(self) -> None:
         counts = self.results.hgetall(self.keys.submitted_counts(self.queue))

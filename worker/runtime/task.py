@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 import signal
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,16 +25,19 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import events as ev
+from worker import metrics as m
 from worker.broker import TASK_NAME
 from worker.catalogue import MODEL_NAME_PATTERN
 from worker.celery_app import app
 from worker.errors import RequestInvalid
+from worker.pricing import budget_problem
 from worker.ratelimit.gate import JobPostponed
 from worker.request import validate_request
 from worker.runtime.context import Runtime, current_runtime, get_runtime
 from worker.runtime.leases import new_token, wait_time_s
 from worker.runtime.runner import HandBack, JobRunner
 from worker.settings import MAX_FALLBACK_MODELS, load_settings
+from worker.store import text
 
 log = structlog.get_logger("worker.runtime.task")
 
@@ -169,6 +173,8 @@ def _run(
             payload,
         )
         return
+    if _held_for_budget(rt, job_id, payload, args, kwargs):
+        return
     token = new_token(rt.hostname)
     while True:
         if rt.leases.draining:
@@ -227,6 +233,51 @@ def _run(
         _requeue(job_id, args, kwargs, postponed.countdown_s)
     finally:
         rt.leases.unregister(handle)
+
+
+def _held_for_budget(
+    rt: Runtime, job_id: str, payload: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> bool:
+    """True when the job's tenant is at its budget and the job was held (sent back to the
+    queue with a countdown: it holds no worker slot meanwhile) or failed (``BUDGET_ACTION``).
+
+    A job that ended already, or whose deadline has passed, is left to the claim (which
+    answers or expires it). Costs nothing for a tenant without a budget."""
+    settings = rt.settings
+    tenant = job_id.partition("/")[0] if "/" in job_id else ""
+    budget = settings.budgets.get(tenant) if tenant else None
+    if budget is None:
+        return False
+    now = time.time()
+    limits = budget.limits(now)
+    store = rt.store
+    pipe = store.redis.pipeline(transaction=False)
+    pipe.hmget(store.keys.job(job_id), ["state", "held"])
+    pipe.mget([store.keys.spend(tenant, period) for _name, period, _limit in limits])
+    (state, held), values = pipe.execute()
+    deadline_at = _epoch(payload.get("deadline_at"))
+    if (state is not None and text(state) in ev.TERMINAL_TYPES) or (
+        deadline_at is not None and now >= deadline_at
+    ):
+        return False
+    spent = {name: int(value or 0) for (name, _p, _l), value in zip(limits, values, strict=True)}
+    problem = budget_problem(tenant, budget, spent, now)
+    if problem is None:
+        if held is not None:
+            store.redis.hdel(store.keys.job(job_id), "held")
+        return False
+    m.BUDGET_HOLDS.labels(tenant, settings.budget_action).inc()
+    if settings.budget_action == "fail":
+        fail_unrunnable(rt, job_id, "budget_exceeded", problem, payload)
+        return True
+    countdown_s = settings.budget_hold_s
+    if deadline_at is not None:
+        countdown_s = max(0.0, min(countdown_s, deadline_at - now))
+    if state is not None:
+        store.redis.hset(store.keys.job(job_id), "held", problem)
+    log.info("job_held_for_budget", tenant=tenant, countdown_s=round(countdown_s, 3))
+    _requeue(job_id, args, kwargs, countdown_s)
+    return True
 
 
 def _requeue(
