@@ -83,6 +83,14 @@ def _number_header(request: Request, name: str, kind: type[int] | type[float]) -
         ) from None
 
 
+def _list_header(request: Request, name: str) -> list[str] | None:
+    """A comma-separated header as a list (empty: none), or None when absent."""
+    raw = request.headers.get(name)
+    if raw is None:
+        return None
+    return [part.strip() for part in raw.split(",") if part.strip()]
+
+
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(data), status, headers, media_type="application/json")
 
@@ -149,7 +157,7 @@ class Gateway:
         job_id = request.headers.get(JOB_ID_HEADER) or None
         priority = _number_header(request, PRIORITY_HEADER, int)
         deadline_s = _number_header(request, DEADLINE_HEADER, float)
-        fallbacks = request.headers.get(FALLBACK_HEADER)
+        fallbacks = _list_header(request, FALLBACK_HEADER)
         wait_s = self.wait_s if deadline_s is None else deadline_s + 60
         try:
             job = await self.client.submit(
@@ -157,9 +165,7 @@ class Gateway:
                 job_id=job_id,
                 priority=priority,
                 deadline_s=deadline_s,
-                fallback_models=None
-                if fallbacks is None
-                else [name.strip() for name in fallbacks.split(",") if name.strip()],
+                fallback_models=fallbacks,
             )
         except RequestInvalid as exc:
             raise HTTPProblem(400, "invalid_request_error", _describe(exc)) from None
