@@ -83,6 +83,16 @@ def _number_header(request: Request, name: str, kind: type[int] | type[float]) -
         ) from None
 
 
+def submit_problem(exc: RequestInvalid | BudgetExceeded | JobConflict) -> HTTPProblem:
+    """The HTTP answer to a refused submission: 400, 429 (a tenant at its budget, as the
+    Anthropic API answers a spend limit) or 409."""
+    if isinstance(exc, RequestInvalid):
+        return HTTPProblem(400, "invalid_request_error", _describe(exc))
+    if isinstance(exc, BudgetExceeded):
+        return HTTPProblem(429, "rate_limit_error", str(exc))
+    return HTTPProblem(409, "invalid_request_error", str(exc))
+
+
 def _list_header(request: Request, name: str) -> list[str] | None:
     """A comma-separated header as a list (empty: none), or None when absent."""
     raw = request.headers.get(name)
@@ -167,12 +177,8 @@ class Gateway:
                 deadline_s=deadline_s,
                 fallback_models=fallbacks,
             )
-        except RequestInvalid as exc:
-            raise HTTPProblem(400, "invalid_request_error", _describe(exc)) from None
-        except BudgetExceeded as exc:
-            raise HTTPProblem(429, "rate_limit_error", str(exc)) from None
-        except JobConflict as exc:
-            raise HTTPProblem(409, "invalid_request_error", str(exc)) from None
+        except (RequestInvalid, BudgetExceeded, JobConflict) as exc:
+            raise submit_problem(exc) from None
         if streamed:
             return self._anthropic_stream(job, after="0-0")
         try:
