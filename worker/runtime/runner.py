@@ -224,6 +224,13 @@ class JobRunner:
         if time.time() >= self.deadline_at:
             self._expire(self.claim.attempts)
             return
+        if self.fallback.has_next and not self.claim.first_start:
+            # Taken up again (redelivered, or back from a postponement): go on with the
+            # model the last attempt went to.
+            resumed = FallbackState.resume(
+                self.fallback.chain, self.rt.store.job_field(self.job_id, "attempt_model")
+            )
+            self._use_model(resumed)
         if self.claim.state_before == "running" and self.claim.attempts > 0:
             if self.claim.last_event_type == ev.CHUNK and not self.settings.retry_mid_stream:
                 self._fail_mid_stream(self.claim.attempts, "worker_lost", "stopped mid-stream")
@@ -237,6 +244,7 @@ class JobRunner:
                         self.claim.attempts,
                         reason="worker_lost",
                         delay_s=0.0,
+                        model=self.model,
                         error={
                             "type": "worker_lost",
                             "message": "the worker running this job stopped; another took over",
@@ -248,13 +256,6 @@ class JobRunner:
             m.RETRIES.labels(self.model, "worker_lost").inc()
         if self.submitted_at is not None and self.claim.first_start:
             m.QUEUE_WAIT.labels(self.model).observe(max(0.0, self.started_at - self.submitted_at))
-        if self.fallback.has_next and not self.claim.first_start:
-            # Taken up again (redelivered, or back from a postponement): go on with the
-            # model the last attempt went to.
-            resumed = FallbackState.resume(
-                self.fallback.chain, self.rt.store.job_field(self.job_id, "attempt_model")
-            )
-            self._use_model(resumed)
         in_flight_model = self.model
         m.JOBS_IN_FLIGHT.labels(in_flight_model).inc()
         try:
@@ -374,6 +375,7 @@ class JobRunner:
                             attempt,
                             reason="worker_shutdown",
                             delay_s=0.0,
+                            model=self.model,
                             error={
                                 "type": "worker_shutdown",
                                 "message": "the worker shut down; the job went back to the queue",
@@ -519,6 +521,7 @@ class JobRunner:
             reason=postponed.reason,
             delay_s=round(postponed.countdown_s, 3),
             error=postponed.to_error(),
+            model=self.model,
         )
         self._publish([event])
         # The release (lease-checked, with the task's hand-back) sets it queued again and
