@@ -209,6 +209,44 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_usage(args: argparse.Namespace) -> int:
+    import time
+
+    from worker.client.sync import Client
+    from worker.pricing import usd_text
+    from worker.usage import read_usage
+
+    if args.days < 1 or args.days > 400:
+        _console(stderr=True).print("llm-worker usage: --days must be 1-400", markup=False)
+        return EXIT_USAGE
+    with Client() as client:
+        rows = read_usage(
+            client.redis, client.keys, tenant=args.tenant, days=args.days, now=time.time()
+        )
+    if args.json:
+        print(json.dumps([row.as_json() for row in rows], indent=2))
+        return 0
+    header = ("day", "tenant", "model", "jobs", "input_tokens", "output_tokens", "cost_usd")
+    table = [header] + [
+        (
+            r.day,
+            r.tenant or "(none)",
+            r.model,
+            str(r.jobs),
+            str(r.input_tokens),
+            str(r.output_tokens),
+            usd_text(r.cost_pusd),
+        )
+        for r in rows
+    ]
+    total = sum(r.cost_pusd for r in rows)
+    table.append(("total", "", "", str(sum(r.jobs for r in rows)), "", "", usd_text(total)))
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
+    return 0
+
+
 def cmd_cancel(args: argparse.Namespace) -> int:
     from worker.client.sync import Client
     from worker.errors import JobNotFound
@@ -466,6 +504,14 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat list 
     status.add_argument("job_id")
     status.add_argument("--tenant", help="the tenant the job belongs to")
     status.set_defaults(func=cmd_status)
+
+    usage = sub.add_parser(
+        "usage", help="tokens and cost per tenant, model and UTC day (exact, from Redis)"
+    )
+    usage.add_argument("--tenant", help="only this tenant")
+    usage.add_argument("--days", type=int, default=7, help="the last N UTC days (default 7)")
+    usage.add_argument("--json", action="store_true", help="print JSON rows")
+    usage.set_defaults(func=cmd_usage)
 
     cancel = sub.add_parser("cancel", help="cancel a queued or running job")
     cancel.add_argument("job_id")

@@ -7,7 +7,9 @@ reports for each request it answered.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -19,6 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import (
+    ROOT,
     WorkerProcess,
     events_so_far,
     make_request,
@@ -316,3 +319,45 @@ def test_queued_jobs_of_a_tenant_at_budget_are_held_not_failed(
         client.redis.delete(key)  # the period rolled over: nothing spent in the new one
     assert queued.result(timeout=60)["usage"]["output_tokens"] == 4
     assert "held" not in queued.status()
+
+
+def cli(worker: WorkerProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        cwd=ROOT,
+        env=worker.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_usage_command_prints_the_exact_counters(client: Client, worker: WorkerProcess) -> None:
+    """`llm-worker usage --json` shows per model and day the tokens and the exact cost that
+    Redis holds for the tenant; the table ends with the total."""
+    job = client.submit(make_request(f"usage {uuid.uuid4().hex} [[sim tokens=4]]"), tenant="acme")
+    job.result(timeout=60)
+    done = cli(worker, "usage", "--tenant", "acme", "--json")
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert rows
+    assert {row["tenant"] for row in rows} == {"acme"}
+    fields = usage_fields(client, "acme")
+    for row in rows:
+        model = row["model"]
+        assert row["output_tokens"] == fields[f"{model}|output_tokens"]
+        assert Decimal(row["cost_usd"]) * 10**12 == fields[f"{model}|cost_pusd"]
+    table = cli(worker, "usage", "--tenant", "acme")
+    total = sum((Decimal(row["cost_usd"]) for row in rows), Decimal(0))
+    assert table.stdout.splitlines()[-1].split()[-1] == str(total.normalize())
+
+
+def test_submit_command_refuses_a_tenant_at_budget(client: Client, worker: WorkerProcess) -> None:
+    """`llm-worker submit --tenant` for a tenant at its budget exits 2 naming the budget."""
+    with contextlib.suppress(BudgetExceeded):  # spent already by an earlier test
+        job = client.submit(make_request(f"t {uuid.uuid4().hex} [[sim tokens=5]]"), tenant="tight")
+        job.result(timeout=60)
+    done = cli(worker, "submit", "hello", "--tenant", "tight")
+    assert done.returncode == 2
+    assert "budget of 0.000001 USD per day" in done.stderr
