@@ -269,6 +269,12 @@ COST_USD = ModelCounter(
     "(LLM_WORKER_PRICES), by that model and the job's tenant; failed calls cost 0.",
     ["model", "tenant"],
 )
+FALLBACKS = ModelCounter(
+    "llm_worker_fallbacks_total",
+    "Jobs that moved from this model to the next of their chain (LLM_WORKER_FALLBACKS), by the "
+    "failure that decided it (a retry reason, or model_cooling_down).",
+    ["model", "reason"],
+)
 BUDGET_HOLDS = ModelCounter(
     "llm_worker_budget_holds_total",
     "Deliveries of a job whose tenant was at its budget (LLM_WORKER_BUDGETS), by what was done "

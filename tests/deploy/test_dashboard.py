@@ -29,6 +29,9 @@ REQUIRED_PANELS = (
     "Jobs in flight",
     "Dead letters",
     "Worker readiness",
+    "Spend against budget",
+    "Cost (USD per hour",
+    "Fallbacks",
 )
 
 

@@ -20,6 +20,8 @@ EXPECTED_ALERTS = {
     "LLMWorkerDeadLettersGrowing",
     "LLMWorkerDown",
     "LLMWorkerNotReady",
+    "LLMWorkerTenantBudgetNearlySpent",
+    "LLMWorkerTenantBudgetReached",
 }
 
 

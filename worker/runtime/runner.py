@@ -320,6 +320,7 @@ class JobRunner:
         state = skip_model(self.fallback)
         assert state is not None  # reserve() only raises it when a later model exists
         self._use_model(state)
+        m.FALLBACKS.labels(left, "model_cooling_down").inc()
         log.info(
             "fallback_model_switched",
             from_model=left,
@@ -450,6 +451,7 @@ class JobRunner:
             after_failure(self.fallback, exc, after_attempts=self.settings.fallback_after_attempts)
         )
         if self.model != failed_on:
+            m.FALLBACKS.labels(failed_on, exc.reason).inc()
             log.info(
                 "fallback_model_switched",
                 from_model=failed_on,
