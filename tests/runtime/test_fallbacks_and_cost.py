@@ -361,3 +361,39 @@ def test_submit_command_refuses_a_tenant_at_budget(client: Client, worker: Worke
     done = cli(worker, "submit", "hello", "--tenant", "tight")
     assert done.returncode == 2
     assert "budget of 0.000001 USD per day" in done.stderr
+
+
+def test_budget_action_fail_ends_queued_jobs_failed(redis_url: str, simulator: str) -> None:
+    """With BUDGET_ACTION=fail a queued job of a tenant at its budget ends failed
+    (budget_exceeded, naming the budget) and is dead-lettered, without an upstream call."""
+    tag = uuid.uuid4().hex[:8]
+    env = worker_env(
+        redis_url,
+        simulator,
+        queue=f"money-fail-{tag}",
+        key_prefix=f"moneyfail{tag}",
+        prices=json.dumps(PRICES),
+        budgets=json.dumps({"capped": {"usd_per_day": "0.000001"}}),
+        budget_action="fail",
+    )
+    args = [sys.executable, "-m", "worker.cli", "run", "--pool", "gevent", "--concurrency", "5"]
+    proc = WorkerProcess(args, env).ready()
+    try:
+        with Client(proc.settings()) as client:
+            client.submit(
+                make_request(f"cap {uuid.uuid4().hex} [[sim tokens=5]]"), tenant="capped"
+            ).result(timeout=60)
+            calls = len(sim_log(simulator))
+            unaware = settings_from_env({k: v for k, v in env.items() if k != "LLM_WORKER_BUDGETS"})
+            with Client(unaware) as producer:
+                job = producer.submit(make_request(f"cap2 {uuid.uuid4().hex}"), tenant="capped")
+            (events,) = finish([job])
+            assert [e["type"] for e in events] == [ev.FAILED]
+            error = events[-1]["error"]
+            assert error["type"] == "budget_exceeded"
+            assert "0.000001 USD per day" in error["message"]
+            assert len(sim_log(simulator)) == calls
+            dead = client.redis.xrange(client.keys.dead_letters)
+            assert [fields[b"reason"] for _id, fields in dead] == [b"budget_exceeded"]
+    finally:
+        proc.stop()
