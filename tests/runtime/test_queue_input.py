@@ -80,6 +80,24 @@ def test_the_worker_validates_strictly_and_with_the_catalogue(
     assert field in events[0]["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    "fallbacks", ["deepseek-ai/DeepSeek-V3.1", [1], ["bad name"], [f"m{i}" for i in range(9)]]
+)
+def test_malformed_fallbacks_on_the_queue_end_the_job_failed(
+    client: Client, fallbacks: Any
+) -> None:
+    """A queued payload whose fallback_models is not a list of at most 8 model names ends its
+    job failed (invalid_payload, dead-lettered) before any upstream call."""
+    job_id = f"bad-fallbacks-{uuid.uuid4().hex[:8]}"
+    payload = {"job_id": job_id, "request": make_request("x"), "fallback_models": fallbacks}
+    _push(client, task_message(job_id, payload, queue=client.settings.queue))
+    events = list(Job(client, job_id).events(timeout=30))
+    assert [e["type"] for e in events] == [ev.FAILED]
+    assert events[0]["error"]["type"] == "invalid_payload"
+    assert "fallback_models" in events[0]["error"]["message"]
+    assert _dead_letters_for(client, job_id)
+
+
 def test_undecodable_body_ends_the_job_failed(client: Client) -> None:
     """A message whose JSON body cannot be decoded ends its job failed, worker unharmed; the
     job's error is a fixed sentence (the decoder's words are in the worker's log)."""
