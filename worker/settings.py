@@ -311,6 +311,14 @@ class Settings(BaseSettings):
                 "processes above 1 is for the gevent, threads and solo pools; prefork already "
                 "runs CONCURRENCY processes"
             )
+        aliases = alias_map(self.models)
+        for name, keys in (("PRICES", self.prices), ("FALLBACKS", self.fallbacks)):
+            for key in keys:
+                if key in aliases:
+                    raise ValueError(
+                        f"{ENV_PREFIX}{name} names {key!r}, an alias of {aliases[key]!r}: "
+                        "name the model (jobs carry the model's name)"
+                    )
         visibility_s = self.effective_visibility_timeout_s
         if visibility_s <= self.lease_ttl_s:
             raise ValueError(

@@ -143,3 +143,16 @@ def test_periods_are_utc() -> None:
     """Day and month periods are UTC calendar dates."""
     assert utc_day(0) == "1970-01-01"
     assert utc_month(86_400 * 31) == "1970-02"
+
+
+def test_an_alias_as_a_price_or_fallback_key_is_refused() -> None:
+    """Jobs carry the model's name, so a price or fallback list keyed by an alias would never
+    apply: the settings refuse it, naming the variable."""
+    models = '{"a/b": {"max_tokens": 10, "aliases": ["ab"]}}'
+    price = '{"ab": {"input_per_mtok": 1, "output_per_mtok": 1}}'
+    for overrides in ({"prices": price}, {"fallbacks": '{"ab": ["c"]}'}):
+        with pytest.raises(SettingsError) as caught:
+            load_settings(models=models, **overrides)
+        name = "PRICES" if "prices" in overrides else "FALLBACKS"
+        assert f"LLM_WORKER_{name}:" in str(caught.value)
+        assert "alias of 'a/b'" in str(caught.value)

@@ -241,8 +241,9 @@ def _held_for_budget(
     """True when the job's tenant is at its budget and the job was held (sent back to the
     queue with a countdown: it holds no worker slot meanwhile) or failed (``BUDGET_ACTION``).
 
-    A job that ended already, or whose deadline has passed, is left to the claim (which
-    answers or expires it). Costs nothing for a tenant without a budget."""
+    Only a job that has not started is held: one that ended, is running (a redelivery, or a
+    takeover from a worker that died: it goes on) or has passed its deadline is left to the
+    claim. Costs nothing for a tenant without a budget."""
     settings = rt.settings
     tenant = job_id.partition("/")[0] if "/" in job_id else ""
     budget = settings.budgets.get(tenant) if tenant else None
@@ -256,7 +257,7 @@ def _held_for_budget(
     pipe.mget([store.keys.spend(tenant, period) for _name, period, _limit in limits])
     (state, held), values = pipe.execute()
     deadline_at = _epoch(payload.get("deadline_at"))
-    if (state is not None and text(state) in ev.TERMINAL_TYPES) or (
+    if (state is not None and text(state) != "queued") or (
         deadline_at is not None and now >= deadline_at
     ):
         return False
