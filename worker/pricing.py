@@ -84,7 +84,8 @@ def _micro(price: Decimal) -> int:
     return int(price.scaleb(PRICE_DECIMALS))  # exact: at most PRICE_DECIMALS decimals
 
 
-def _tokens(usage: Mapping[str, Any], name: str) -> int:
+def token_count(usage: Mapping[str, Any], name: str) -> int:
+    """A token count of a ``usage`` object: a non-negative integer, else 0."""
     value = usage.get(name)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         return 0  # absent, null or nonsense from the upstream: nothing to bill
@@ -98,10 +99,10 @@ def cost_pusd(usage: Mapping[str, Any] | None, price: Price | None) -> int:
         return 0
     input_p, output_p, read_p, write_p = price.micro()
     return (
-        _tokens(usage, "input_tokens") * input_p
-        + _tokens(usage, "output_tokens") * output_p
-        + _tokens(usage, "cache_read_input_tokens") * read_p
-        + _tokens(usage, "cache_creation_input_tokens") * write_p
+        token_count(usage, "input_tokens") * input_p
+        + token_count(usage, "output_tokens") * output_p
+        + token_count(usage, "cache_read_input_tokens") * read_p
+        + token_count(usage, "cache_creation_input_tokens") * write_p
     )
 
 

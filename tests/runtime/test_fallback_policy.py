@@ -10,6 +10,7 @@ from worker.runtime.fallback import (
     FallbackState,
     after_failure,
     counts_toward_fallback,
+    honours_retry_after,
     plan_chain,
     skip_model,
 )
@@ -129,3 +130,17 @@ def test_resume_goes_on_with_the_last_attempts_model() -> None:
     assert FallbackState.resume(("a", "b"), "b").model == "b"
     assert FallbackState.resume(("a", "b"), "gone").model == "a"
     assert FallbackState.resume(("a", "b"), None).model == "a"
+
+
+def test_a_long_retry_after_is_not_waited_out_when_another_model_can_answer() -> None:
+    """The wait honours retry-after on the same model; not when the next attempt goes to
+    another model, nor when a later model exists and the wait asked for is long."""
+    long_429 = error_from_response(429, {"retry-after": "30"}, b"")
+    short_429 = error_from_response(429, {"retry-after": "1"}, b"")
+    chain = FallbackState(("a", "b"))
+    last = FallbackState(("a", "b"), 1)
+    switched = FallbackState(("a", "b"), 1)
+    assert not honours_retry_after(chain, chain, long_429)
+    assert honours_retry_after(chain, chain, short_429)
+    assert honours_retry_after(last, last, long_429)  # nowhere else to go
+    assert not honours_retry_after(chain, switched, short_429)

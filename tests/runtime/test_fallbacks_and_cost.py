@@ -61,7 +61,7 @@ def _down(tag: str, tokens: int = 6) -> str:
 @pytest.fixture(scope="module")
 def simulator() -> Iterator[str]:
     """A simulator of its own, so its request log holds only this module's requests."""
-    proc, url = start_simulator("--models", ",".join(SEED_MODELS), "--retry-after-s", "3")
+    proc, url = start_simulator("--models", ",".join(SEED_MODELS), "--retry-after-s", "30")
     yield url
     stop_process(proc)
 
@@ -194,7 +194,9 @@ def test_a_model_under_a_cooldown_is_skipped_at_once(client: Client, simulator: 
     """After a 429 with retry-after on the down model, a new job goes to the fallback without
     calling it: a retry event says why and names the fallback; the attempt does not count."""
     first = client.submit(
-        make_request(f"cool {uuid.uuid4().hex} [[sim tokens=3 fault=429 fault_times=1]]")
+        make_request(
+            f"cool {uuid.uuid4().hex} [[sim tokens=3 fault=429 fault_times=1 fault_model={DOWN}]]"
+        )
     )
     wait_for(lambda: any(e["type"] == ev.RETRY for e in events_so_far(first)), 30, "the first 429")
     try:
@@ -206,12 +208,32 @@ def test_a_model_under_a_cooldown_is_skipped_at_once(client: Client, simulator: 
         assert retry["reason"] == "model_cooling_down"
         assert retry["model"] == UP
         assert job.status()["attempts"] == 1
-        downs = [r for r in sim_log(simulator) if r["model"] == DOWN]
-        assert len(downs) <= 2  # the first job's calls only, none of this job's
-        assert all(r["status"] != 529 for r in downs)
         first.result(timeout=60)
+        # The first job's 429 only: its next attempt skipped the cooling model too.
+        assert [r["status"] for r in sim_log(simulator) if r["model"] == DOWN] == [429]
     finally:
         # The next tests count the down model's 529s: its cooldown must not outlive this one.
+        client.redis.delete(client.keys.limiter(DOWN, "cooldown"))
+
+
+def test_a_long_429_moves_to_the_fallback_without_waiting_it_out(
+    client: Client, simulator: str
+) -> None:
+    """A 429 asking for 30 s on a model with a fallback: the retry does not wait 30 s, and the
+    next attempt skips the cooling model for the fallback, which answers."""
+    prompt = f"long429 {uuid.uuid4().hex} [[sim tokens=3 fault=429 fault_model={DOWN}]]"
+    try:
+        job = client.submit(make_request(prompt))
+        (events,) = finish([job])
+        retries = [e for e in events if e["type"] == ev.RETRY]
+        assert [(r["reason"], r["model"]) for r in retries] == [
+            ("http_429", DOWN),
+            ("model_cooling_down", UP),
+        ]
+        assert retries[0]["delay_s"] < 30  # backoff only, not the model's retry-after
+        assert events[-1]["answered_by"] == UP
+        assert [r["status"] for r in sim_log(simulator) if r["model"] == DOWN] == [429]
+    finally:
         client.redis.delete(client.keys.limiter(DOWN, "cooldown"))
 
 

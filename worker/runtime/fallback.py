@@ -118,6 +118,17 @@ def after_failure(
     return replace(state, failures=failures)
 
 
+def honours_retry_after(before: FallbackState, after: FallbackState, exc: UpstreamError) -> bool:
+    """Whether the wait before the next attempt honours ``exc``'s ``retry-after``: not when
+    that attempt goes to another model (the wait was the old model's), nor when a later model
+    exists and the wait is long (the next attempt then meets the model's cooldown and moves
+    on at once, or fails again and counts toward the switch)."""
+    if after.model != before.model:
+        return False
+    long_wait = exc.retry_after_s is not None and exc.retry_after_s >= LONG_RETRY_AFTER_S
+    return not (before.has_next and long_wait and counts_toward_fallback(exc))
+
+
 def skip_model(state: FallbackState) -> FallbackState | None:
     """The next model at once (the current one is cooling down), or None when it is the last."""
     if not state.has_next:

@@ -15,13 +15,19 @@ import structlog
 from worker import events as ev
 from worker import metrics as m
 from worker.errors import PermanentUpstreamError, TransientUpstreamError, UpstreamError
-from worker.pricing import PICO_PER_USD, cost_pusd, usd_text, utc_day, utc_month
+from worker.pricing import PICO_PER_USD, cost_pusd, token_count, usd_text, utc_day, utc_month
 from worker.ratelimit.gate import JobPostponed, ModelCoolingDown, WaitInterrupted
 from worker.ratelimit.limiter import RateLimitCapacity, Reservation
 from worker.runtime.accumulate import AccumulateError, accumulate, final_message
 from worker.runtime.coalesce import coalesce
 from worker.runtime.context import Runtime
-from worker.runtime.fallback import FallbackState, after_failure, plan_chain, skip_model
+from worker.runtime.fallback import (
+    FallbackState,
+    after_failure,
+    honours_retry_after,
+    plan_chain,
+    skip_model,
+)
 from worker.runtime.group_commit import Pending
 from worker.runtime.job_store import Claim, Spend, is_lease_lost
 from worker.runtime.leases import JobHandle
@@ -195,8 +201,8 @@ class JobRunner:
             model=self.model,
             day=utc_day(now),
             month=utc_month(now),
-            input_tokens=_count(usage.get("input_tokens")),
-            output_tokens=_count(usage.get("output_tokens")),
+            input_tokens=token_count(usage, "input_tokens"),
+            output_tokens=token_count(usage, "output_tokens"),
             cost_pusd=cost,
         )
 
@@ -417,11 +423,16 @@ class JobRunner:
 
     def _retry_or_fail(self, exc: UpstreamError, attempt: int) -> bool:
         """Publish a ``retry`` and wait, or end the job ``failed``; True means try again."""
+        next_state = after_failure(
+            self.fallback, exc, after_attempts=self.settings.fallback_after_attempts
+        )
         delay_s = backoff_delay_s(
             attempt,
             base_s=self.settings.backoff_base_s,
             max_s=self.settings.backoff_max_s,
-            retry_after=exc.retry_after_s,
+            retry_after=exc.retry_after_s
+            if honours_retry_after(self.fallback, next_state, exc)
+            else None,
             retry_after_max_s=self.settings.retry_after_max_s,
         )
         time_left_s = self.deadline_at - time.time()
@@ -447,9 +458,7 @@ class JobRunner:
             return False
         m.RETRIES.labels(self.model, exc.reason).inc()
         failed_on = self.model
-        self._use_model(
-            after_failure(self.fallback, exc, after_attempts=self.settings.fallback_after_attempts)
-        )
+        self._use_model(next_state)
         if self.model != failed_on:
             m.FALLBACKS.labels(failed_on, exc.reason).inc()
             log.info(
@@ -617,10 +626,3 @@ class JobRunner:
         m.CHUNKS_PUBLISHED.labels(self.model).inc(len(chunks))
         assert snapshot is not None  # a batch is never empty
         return snapshot
-
-
-def _count(value: Any) -> int:
-    """A token count from the upstream's usage: a non-negative integer, else 0."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        return 0
-    return value
