@@ -26,6 +26,23 @@ TASK_NAME = "llmw.run_job"
 _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 
 
+#: The job's priority when its payload names none (``worker.client.core.DEFAULT_PRIORITY``).
+DEFAULT_PRIORITY = 5
+
+
+def traffic_headers(payload: dict[str, Any]) -> dict[str, Any]:
+    """The headers that class a message (``worker/lua/fetch.lua`` reads them: the body is
+    base64): its priority, its tenant (absent: none) and when its job was submitted."""
+    priority = payload.get("priority")
+    headers: dict[str, Any] = {
+        "llmw_priority": priority if isinstance(priority, int) else DEFAULT_PRIORITY,
+        "llmw_submitted_at": payload.get("submitted_at"),
+    }
+    if payload.get("tenant"):
+        headers["llmw_tenant"] = payload["tenant"]
+    return headers
+
+
 def task_message(job_id: str, payload: dict[str, Any], *, queue: str) -> bytes:
     """The broker envelope of one ``run_job`` message, ready to ``LPUSH`` onto ``queue``."""
     args = [payload]
@@ -53,6 +70,7 @@ def task_message(job_id: str, payload: dict[str, Any], *, queue: str) -> bytes:
         "replaced_task_nesting": 0,
         "stamped_headers": None,
         "stamps": {},
+        **traffic_headers(payload),
     }
     envelope = {
         "body": base64.b64encode(body).decode("ascii"),

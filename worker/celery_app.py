@@ -48,6 +48,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # stop every other worker from recovering jobs for five minutes. Each restore is
             # a WATCH transaction on its own, so overlapping sweeps cannot duplicate a message.
             "unacked_mutex_expire": 10,
+            # Traffic classes, read by our transport's fetch (docs/traffic-classes.md).
+            "priority_aging_s": settings.priority_aging_s,
+            "tenant_weights": dict(settings.tenant_weights),
         },
         "broker_pool_limit": 10,
         "result_backend": None,

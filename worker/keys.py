@@ -92,3 +92,39 @@ class Keys:
         """String: a tenant's spend in one UTC day (``YYYY-MM-DD``) or month (``YYYY-MM``), in
         integer pico-dollars, added by the job's end; what budgets are checked against."""
         return f"{self.prefix}:spend:{tenant}:{period}"
+
+#: kombu's separator in the names of a queue's extra lists (``{queue}\x06\x16{priority}``).
+QUEUE_SEP = "\x06\x16"
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficKeys:
+    """A queue's traffic-class structures on the broker Redis (see docs/traffic-classes.md).
+
+    They belong to the queue, not to the key prefix: the broker's consumer
+    (``worker/lua/fetch.lua``, which builds the same names from :attr:`base`) files every
+    message of the queue's kombu lists into them and serves them in priority, then tenant,
+    order.
+    """
+
+    queue: str
+
+    @property
+    def base(self) -> str:
+        return f"{self.queue}{QUEUE_SEP}traffic"
+
+    def waiting(self, priority: int, tenant: str | None) -> str:
+        """List of one tenant's waiting messages at one priority (LPUSH new, RPOP next);
+        the tenant ``""`` is jobs without one."""
+        return f"{self.base}{QUEUE_SEP}q{QUEUE_SEP}{priority}{QUEUE_SEP}{tenant or ''}"
+
+    def turns(self, priority: int) -> str:
+        """Sorted set of the tenants with waiting messages at one priority, scored by virtual
+        time: the lowest is served next, then moves on by 1 / its weight."""
+        return f"{self.base}{QUEUE_SEP}turns{QUEUE_SEP}{priority}"
+
+    @property
+    def clock(self) -> str:
+        """Hash: ``v<p>`` the virtual time of priority ``p`` (a tenant that starts waiting
+        starts there), ``since<p>`` when priority ``p`` was last served (or began waiting)."""
+        return f"{self.base}{QUEUE_SEP}clock"

@@ -156,6 +156,12 @@ class Settings(BaseSettings):
     rate_limit_burst_s: float = Field(default=5.0, ge=0)
     result_ttl_s: int = Field(default=86_400, ge=1)
 
+    # Traffic classes (docs/traffic-classes.md): a priority that waits unserved gains one
+    # level per this many seconds, so no priority starves (0: strict priority).
+    priority_aging_s: float = Field(default=60.0, ge=0)
+    # Shares of the slots between tenants waiting at the same priority ({"tenant": weight});
+    # a tenant not named has weight 1.
+    tenant_weights: dict[str, float] = Field(default_factory=dict)
     queue: str = Field(default="llmw", pattern=NAME_PATTERN)
     pool: Literal["gevent", "eventlet", "threads", "prefork", "solo"] = "gevent"
     concurrency: int = Field(default=200, ge=1, le=10_000)
@@ -284,6 +290,32 @@ class Settings(BaseSettings):
                 raise ValueError(
                     'is not valid JSON; expected e.g. {"default": {"rpm": 60}}'
                 ) from None
+        return value
+
+    @field_validator("tenant_weights", mode="before")
+    @classmethod
+    def _parse_weights(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            import json
+
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError(
+                    'is not valid JSON; expected e.g. {"acme": 3, "globex": 1}'
+                ) from None
+        return value
+
+    @field_validator("tenant_weights")
+    @classmethod
+    def _check_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        for tenant, weight in value.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", tenant):
+                raise ValueError(
+                    f"tenant {tenant[:40]!r} is not a tenant name (1-64 of A-Z a-z 0-9 _ . -)"
+                )
+            if not 0 < weight <= 1000:
+                raise ValueError(f"tenant {tenant!r}: weight {weight} must be > 0 and <= 1000")
         return value
 
     @field_validator("rate_limits")

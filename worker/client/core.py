@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from worker import broker
 from worker import events as ev
 from worker import metrics as m
 from worker.broker import task_message
@@ -41,7 +42,7 @@ TENANT_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 QUALIFIED_ID_PATTERN = re.compile(r"^(?:[A-Za-z0-9_.-]{1,64}/)?[A-Za-z0-9_.:-]{1,128}\Z")
 #: Job priorities run from 0 to 9, higher first (AMQP's sense).
 MIN_PRIORITY, MAX_PRIORITY = 0, 9
-DEFAULT_PRIORITY = 5
+DEFAULT_PRIORITY = broker.DEFAULT_PRIORITY
 #: Batch files and Message Batches: behind interactive work by default.
 BATCH_PRIORITY = 2
 #: The longest life a job may ask for (``deadline_s``).

@@ -26,7 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import events as ev
 from worker import metrics as m
-from worker.broker import TASK_NAME
+from worker.broker import TASK_NAME, traffic_headers
 from worker.catalogue import MODEL_NAME_PATTERN
 from worker.celery_app import app
 from worker.errors import RequestInvalid
@@ -298,6 +298,8 @@ def _requeue(
             countdown=countdown_s,
             argsrepr=f"[<job {job_id}>]",  # the request holds the prompt: keep it out of logs
             kwargsrepr="{}",
+            # It keeps its class: the fetch files it by these (docs/traffic-classes.md).
+            headers=traffic_headers(args[0] if args and isinstance(args[0], dict) else {}),
         ).apply_async()
     except Exception as exc:
         log.warning("job_requeue_failed", error=type(exc).__name__)

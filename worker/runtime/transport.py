@@ -15,6 +15,13 @@ expired holds (it died). A message given back may be delivered twice; the job's 
 end absorb that. Needs Redis >= 2.2 for the commands; kombu's ``global_keyprefix`` option
 falls back to kombu's own ``BRPOP``.
 
+**Traffic classes.** The fetch script (``worker/lua/fetch.lua``) first files what waits on
+the queue's kombu lists (new jobs, restored and requeued messages) into per-priority,
+per-tenant lists by the message's headers, then takes the next message by priority (with
+aging), fair share between tenants and FIFO within a tenant: see docs/traffic-classes.md.
+The blocking wait, when the last fetch found nothing at all, stays a ``BRPOPLPUSH`` on the
+queue's list, which every producer pushes onto.
+
 **Items that are not messages.** kombu parses a popped item inside the consumer's event
 loop; an item that is not a broker envelope (not JSON, or JSON of the wrong shape) raises out
 of the loop and Celery stops the worker as "unrecoverable". We record it as a dead letter,
@@ -39,8 +46,11 @@ from celery.worker import state as worker_state
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
+from orjson import dumps as json_bytes
 
+from worker.keys import TrafficKeys
 from worker.process.liveness import STATE
+from worker.store import load_lua
 
 log = structlog.get_logger("worker.runtime.transport")
 
@@ -48,16 +58,15 @@ log = structlog.get_logger("worker.runtime.transport")
 SATURATED_POLL_S = 0.005
 
 
-#: Moves the first message of the first non-empty key into that key's inbox.
-#: KEYS: the queue keys in kombu's order, then their inboxes in the same order.
-_FETCH = """
-local n = #KEYS / 2
-for i = 1, n do
-  local item = redis.call('RPOPLPUSH', KEYS[i], KEYS[n + i])
-  if item then return {KEYS[i], item} end
-end
-return false
-"""
+def strip_comments(script: str) -> str:
+    """A Lua script without its comment lines: the fetch goes out with every poll."""
+    return "\n".join(line for line in script.splitlines() if not line.lstrip().startswith("--"))
+
+
+#: Files the queue's waiting messages by class, and moves the next one into its inbox.
+_FETCH = strip_comments(load_lua("fetch.lua"))
+#: The most messages one fetch files from one kombu list (a bound on the script's time).
+FILE_LIMIT = 100
 #: Gives an inbox back to its queue (oldest first, to the consuming end) and forgets it.
 #: KEYS[1] inbox  KEYS[2] its queue key  KEYS[3] the inbox registry
 _GIVE_BACK = """
@@ -95,6 +104,14 @@ class QoS(kombu_redis.QoS):
 
 class Channel(kombu_redis.Channel):
     QoS = QoS
+    # Traffic classes (set from broker_transport_options by worker.celery_app).
+    from_transport_options = (
+        *kombu_redis.Channel.from_transport_options,
+        "priority_aging_s",
+        "tenant_weights",
+    )
+    priority_aging_s: float = 60.0
+    tenant_weights: dict[str, float] = {}  # noqa: RUF012 (replaced, never mutated)
     _fetched: tuple[str, bytes] | None = None  # (inbox, item) between fetch and append
     _fetch_blocks = False  # the last non-blocking fetch found every queue empty
     _fetch_command = ""
@@ -139,6 +156,7 @@ class Channel(kombu_redis.Channel):
         if not queues:
             return
         keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        bases = [TrafficKeys(queue).base for _ in self.priority_steps for queue in queues]
         self._give_back_own_leftovers(keys)
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()
@@ -147,7 +165,17 @@ class Channel(kombu_redis.Channel):
             args: list[Any] = ["BRPOPLPUSH", keys[0], self.inbox(keys[0]), timeout or 0]
         else:
             self._fetch_command = "EVAL"
-            args = ["EVAL", _FETCH, 2 * len(keys), *keys, *(self.inbox(k) for k in keys)]
+            args = [
+                "EVAL",
+                _FETCH,
+                2 * len(keys),
+                *keys,
+                *(self.inbox(k) for k in keys),
+                float(self.priority_aging_s),
+                json_bytes(self.tenant_weights),
+                FILE_LIMIT,
+                *bases,
+            ]
         self.client.connection.send_command(*args)
 
     def _brpop_read(self, **options: Any) -> Any:

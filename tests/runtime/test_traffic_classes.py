@@ -1,0 +1,125 @@
+"""Traffic classes with real processes: priority, fair share between tenants, FIFO within a
+tenant, a job's own deadline in the queue, and a batch that outlives JOB_DEADLINE_S."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support import (
+    WorkerProcess,
+    celery_worker_args,
+    make_request,
+    start_simulator,
+    stop_process,
+    upstream_requests,
+    wait_for,
+    worker_env,
+)
+from worker.client.sync import Client
+from worker.settings import Settings, settings_from_env
+
+pytestmark = pytest.mark.integration
+
+#: One second of streaming in the simulator.
+ONE_SECOND = "[[sim tokens=10 tps=10]]"
+
+
+@pytest.fixture
+def own_simulator() -> Iterator[str]:
+    """A simulator of this test's own, so that its request count is this test's alone."""
+    proc, url = start_simulator()
+    yield url
+    stop_process(proc)
+
+
+@pytest.fixture
+def four_slots(redis_url: str, own_simulator: str) -> Iterator[WorkerProcess]:
+    """One worker with 4 slots on a queue of its own, at the default traffic settings."""
+    env = worker_env(redis_url, own_simulator, queue=f"traffic-{uuid.uuid4().hex[:8]}")
+    settings = settings_from_env(env)
+    assert settings.priority_aging_s == Settings.model_fields["priority_aging_s"].default
+    worker = WorkerProcess(celery_worker_args(concurrency=4, queue=settings.queue), env).ready()
+    yield worker
+    worker.stop()
+
+
+def _statuses(client: Client, job_ids: list[str]) -> dict[str, dict[str, str]]:
+    """Every job's hash, in one round trip."""
+    pipe = client.redis.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.hgetall(client.keys.job(job_id))
+    return {
+        job_id: {k.decode(): v.decode() for k, v in raw.items()}
+        for job_id, raw in zip(job_ids, pipe.execute(), strict=True)
+    }
+
+
+def _ended(client: Client, job_ids: list[str]) -> dict[str, dict[str, str]]:
+    return {j: s for j, s in _statuses(client, job_ids).items() if s.get("finished_at")}
+
+
+def _rank(finished: dict[str, dict[str, str]], job_ids: list[str]) -> list[float]:
+    return sorted(float(finished[j]["finished_at"]) for j in job_ids if j in finished)
+
+
+def test_priority_and_fair_share_overtake_a_backlog(
+    four_slots: WorkerProcess, own_simulator: str
+) -> None:
+    """4 slots, 200 one-second batch jobs of one tenant queued: 8 jobs at priority 8 and 8
+    jobs of a second tenant at the backlog's priority all end before the backlog's 40th job
+    (not after the whole backlog); the backlog runs in its submission order; a job with
+    deadline_s=3 behind the backlog ends expired without an upstream call."""
+    with Client(four_slots.settings()) as client:
+        backlog = client.submit_many(
+            [make_request(f"bulk {i} {ONE_SECOND}") for i in range(200)],
+            tenant="bulk",
+            priority=2,
+        )
+        late = client.submit(
+            make_request(f"late {ONE_SECOND}"), tenant="bulk", priority=2, deadline_s=3
+        )
+        urgent = client.submit_many(
+            [make_request(f"urgent {i} {ONE_SECOND}") for i in range(8)], priority=8
+        )
+        other = client.submit_many(
+            [make_request(f"other {i} {ONE_SECOND}") for i in range(8)],
+            tenant="small",
+            priority=2,
+        )
+        backlog_ids = [j.job_id for j in backlog]
+        watched = [j.job_id for j in urgent + other]
+
+        def fortieth_ended() -> dict[str, dict[str, str]] | None:
+            finished = _ended(client, backlog_ids + watched)
+            return finished if len(_rank(finished, backlog_ids)) >= 40 else None
+
+        finished = wait_for(fortieth_ended, 120, "the backlog's 40th job to end")
+        fortieth = _rank(finished, backlog_ids)[39]
+        for job_id in watched:
+            assert job_id in finished, f"{job_id} had not ended when the backlog's 40th did"
+            assert finished[job_id]["state"] == "completed"
+            assert float(finished[job_id]["finished_at"]) <= fortieth
+        # FIFO within the tenant: the backlog started in the order it was submitted.
+        statuses = _statuses(client, backlog_ids[:36])
+        started = [float(statuses[j]["started_at"]) for j in backlog_ids[:36]]
+        assert started == sorted(started)
+
+        # The rest of the backlog is not needed to reach the late job: cancelled, it is skipped.
+        for job in backlog[40:]:
+            job.cancel()
+        status = wait_for(
+            lambda: (s := late.status())["state"] in {"expired", "completed"} and s,
+            120,
+            "the late job to end",
+        )
+        assert status["state"] == "expired"
+        assert status["attempts"] == 0
+        # Every upstream call is an attempt of another job (or the canary's): none is the
+        # late job's.
+        attempts = sum(
+            int(s["attempts"]) for s in _statuses(client, backlog_ids + watched).values()
+        )
+        assert upstream_requests(own_simulator) == attempts + 1
