@@ -30,12 +30,18 @@ _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 DEFAULT_PRIORITY = 5
 
 
+def job_priority(payload: dict[str, Any] | None) -> str:
+    """A message's priority as a label value ("0"-"9")."""
+    priority = (payload or {}).get("priority")
+    valid = isinstance(priority, int) and not isinstance(priority, bool) and 0 <= priority <= 9
+    return str(priority if valid else DEFAULT_PRIORITY)
+
+
 def traffic_headers(payload: dict[str, Any]) -> dict[str, Any]:
     """The headers that class a message (``worker/lua/fetch.lua`` reads them: the body is
     base64): its priority, its tenant (absent: none) and when its job was submitted."""
-    priority = payload.get("priority")
     headers: dict[str, Any] = {
-        "llmw_priority": priority if isinstance(priority, int) else DEFAULT_PRIORITY,
+        "llmw_priority": int(job_priority(payload)),
         "llmw_submitted_at": payload.get("submitted_at"),
     }
     if payload.get("tenant"):

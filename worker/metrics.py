@@ -216,8 +216,8 @@ JOB_DURATION = ModelHistogram(
 )
 QUEUE_WAIT = ModelHistogram(
     "llm_worker_queue_wait_seconds",
-    "From submission to the first attempt's start.",
-    ["model"],
+    "From submission to the first attempt's start, by the job's priority (0-9).",
+    ["model", "priority"],
     buckets=LLM_LATENCY_BUCKETS_S,
 )
 TIME_TO_FIRST_TOKEN = ModelHistogram(
@@ -309,6 +309,20 @@ QUEUE_DEPTH = Gauge(
     "Jobs in the Celery queue, read from Redis when scraped: waiting (in the queue's lists, "
     "priorities included) or unacked (delivered to some worker, not yet acknowledged).",
     ["queue", "state"],
+    multiprocess_mode="mostrecent",
+)
+QUEUE_CLASS_DEPTH = Gauge(
+    "llm_worker_queue_class_depth",
+    "Jobs waiting in the queue's traffic classes, by priority and tenant, read from Redis "
+    "when scraped.",
+    ["queue", "priority", "tenant"],
+    multiprocess_mode="mostrecent",
+)
+QUEUE_OLDEST_AGE = Gauge(
+    "llm_worker_queue_oldest_age_seconds",
+    "Age (since submission) of the oldest job waiting in each traffic class, by priority and "
+    "tenant, read from Redis when scraped.",
+    ["queue", "priority", "tenant"],
     multiprocess_mode="mostrecent",
 )
 DEAD_LETTERS = Gauge(

@@ -11,7 +11,7 @@ import pytest
 
 from tests.support import WorkerProcess, make_request
 from worker import events as ev
-from worker.broker import TASK_NAME, task_message
+from worker.broker import TASK_NAME, task_message, traffic_headers
 from worker.celery_app import LLMWorkerCelery
 from worker.client.sync import Client, Job
 from worker.runtime.task import UNDECODABLE_MESSAGE
@@ -129,14 +129,23 @@ def test_raw_garbage_on_the_queue_does_not_stop_the_worker(
 
 
 def test_our_envelope_matches_what_celery_publishes(redis_url: str) -> None:
-    """The hand-built broker envelope has the shape kombu's Redis transport writes."""
+    """The hand-built broker envelope has the shape kombu's Redis transport writes, and
+    Celery's publish given the traffic headers (as a rate-limit requeue is) carries them."""
     queue = f"envelope-check-{uuid.uuid4().hex[:8]}"
     app = LLMWorkerCelery("envelope-check")
     from worker.settings import load_settings
 
     app.use_settings(load_settings(redis_url=redis_url, queue=queue))
-    payload: dict[str, Any] = {"job_id": "j1", "request": make_request("hi")}
-    app.send_task(TASK_NAME, args=[payload], task_id="j1", queue=queue)
+    payload: dict[str, Any] = {
+        "job_id": "j1",
+        "request": make_request("hi"),
+        "priority": 8,
+        "tenant": "acme",
+        "submitted_at": 1.5,
+    }
+    app.send_task(
+        TASK_NAME, args=[payload], task_id="j1", queue=queue, headers=traffic_headers(payload)
+    )
     import redis
 
     r = redis.Redis.from_url(redis_url)
@@ -151,6 +160,6 @@ def test_our_envelope_matches_what_celery_publishes(redis_url: str) -> None:
     assert orjson.loads(base64.b64decode(ours["body"])) == orjson.loads(
         base64.b64decode(theirs["body"])
     )
-    for key in ("task", "id", "root_id", "retries", "lang"):
+    for key in ("task", "id", "root_id", "retries", "lang", "llmw_priority", "llmw_tenant"):
         assert ours["headers"][key] == theirs["headers"][key]
     r.close()

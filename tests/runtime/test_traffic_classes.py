@@ -3,12 +3,19 @@ tenant, a job's own deadline in the queue, and a batch that outlives JOB_DEADLIN
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
+from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
 from tests.support import (
+    ROOT,
     WorkerProcess,
     celery_worker_args,
     make_request,
@@ -18,6 +25,7 @@ from tests.support import (
     wait_for,
     worker_env,
 )
+from worker.client import batch_file
 from worker.client.sync import Client
 from worker.settings import Settings, settings_from_env
 
@@ -25,6 +33,10 @@ pytestmark = pytest.mark.integration
 
 #: One second of streaming in the simulator.
 ONE_SECOND = "[[sim tokens=10 tps=10]]"
+#: Requests per second the big batch may send (RATE_LIMIT_PERIOD_S=1): 10,000 take 30 s.
+BATCH_RATE = 330
+#: A model with a limit of its own (the workers' canary jobs use another).
+LIMITED_MODEL = "moonshotai/Kimi-K2-Instruct"
 
 
 @pytest.fixture
@@ -123,3 +135,90 @@ def test_priority_and_fair_share_overtake_a_backlog(
             int(s["attempts"]) for s in _statuses(client, backlog_ids + watched).values()
         )
         assert upstream_requests(own_simulator) == attempts + 1
+
+
+def test_a_batch_longer_than_the_job_deadline_runs_to_the_end(
+    redis_url: str, own_simulator: str, tmp_path: Path
+) -> None:
+    """A 10,000-line batch file behind a tight rate limit runs well past JOB_DEADLINE_S (5 s
+    here) and ends without a single expired line: its jobs live BATCH_DEADLINE_S, at its
+    default, and the limiter's waits and requeues keep it."""
+    env = worker_env(
+        redis_url,
+        own_simulator,
+        queue=f"big-batch-{uuid.uuid4().hex[:8]}",
+        job_deadline_s=5,
+        rate_limits=orjson.dumps({"default": {"rpm": BATCH_RATE}}).decode(),
+        rate_limit_period_s=1,
+    )
+    settings = settings_from_env(env)
+    assert settings.batch_deadline_s == Settings.model_fields["batch_deadline_s"].default
+    lines = [
+        {"custom_id": f"r{i}", "params": make_request(f"b{i} [[sim tokens=1]]", stream=False)}
+        for i in range(10_000)
+    ]
+    path, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+    path.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+    worker = WorkerProcess(celery_worker_args(queue=settings.queue), env).ready()
+    try:
+        batch = subprocess.run(
+            [sys.executable, "-m", "worker.cli", "batch", str(path), "--out", str(out)],
+            cwd=ROOT,
+            env=worker.env,
+            capture_output=True,
+            timeout=300,
+            check=False,
+        )
+        assert batch.returncode == 0, batch.stderr.decode(errors="replace")[-2000:]
+    finally:
+        worker.stop()
+    results = [orjson.loads(line) for line in out.read_bytes().splitlines() if line.strip()]
+    assert len(results) == 10_000
+    assert Counter(r["result"]["type"] for r in results) == {"succeeded": 10_000}
+    with Client(settings) as client:
+        batch_id = batch_file.file_batch_id(path.read_bytes())
+        last = _statuses(client, [batch_file.job_id_for(batch_id, "r9999")])
+        record = next(iter(last.values()))
+        # The tail really did outlive the interactive deadline.
+        assert float(record["finished_at"]) - float(record["submitted_at"]) > 5
+        assert int(record["priority"]) == 2
+
+
+def test_a_postponed_job_keeps_its_priority_and_tenant(redis_url: str, own_simulator: str) -> None:
+    """A job the limiter postpones (no wait in the worker) is requeued with its class: the
+    message that holds it until its countdown carries its priority and tenant."""
+    env = worker_env(
+        redis_url,
+        own_simulator,
+        queue=f"postpone-{uuid.uuid4().hex[:8]}",
+        rate_limits=orjson.dumps({LIMITED_MODEL: {"rpm": 1}}).decode(),
+        rate_limit_period_s=60,
+        rate_limit_max_wait_s=0,
+    )
+    settings = settings_from_env(env)
+    worker = WorkerProcess(celery_worker_args(concurrency=4, queue=settings.queue), env).ready()
+    try:
+        with Client(settings) as client:
+            first = client.submit(make_request("first [[sim tokens=1]]", model=LIMITED_MODEL))
+            first.result(timeout=30)
+            second = client.submit(
+                make_request("second [[sim tokens=1]]", model=LIMITED_MODEL),
+                priority=8,
+                tenant="acme",
+            )
+
+            def requeued() -> dict[str, Any] | None:
+                for raw in client.redis.hvals("unacked"):
+                    message = orjson.loads(raw)[0]
+                    headers = message["headers"]
+                    if headers.get("id") == second.job_id and headers.get("eta"):
+                        return dict(headers)
+                return None
+
+            headers = wait_for(requeued, 30, "the postponed job's message")
+            assert headers["llmw_priority"] == 8
+            assert headers["llmw_tenant"] == "acme"
+            assert second.status()["state"] == "queued"
+            second.cancel()
+    finally:
+        worker.stop()

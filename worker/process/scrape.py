@@ -11,6 +11,11 @@ code runs in the one process that serves HTTP.
   ``[message, exchange, routing_key]``). We count the entries whose routing key is our queue
   (Celery routes each of our queues by its own name). The values hold whole requests, so
   each tag is read once and remembered: a scrape costs one ``HKEYS`` plus the new entries.
+- ``llm_worker_queue_class_depth`` and ``llm_worker_queue_oldest_age_seconds``, by priority
+  and tenant (folded by :func:`worker.metrics.tenant_label`): the traffic-class lists
+  (:class:`worker.keys.TrafficKeys`), their ``LLEN`` and the submission time in the headers
+  of their oldest message; at most ``MAX_TENANTS_READ`` tenants per priority are read.
+  Messages not yet filed (still on the kombu lists) count as waiting, not in a class.
 - ``llm_worker_dead_letters``: ``XLEN`` of the dead-letter stream.
 - ``llm_worker_queue_jobs_submitted_total``: the Redis counter (per queue and model) that
   every producer adds to, mirrored into a counter (it only moves forward).
@@ -31,7 +36,7 @@ import structlog
 from kombu.transport import redis as kombu_redis
 
 from worker import metrics as m
-from worker.keys import Keys
+from worker.keys import Keys, TrafficKeys
 from worker.pricing import PICO_PER_USD
 from worker.settings import Settings
 
@@ -48,6 +53,51 @@ def queue_lists(queue: str) -> list[str]:
     return [
         queue if pri == 0 else f"{queue}{PRIORITY_SEP}{pri}" for pri in kombu_redis.PRIORITY_STEPS
     ]
+
+
+#: A bound on a scrape's work: tenants read per priority (the busiest are not chosen; the
+#: first by virtual time, i.e. those served next).
+MAX_TENANTS_READ = 200
+PRIORITIES = range(10)
+
+
+def submitted_at(raw: bytes | None) -> float | None:
+    """The ``llmw_submitted_at`` header of a queued message, or None."""
+    if raw is None:
+        return None
+    try:
+        value = orjson.loads(raw)["headers"]["llmw_submitted_at"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+    return float(value) if isinstance(value, int | float) else None
+
+
+def class_gauges(
+    broker: redis.Redis[bytes], queue: str, now: float
+) -> dict[tuple[str, str], tuple[int, float]]:
+    """``(priority, tenant label) -> (waiting jobs, oldest age in seconds)`` of a queue's
+    traffic classes; tenants folded into one label add their depths and keep the oldest."""
+    keys = TrafficKeys(queue)
+    pipe = broker.pipeline(transaction=False)
+    for priority in PRIORITIES:
+        pipe.zrange(keys.turns(priority), 0, MAX_TENANTS_READ - 1)
+    classes = [
+        (priority, tenant.decode())
+        for priority, tenants in zip(PRIORITIES, pipe.execute(), strict=True)
+        for tenant in tenants
+    ]
+    for priority, tenant in classes:
+        pipe.llen(keys.waiting(priority, tenant))
+        pipe.lindex(keys.waiting(priority, tenant), -1)
+    replies = pipe.execute()
+    gauges: dict[tuple[str, str], tuple[int, float]] = {}
+    for index, (priority, tenant) in enumerate(classes):
+        depth, oldest = int(replies[2 * index]), submitted_at(replies[2 * index + 1])
+        age = max(0.0, now - oldest) if oldest is not None else 0.0
+        label = (str(priority), m.tenant_label(tenant))
+        before_depth, before_age = gauges.get(label, (0, 0.0))
+        gauges[label] = (before_depth + depth, max(before_age, age))
+    return gauges
 
 
 def routing_key(raw: bytes) -> str | None:
@@ -74,6 +124,7 @@ class ScrapeGauges:
     ) -> None:
         m.add_model_labels(settings.catalogue.label_names())
         m.add_tenant_labels(settings.budgets)
+        m.add_tenant_labels(settings.tenant_weights)
         self.budgets = settings.budgets
         self.queue = settings.queue
         self.keys = Keys(settings.key_prefix)
@@ -83,6 +134,7 @@ class ScrapeGauges:
         self._lock = threading.Lock()
         self._tag_queues: dict[bytes, str | None] = {}
         self._submitted_seen: dict[str, float] = {}
+        self._classes_set: set[tuple[str, str]] = set()
 
     def ready(self) -> bool:
         """Redis answers and the consumer is consuming; also sets ``llm_worker_ready``."""
@@ -102,13 +154,25 @@ class ScrapeGauges:
             try:
                 if self.broker is not None:
                     waiting, unacked = self._queue_depth(self.broker)
+                    classes = class_gauges(self.broker, self.queue, time.time())
+                    waiting += sum(depth for depth, _ in classes.values())
                     m.QUEUE_DEPTH.labels(self.queue, "waiting").set(waiting)
                     m.QUEUE_DEPTH.labels(self.queue, "unacked").set(unacked)
+                    self._set_classes(classes)
                 m.DEAD_LETTERS.set(int(self.results.xlen(self.keys.dead_letters)))
                 self._mirror_submitted()
                 self._spend_against_budgets()
             except redis.RedisError as exc:
                 log.warning("scrape_refresh_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+
+    def _set_classes(self, classes: dict[tuple[str, str], tuple[int, float]]) -> None:
+        for priority, tenant in self._classes_set - classes.keys():  # emptied: no series
+            m.QUEUE_CLASS_DEPTH.remove(self.queue, priority, tenant)
+            m.QUEUE_OLDEST_AGE.remove(self.queue, priority, tenant)
+        for (priority, tenant), (depth, age) in classes.items():
+            m.QUEUE_CLASS_DEPTH.labels(self.queue, priority, tenant).set(depth)
+            m.QUEUE_OLDEST_AGE.labels(self.queue, priority, tenant).set(age)
+        self._classes_set = set(classes)
 
     def _queue_depth(self, broker: redis.Redis[bytes]) -> tuple[int, int]:
         pipe = broker.pipeline(transaction=False)

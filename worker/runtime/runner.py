@@ -14,6 +14,7 @@ import structlog
 
 from worker import events as ev
 from worker import metrics as m
+from worker.broker import job_priority
 from worker.errors import PermanentUpstreamError, TransientUpstreamError, UpstreamError
 from worker.pricing import PICO_PER_USD, cost_pusd, token_count, usd_text, utc_day, utc_month
 from worker.ratelimit.gate import JobPostponed, ModelCoolingDown, WaitInterrupted
@@ -261,7 +262,9 @@ class JobRunner:
             )
             m.RETRIES.labels(self.model, "worker_lost").inc()
         if self.submitted_at is not None and self.claim.first_start:
-            m.QUEUE_WAIT.labels(self.model).observe(max(0.0, self.started_at - self.submitted_at))
+            m.QUEUE_WAIT.labels(self.model, job_priority(self.payload)).observe(
+                max(0.0, self.started_at - self.submitted_at)
+            )
         in_flight_model = self.model
         m.JOBS_IN_FLIGHT.labels(in_flight_model).inc()
         try:
