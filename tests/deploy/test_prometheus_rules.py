@@ -22,6 +22,7 @@ EXPECTED_ALERTS = {
     "LLMWorkerNotReady",
     "LLMWorkerTenantBudgetNearlySpent",
     "LLMWorkerTenantBudgetReached",
+    "LLMWorkerTenantWaiting",
 }
 
 

@@ -33,8 +33,9 @@ pytestmark = pytest.mark.integration
 
 #: One second of streaming in the simulator.
 ONE_SECOND = "[[sim tokens=10 tps=10]]"
-#: Requests per second the big batch may send (RATE_LIMIT_PERIOD_S=1): 10,000 take 30 s.
-BATCH_RATE = 330
+#: Requests per second the big batch may send (RATE_LIMIT_PERIOD_S=1): 10,000 take 50 s,
+#: about what one worker manages on a small machine, so the limiter holds jobs back.
+BATCH_RATE = 200
 #: A model with a limit of its own (the workers' canary jobs use another).
 LIMITED_MODEL = "moonshotai/Kimi-K2-Instruct"
 
@@ -170,6 +171,13 @@ def test_a_batch_longer_than_the_job_deadline_runs_to_the_end(
             check=False,
         )
         assert batch.returncode == 0, batch.stderr.decode(errors="replace")[-2000:]
+        metrics = worker.http_get("/metrics").text
+        waited = [
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("llm_worker_rate_limit_wait_seconds_sum")
+        ]
+        assert sum(waited) > 0  # the limiter did hold jobs back
     finally:
         worker.stop()
     results = [orjson.loads(line) for line in out.read_bytes().splitlines() if line.strip()]
