@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--only overhead,streaming,fanout,ratelimit] [--repeat N]``
+"""``python -m bench [--quick] [--only overhead,streaming,fanout,traffic,ratelimit] [--repeat N]``
 
 Runs each scenario against its own Redis, simulator and workers, prints a table of medians
 with the baselines measured in the same run and the ratios, saves everything as JSON
@@ -19,7 +19,7 @@ from typing import Any
 
 import psutil
 
-from bench import fanout, overhead, streaming
+from bench import fanout, overhead, streaming, traffic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -27,11 +27,13 @@ FULL = {
     "overhead": {"jobs": 5000, "concurrency": 100},
     "streaming": {"jobs": 10, "tokens": 1000, "tps": 100, "throughput_jobs": 20},
     "fanout": {"jobs": 2000, "concurrencies": [100, 200, 500, 1000], "processes": [1, 2]},
+    "traffic": {"backlog": 200},
 }
 QUICK = {
     "overhead": {"jobs": 500, "concurrency": 50},
     "streaming": {"jobs": 4, "tokens": 200, "tps": 100, "throughput_jobs": 8},
     "fanout": {"jobs": 200, "concurrencies": [50, 100, 200], "processes": [1, 2]},
+    "traffic": {"backlog": 40},
 }
 
 
@@ -116,6 +118,8 @@ def table(results: dict[str, Any]) -> str:
                     "<= 1.3x ideal, <= 1.2x direct, <= 500 MB",
                 )
             )
+    if "traffic" in results:
+        lines += [_row(*row) for row in traffic.rows(results["traffic"])]
     return "\n".join(lines)
 
 
@@ -176,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         results["streaming"] = streaming.run(repeat=repeat, **sizes["streaming"])  # type: ignore[arg-type]
     if "fanout" in wanted:
         results["fanout"] = fanout.run(repeat=1 if opts.quick else 2, **sizes["fanout"])  # type: ignore[arg-type]
+    if "traffic" in wanted:
+        results["traffic"] = traffic.run(**sizes["traffic"])  # type: ignore[arg-type]
     text = table(results)
     print(text)
     opts.out.parent.mkdir(parents=True, exist_ok=True)

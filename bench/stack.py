@@ -21,6 +21,7 @@ import psutil
 import redis
 
 from worker.dev.embedded import EmbeddedRedis, free_port
+from worker.keys import TrafficKeys
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "sk-bench-0000"
@@ -192,12 +193,15 @@ class Stack:
             proc.stop()
 
     def queue_idle(self, queue: str) -> bool:
-        """Nothing waiting on ``queue`` and nothing delivered but unacknowledged."""
+        """Nothing waiting on ``queue`` (its list or its traffic classes) and nothing
+        delivered but unacknowledged."""
+        keys = TrafficKeys(queue)
         pipe = self.redis.pipeline(transaction=False)
         pipe.llen(queue)
         pipe.hlen("unacked")
-        waiting, unacked = pipe.execute()
-        return int(waiting) == 0 and int(unacked) == 0
+        pipe.exists(*(keys.turns(priority) for priority in range(10)))
+        waiting, unacked, classes = pipe.execute()
+        return int(waiting) == 0 and int(unacked) == 0 and int(classes) == 0
 
     def drain(self, queue: str, worker: Process, timeout_s: float) -> float:
         """Wait until the queue is idle; returns the time it became so (monotonic)."""

@@ -93,6 +93,7 @@ class Keys:
         integer pico-dollars, added by the job's end; what budgets are checked against."""
         return f"{self.prefix}:spend:{tenant}:{period}"
 
+
 #: kombu's separator in the names of a queue's extra lists (``{queue}\x06\x16{priority}``).
 QUEUE_SEP = "\x06\x16"
 

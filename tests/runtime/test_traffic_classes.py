@@ -230,3 +230,33 @@ def test_a_postponed_job_keeps_its_priority_and_tenant(redis_url: str, own_simul
             second.cancel()
     finally:
         worker.stop()
+
+
+def test_a_deadline_reached_while_waiting_for_the_limiter_ends_expired(
+    redis_url: str, own_simulator: str
+) -> None:
+    """At the default RATE_LIMIT_MAX_WAIT_S (60 s), a job with deadline_s=3 behind a spent
+    limit waits at most until its deadline, then ends expired without an upstream call."""
+    env = worker_env(
+        redis_url,
+        own_simulator,
+        queue=f"limit-deadline-{uuid.uuid4().hex[:8]}",
+        rate_limits=orjson.dumps({LIMITED_MODEL: {"rpm": 1}}).decode(),
+    )
+    settings = settings_from_env(env)
+    assert settings.rate_limit_max_wait_s == Settings.model_fields["rate_limit_max_wait_s"].default
+    worker = WorkerProcess(celery_worker_args(concurrency=4, queue=settings.queue), env).ready()
+    try:
+        with Client(settings) as client:
+            client.submit(make_request("spends the limit", model=LIMITED_MODEL)).result(timeout=30)
+            calls = upstream_requests(own_simulator)
+            job = client.submit(make_request("short-lived", model=LIMITED_MODEL), deadline_s=3)
+            status = wait_for(
+                lambda: (s := job.status())["state"] in {"expired", "completed", "failed"} and s,
+                30,
+                "the short-lived job to end",
+            )
+            assert status["state"] == "expired"
+            assert upstream_requests(own_simulator) == calls
+    finally:
+        worker.stop()

@@ -230,7 +230,10 @@ def _run(
     except JobPostponed as postponed:
         # Not a crash: the delivery does not count, nor the attempt that never started.
         rt.store.release(job_id, token, attempts=runner.released_attempts)
-        _requeue(job_id, args, kwargs, postponed.countdown_s)
+        countdown_s = within_deadline(
+            postponed.countdown_s, _epoch(payload.get("deadline_at")), time.time()
+        )
+        _requeue(job_id, args, kwargs, countdown_s)
     finally:
         rt.leases.unregister(handle)
 
@@ -279,6 +282,19 @@ def _held_for_budget(
     log.info("job_held_for_budget", tenant=tenant, countdown_s=round(countdown_s, 3))
     _requeue(job_id, args, kwargs, countdown_s)
     return True
+
+
+#: A postponed job comes back this long after its deadline, so that the claim finds it past.
+DEADLINE_MARGIN_S = 0.05
+
+
+def within_deadline(countdown_s: float, deadline_at: float | None, now: float) -> float:
+    """A postponed job's countdown, ending by its deadline at the latest: a job whose deadline
+    comes first is delivered then and ends ``expired`` without an upstream call (at claim),
+    rather than waiting out a countdown past it."""
+    if deadline_at is None:
+        return countdown_s
+    return max(0.0, min(countdown_s, deadline_at - now + DEADLINE_MARGIN_S))
 
 
 def _requeue(
