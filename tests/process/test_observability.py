@@ -152,7 +152,8 @@ def test_metrics_count_a_known_set_of_jobs_exactly(
     }
     assert actual == expected
     assert value(samples, "llm_worker_upstream_latency_seconds_count", model=MODEL) == 12
-    assert value(samples, "llm_worker_queue_wait_seconds_count", model=MODEL) == 8
+    # Default priority 5: the queue wait is per priority.
+    assert value(samples, "llm_worker_queue_wait_seconds_count", model=MODEL, priority="5") == 8
     assert value(samples, "llm_worker_jobs_in_flight", model=MODEL) == 0
     queue = proc.settings().queue
     assert value(samples, "llm_worker_queue_jobs_submitted_total", queue=queue, model=MODEL) == 8

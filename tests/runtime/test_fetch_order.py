@@ -13,11 +13,13 @@ from typing import Any
 import orjson
 import pytest
 import redis
+from prometheus_client import REGISTRY
 
 from worker.broker import task_message
 from worker.keys import QUEUE_SEP, TrafficKeys
-from worker.process.scrape import class_gauges
+from worker.process.scrape import ScrapeGauges, class_gauges
 from worker.runtime.transport import _FETCH, FILE_LIMIT
+from worker.settings import load_settings
 
 pytestmark = pytest.mark.integration
 
@@ -211,3 +213,32 @@ def test_class_gauges_report_depth_and_oldest_age(r: redis.Redis[bytes], queue: 
     assert fetch(r, queue) == "u"  # files everything, serves the urgent one
     gauges = class_gauges(r, queue, now)
     assert gauges == {("2", "none"): (3, pytest.approx(100))}
+
+
+def test_the_scrape_sets_and_clears_the_class_gauges(
+    r: redis.Redis[bytes], queue: str, redis_url: str
+) -> None:
+    """A scrape exports each class's depth and oldest age under bounded tenant labels (a
+    configured tenant, none, other), counts them as waiting, and drops a class once empty."""
+    settings = load_settings(redis_url=redis_url, queue=queue, tenant_weights={"acme": 2})
+    gauges = ScrapeGauges(settings, results=r, broker=r, alive=lambda: True)
+    push(r, queue, "a1", tenant="acme", priority=8)
+    push(r, queue, "a2", tenant="acme", priority=8)
+    push(r, queue, "x1", tenant="unnamed", priority=2)
+    push(r, queue, "n1")
+    assert fetch(r, queue) == "a1"
+    gauges.refresh()
+
+    def sample(name: str, priority: str, tenant: str) -> float | None:
+        labels = {"queue": queue, "priority": priority, "tenant": tenant}
+        return REGISTRY.get_sample_value(name, labels)
+
+    assert sample("llm_worker_queue_class_depth", "8", "acme") == 1
+    assert sample("llm_worker_queue_class_depth", "2", "other") == 1
+    assert sample("llm_worker_queue_class_depth", "5", "none") == 1
+    assert (sample("llm_worker_queue_oldest_age_seconds", "8", "acme") or 0) >= 0
+    labels = {"queue": queue, "state": "waiting"}
+    assert REGISTRY.get_sample_value("llm_worker_queue_depth", labels) == 3
+    drain(r, queue)
+    gauges.refresh()
+    assert sample("llm_worker_queue_class_depth", "8", "acme") is None
