@@ -5,7 +5,7 @@ serving process sets ordinary gauges just before it renders them; under every po
 code runs in the one process that serves HTTP.
 
 - ``llm_worker_queue_depth{state="waiting"}``: ``LLEN`` of the queue's list and of kombu's
-  priority lists (``{queue}\\x06\\x16{priority}``).
+  priority lists (``{queue}\\x06\\x16{priority}``), plus the jobs filed in its traffic classes.
 - ``llm_worker_queue_depth{state="unacked"}``: kombu keeps every delivered, unacknowledged
   message of *every* queue of the broker database in one hash (``unacked``: delivery tag ->
   ``[message, exchange, routing_key]``). We count the entries whose routing key is our queue
