@@ -165,3 +165,26 @@ def test_a_large_payload_is_kept_as_its_length_hash_and_head(
     (outcome,) = DeadLetters(client).requeue([entry])
     assert outcome.job is None
     assert outcome.error == "the payload is not a job request"
+
+
+def test_requeue_keeps_the_jobs_priority_and_tenant(
+    isolated: tuple[dict[str, str], Client],
+) -> None:
+    """A dead letter of a tenant's priority-8 job comes back as a job of that tenant at 8; a
+    payload whose class is not valid comes back with the defaults."""
+    _, client = isolated
+    request = make_request("classed [[sim tokens=2]]")
+    payload = {"job_id": "acme/j1", "request": request, "priority": 8, "tenant": "acme"}
+    _dead_letter(client, job_id="acme/j1", reason="upstream_4xx", payload=payload)
+    odd = {"job_id": "j2", "request": request, "priority": 42, "tenant": "a b"}
+    _dead_letter(client, job_id="j2", reason="upstream_4xx", payload=odd)
+    dead = DeadLetters(client)
+    outcomes = {o.entry.job_id: o for o in dead.requeue(dead.entries())}
+    classed = outcomes["acme/j1"].job
+    defaulted = outcomes["j2"].job
+    assert classed is not None
+    assert defaulted is not None
+    assert classed.job_id.startswith("acme/")
+    assert (classed.status()["priority"], classed.status()["tenant"]) == (8, "acme")
+    assert defaulted.status()["priority"] == 5
+    assert "tenant" not in defaulted.status()

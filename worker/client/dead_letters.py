@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from worker.client.core import MAX_PRIORITY, MIN_PRIORITY, valid_tenant
 from worker.client.sync import Client, Job
 from worker.errors import LLMWorkerError, RequestInvalid
 from worker.store import text
@@ -67,6 +68,21 @@ class DeadLetter:
         if isinstance(payload, dict) and isinstance(payload.get("request"), dict):
             return dict(payload["request"])
         return None
+
+    def traffic_class(self) -> tuple[int | None, str | None]:
+        """The job's ``priority`` and ``tenant`` from its payload, each None when absent or
+        not valid (the requeued job then gets the default)."""
+        try:
+            payload = orjson.loads(self.payload)
+        except orjson.JSONDecodeError:
+            return None, None
+        if not isinstance(payload, dict):
+            return None, None
+        priority, tenant = payload.get("priority"), payload.get("tenant")
+        in_range = isinstance(priority, int) and MIN_PRIORITY <= priority <= MAX_PRIORITY
+        if isinstance(priority, bool) or not in_range:
+            priority = None
+        return priority, tenant if valid_tenant(tenant) else None
 
     def to_json(self) -> dict[str, Any]:
         try:
@@ -145,11 +161,15 @@ class DeadLetters:
             if request is None:
                 outcomes.append(Requeued(entry, None, "the payload is not a job request"))
                 continue
+            # It keeps its class (docs/traffic-classes.md); its life starts anew.
+            priority, tenant = entry.traffic_class()
             try:
                 job = self.client.submit(
                     request,
                     job_id=uuid.uuid4().hex,
                     metadata={"requeued_from": entry.job_id, "dead_letter": entry.entry_id},
+                    priority=priority,
+                    tenant=tenant,
                 )
             except RequestInvalid as exc:
                 outcomes.append(Requeued(entry, None, f"the request is not valid now: {exc}"))
