@@ -11,6 +11,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests import support
+from tests.rabbitmq import RabbitServer
+from tests.rabbitmq import unavailable_reason as rabbitmq_unavailable
 from tests.support import (
     WorkerProcess,
     celery_worker_args,
@@ -70,3 +72,30 @@ def client(worker: WorkerProcess) -> Iterator[Client]:
     """A producer client on the worker's Redis and queue."""
     with Client(worker.settings()) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitServer]:
+    """A RabbitMQ node of our own (not the machine's), for the session; skipped where
+    Debian's rabbitmq-server cannot be had."""
+    reason = rabbitmq_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    server = RabbitServer(tmp_path_factory.mktemp("rabbitmq")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def amqp_worker(
+    redis_url: str, simulator_url: str, rabbitmq: RabbitServer
+) -> Iterator[WorkerProcess]:
+    """One gevent worker on the AMQP broker (records, events and limits in Redis)."""
+    env = worker_env(redis_url, simulator_url, broker_url=rabbitmq.url, queue="llmw-amqp")
+    proc = WorkerProcess(celery_worker_args(queue="llmw-amqp"), env)
+    try:
+        yield proc.ready()
+    finally:
+        proc.stop()

@@ -49,13 +49,17 @@ def traffic_headers(payload: dict[str, Any]) -> dict[str, Any]:
     return headers
 
 
-def task_message(job_id: str, payload: dict[str, Any], *, queue: str) -> bytes:
-    """The broker envelope of one ``run_job`` message, ready to ``LPUSH`` onto ``queue``."""
-    args = [payload]
-    body = orjson.dumps(
-        [args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+def task_body(payload: dict[str, Any]) -> bytes:
+    """The body of one ``run_job`` message (task protocol 2: args, kwargs, embed), JSON."""
+    return orjson.dumps(
+        [[payload], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
     )
-    headers: dict[str, Any] = {
+
+
+def task_headers(job_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """The headers of one ``run_job`` message (task protocol 2, and its traffic class), on
+    every broker."""
+    return {
         "lang": "py",
         "task": TASK_NAME,
         "id": job_id,
@@ -78,6 +82,12 @@ def task_message(job_id: str, payload: dict[str, Any], *, queue: str) -> bytes:
         "stamps": {},
         **traffic_headers(payload),
     }
+
+
+def task_message(job_id: str, payload: dict[str, Any], *, queue: str) -> bytes:
+    """The broker envelope of one ``run_job`` message, ready to ``LPUSH`` onto ``queue``."""
+    body = task_body(payload)
+    headers = task_headers(job_id, payload)
     envelope = {
         "body": base64.b64encode(body).decode("ascii"),
         "content-encoding": "utf-8",
@@ -98,3 +108,61 @@ def task_message(job_id: str, payload: dict[str, Any], *, queue: str) -> bytes:
 
 def is_redis_broker(url: str) -> bool:
     return url.split(":", 1)[0] in {"redis", "rediss", "unix"}
+
+
+def is_amqp_broker(url: str) -> bool:
+    return url.split(":", 1)[0] in {"amqp", "amqps", "pyamqp"}
+
+
+# -- priority bands (AMQP) ----------------------------------------------------------------
+#
+# RabbitMQ's quorum queues (3.10) hold no message priorities (no ``x-max-priority``), so on
+# AMQP a job's priority (0-9, higher first) picks one of three queues, its band; every worker
+# consumes all three. The normal band keeps the queue's own name, so a worker started with
+# ``-Q llmw`` and a job of the default priority meet where they always did.
+
+#: Band suffix -> the priorities it holds.
+PRIORITY_BANDS: dict[str, range] = {"high": range(7, 10), "": range(3, 7), "low": range(0, 3)}
+
+def band_queue(queue: str, priority: int | None) -> str:
+    """The queue a job of ``priority`` goes to on AMQP: ``{queue}.high`` (7-9), ``{queue}``
+    (3-6, and no priority) or ``{queue}.low`` (0-2)."""
+    level = DEFAULT_PRIORITY if priority is None else priority
+    for suffix, levels in PRIORITY_BANDS.items():
+        if level in levels:
+            return f"{queue}.{suffix}" if suffix else queue
+    raise ValueError(f"priority {priority!r} is not in 0-9")
+
+
+def band_queues(queue: str) -> list[str]:
+    """Every band queue of ``queue``, highest first."""
+    return [f"{queue}.{suffix}" if suffix else queue for suffix in PRIORITY_BANDS]
+
+
+def band_of(name: str) -> str | None:
+    """The base queue of a band queue's name (``llmw.high`` -> ``llmw``); None for a name
+    that is not a high or low band (a base queue itself)."""
+    for suffix in PRIORITY_BANDS:
+        if suffix and name.endswith(f".{suffix}"):
+            return name[: -len(suffix) - 1]
+    return None
+
+
+#: The arguments every queue is declared with on AMQP: replicated, durable (quorum).
+QUORUM_ARGUMENTS: dict[str, Any] = {"x-queue-type": "quorum"}
+
+
+def amqp_queue(name: str) -> Any:
+    """The declaration of one queue on AMQP, the same for workers and producers (RabbitMQ
+    refuses a second declaration that differs): a durable quorum queue behind a topic exchange
+    of its own name, which Celery's native delayed delivery (a job postponed by the rate
+    limiter) routes through."""
+    from kombu import Exchange, Queue
+
+    return Queue(
+        name,
+        Exchange(name, type="topic", durable=True),
+        routing_key=name,
+        durable=True,
+        queue_arguments=dict(QUORUM_ARGUMENTS),
+    )

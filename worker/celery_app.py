@@ -10,7 +10,14 @@ from typing import Any
 
 from celery import Celery, signals
 
-from worker.broker import UNACKED_INDEX_KEY
+from worker.broker import (
+    UNACKED_INDEX_KEY,
+    amqp_queue,
+    band_of,
+    band_queues,
+    is_amqp_broker,
+    is_redis_broker,
+)
 from worker.settings import Settings, load_settings
 
 
@@ -20,38 +27,63 @@ def restore_interval_s(visibility_s: float) -> float:
     return max(1.0, min(5.0, visibility_s / 6))
 
 
-def celery_config(settings: Settings) -> dict[str, Any]:
-    """The runtime defaults: late acks, prefetch 1, JSON only, our own results in Redis."""
+def redis_transport_options(settings: Settings) -> dict[str, Any]:
+    """kombu's Redis transport options (our hardened subclass reads the same)."""
     visibility_s = settings.effective_visibility_timeout_s
-    broker = settings.effective_broker_url
-    hardened = broker.split("://", 1)[0] in {"redis", "rediss"}
     return {
-        # Our subclass of kombu's Redis transport survives garbage on the queue.
-        "broker_transport": "worker.runtime.transport:Transport" if hardened else None,
-        "broker_url": settings.effective_broker_url,
-        "broker_connection_retry_on_startup": True,
+        "visibility_timeout": visibility_s,
+        "unacked_index_key": UNACKED_INDEX_KEY,
         # Every greenlet acks its own message; a pool smaller than the concurrency fails
         # acks with MaxConnectionsError, and unacked jobs come back as duplicates.
-        "broker_transport_options": {
-            "visibility_timeout": visibility_s,
-            "unacked_index_key": UNACKED_INDEX_KEY,
-            "max_connections": settings.concurrency + 32,
-            "socket_keepalive": True,
-            "health_check_interval": 25,
-            # Look for messages whose visibility timeout passed (a killed worker's jobs) every
-            # few seconds (one ZRANGE under a mutex), so that recovery after a crash waits for
-            # the visibility timeout, not ten times the sweep (kombu's default throttle). The
-            # same schedule refreshes the deliveries this worker holds (see transport.py).
-            "unacked_restore_throttle": 1,
-            "unacked_restore_interval": restore_interval_s(visibility_s),
-            # The sweep's mutex outlives a worker killed while sweeping: kombu's 300 s would
-            # stop every other worker from recovering jobs for five minutes. Each restore is
-            # a WATCH transaction on its own, so overlapping sweeps cannot duplicate a message.
-            "unacked_mutex_expire": 10,
-            # Traffic classes, read by our transport's fetch (docs/traffic-classes.md).
-            "priority_aging_s": settings.priority_aging_s,
-            "tenant_weights": dict(settings.tenant_weights),
-        },
+        "max_connections": settings.concurrency + 32,
+        "socket_keepalive": True,
+        "health_check_interval": 25,
+        # Look for messages whose visibility timeout passed (a killed worker's jobs) every
+        # few seconds (one ZRANGE under a mutex), so that recovery after a crash waits for
+        # the visibility timeout, not ten times the sweep (kombu's default throttle). The
+        # same schedule refreshes the deliveries this worker holds (see transport.py).
+        "unacked_restore_throttle": 1,
+        "unacked_restore_interval": restore_interval_s(visibility_s),
+        # The sweep's mutex outlives a worker killed while sweeping: kombu's 300 s would
+        # stop every other worker from recovering jobs for five minutes. Each restore is
+        # a WATCH transaction on its own, so overlapping sweeps cannot duplicate a message.
+        "unacked_mutex_expire": 10,
+        # Traffic classes, read by our transport's fetch (docs/traffic-classes.md).
+        "priority_aging_s": settings.priority_aging_s,
+        "tenant_weights": dict(settings.tenant_weights),
+    }
+
+
+def amqp_config(settings: Settings) -> dict[str, Any]:
+    """RabbitMQ: durable quorum queues, one per priority band (quorum queues hold no
+    priorities), each behind a topic exchange so that Celery's native delayed delivery carries
+    a postponed job (a countdown) in the broker rather than in a worker; publisher confirms on
+    every publish of ours and Celery's. No visibility timeout: RabbitMQ gives a delivery back
+    when its consumer's connection closes, and the job's lease absorbs the second copy."""
+    return {
+        "broker_transport_options": {"confirm_publish": True},
+        "task_queues": [amqp_queue(name) for name in band_queues(settings.queue)],
+        "task_default_exchange_type": "topic",
+        "task_default_queue_type": "quorum",
+        "task_create_missing_queue_type": "quorum",
+        "task_create_missing_queue_exchange_type": "topic",
+        # Quorum queues have no global QoS: the prefetch is per consumer (one per band).
+        "worker_detect_quorum_queues": True,
+    }
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The runtime defaults: late acks, prefetch 1, JSON only, our own results in Redis."""
+    broker = settings.effective_broker_url
+    hardened = broker.split("://", 1)[0] in {"redis", "rediss"}
+    config: dict[str, Any] = {
+        # Our subclass of kombu's Redis transport survives garbage on the queue.
+        "broker_transport": "worker.runtime.transport:Transport" if hardened else None,
+        "broker_url": broker,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": (
+            redis_transport_options(settings) if is_redis_broker(broker) else {}
+        ),
         "broker_pool_limit": 10,
         "result_backend": None,
         "task_ignore_result": True,
@@ -71,9 +103,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_consumer": "worker.runtime.task:Consumer",
         "worker_concurrency": settings.concurrency,
         "worker_pool": settings.pool,
-        "include": ["worker.runtime.task"],
+        "include": ["worker.runtime.task", "worker.runtime.sweeper"],
         "enable_utc": True,
     }
+    if is_amqp_broker(broker):
+        config.update(amqp_config(settings))
+    return config
 
 
 class LLMWorkerCelery(Celery):
@@ -119,3 +154,19 @@ def _configure_logging(**_: Any) -> None:
     from worker.logs import configure_logging
 
     configure_logging(app.settings or load_settings())
+
+
+@signals.celeryd_after_setup.connect
+def _consume_every_band(instance: Any = None, **_: Any) -> None:
+    """On AMQP a worker consumes its queues' priority bands too: ``-Q llmw`` (or ``llm-worker
+    run``) means ``llmw.high``, ``llmw`` and ``llmw.low``. Celery's documented place to add
+    queues to whatever ``-Q`` selected."""
+    settings = app.settings or load_settings()
+    if instance is None or not is_amqp_broker(settings.effective_broker_url):
+        return
+    queues = instance.app.amqp.queues
+    for name in list(queues.consume_from):
+        if band_of(name) is not None:
+            continue
+        for band in band_queues(name):
+            queues.select_add(queues[band] if band in queues else amqp_queue(band))

@@ -42,6 +42,21 @@ class Keys:
         """Hash: jobs ever submitted to ``queue``, by model (producers add, workers export)."""
         return f"{self.prefix}:submitted:{queue}"
 
+    def outbox(self, queue: str) -> str:
+        """Sorted set of the jobs of ``queue`` whose message the broker has not confirmed yet
+        (a broker other than the results Redis); score: when a sweeper may publish it again
+        (Redis server time, epoch seconds). See :mod:`worker.outbox`."""
+        return f"{self.prefix}:outbox:{queue}"
+
+    def outbox_lock(self, queue: str) -> str:
+        """String: held by the one worker that sweeps ``queue``'s outbox this tick."""
+        return f"{self.prefix}:outbox_lock:{queue}"
+
+    def outbox_message(self, job_id: str) -> str:
+        """String: the message of a job in an outbox (JSON ``{"payload", "priority"}``), kept
+        until the broker confirmed it; expires with the queued job's record."""
+        return f"{self.prefix}:outbox_message:{job_id}"
+
     def batch(self, batch_id: str) -> str:
         """Hash of one Message Batch (gateway): created_at, expires_at, count, cancel time."""
         return f"{self.prefix}:batch:{batch_id}"

@@ -325,6 +325,20 @@ QUEUE_OLDEST_AGE = Gauge(
     ["queue", "priority", "tenant"],
     multiprocess_mode="mostrecent",
 )
+OUTBOX_REPUBLISHED = Counter(
+    "llm_worker_outbox_republished_total",
+    "Jobs whose message this worker's outbox sweeper published again because the broker had "
+    "not confirmed it within OUTBOX_GRACE_S (a producer that died or met a broker outage; only "
+    "with a broker other than the results Redis).",
+    ["queue"],
+)
+OUTBOX_PENDING = Gauge(
+    "llm_worker_outbox_pending",
+    "Jobs created whose message the broker has not confirmed yet (the queue's outbox), read "
+    "from Redis when scraped; 0 with the broker on the results Redis.",
+    ["queue"],
+    multiprocess_mode="mostrecent",
+)
 DEAD_LETTERS = Gauge(
     "llm_worker_dead_letters",
     "Entries in the dead-letter stream, read from Redis when scraped.",

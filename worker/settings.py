@@ -85,6 +85,9 @@ class Settings(BaseSettings):
 
     redis_url: RedisUrl = AnyUrl("redis://localhost:6379/0")
     broker_url: BrokerUrl | None = None
+    # With a broker other than the results Redis: how long a job's message may wait in the
+    # outbox for the broker's confirmation before a worker's sweeper publishes it again.
+    outbox_grace_s: PositiveSeconds = 5.0
     api_base_url: HttpUrl = AnyUrl("https://api.woagent.net")
     api_key: SecretStr | None = None
     # The catalogue: every model's max_tokens maximum (and context window, aliases); JSON,

@@ -13,6 +13,7 @@ sync client runs; only the Redis calls differ.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
@@ -22,12 +23,14 @@ import redis.asyncio as aredis
 
 from worker import events as ev
 from worker import metrics as m
-from worker.broker import TASK_NAME, is_redis_broker
 from worker.client import core as p
 from worker.errors import JobNotFound
 from worker.keys import Keys
+from worker.outbox import OutboxItem, Publisher, error_summary, make_publisher
 from worker.settings import Settings
 from worker.store import cancel_call, decode_hash, ending_script, load_lua, text
+
+log = logging.getLogger("worker.client")
 
 
 class AsyncClient:
@@ -68,19 +71,17 @@ class AsyncClient:
             self.redis = aredis.Redis(connection_pool=pool)
         self._submit = self.redis.register_script(load_lua("submit.lua"))
         self._cancel = self.redis.register_script(ending_script("cancel.lua"))
-        broker = settings.effective_broker_url
-        self._same_redis = broker == str(settings.redis_url)
-        self._broker_redis = (
-            None
-            if self._same_redis or not is_redis_broker(broker)
-            else aredis.Redis.from_url(broker)
-        )
+        self._same_redis = settings.effective_broker_url == str(settings.redis_url)
+        # With a broker elsewhere, messages go through the queue's outbox (worker.outbox). The
+        # publishers are synchronous (kombu's AMQP client): they run in a worker thread.
+        self._publisher: Publisher | None = None
+        self._outbox_keys = (self.keys.outbox(settings.queue), self.keys.outbox_message)
 
     async def close(self) -> None:
         # types-redis predates aclose(); close() is its deprecated alias in redis-py 5+.
         await self.redis.aclose()  # type: ignore[attr-defined]
-        if self._broker_redis is not None:
-            await self._broker_redis.aclose()  # type: ignore[attr-defined]
+        if self._publisher is not None:
+            await asyncio.to_thread(self._publisher.close)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -170,7 +171,8 @@ class AsyncClient:
         pipe = self.redis.pipeline(transaction=False)
         for call in calls:
             await self._submit(keys=call.keys, args=call.args, client=pipe)
-        created = p.created_flags(calls, await pipe.execute())
+        results = await pipe.execute()
+        created = p.created_flags(calls, results)
         models = [
             request["model"]
             for request, new in zip(submission.requests, created, strict=True)
@@ -183,30 +185,30 @@ class AsyncClient:
             for model, count in p.count_by_model(models).items():
                 counts.hincrby(self.keys.submitted_counts(self.settings.queue), model, count)
             await counts.execute()
-        fresh = [call for call, new in zip(calls, created, strict=True) if new]
-        if fresh and not self._same_redis:
-            await self._send_elsewhere(fresh)
+        if not self._same_redis:
+            await self._send_elsewhere(p.to_publish(calls, results, created))
         return [AsyncJob(self, job_id) for job_id in submission.ids]
 
-    async def _send_elsewhere(self, calls: list[p.ScriptCall]) -> None:
-        if self._broker_redis is not None:
-            pipe = self._broker_redis.pipeline(transaction=False)
-            for call in calls:
-                pipe.lpush(self.settings.queue, call.message)
-            await pipe.execute()
+    async def _send_elsewhere(self, items: list[OutboxItem]) -> None:
+        """As :meth:`worker.client.sync.Client._send_elsewhere`: publish, then take what the
+        broker confirmed out of the outbox; the rest waits there for a worker's sweeper."""
+        if not items:
             return
-        from worker.celery_app import app
-
-        def publish() -> None:
-            # Celery's producer is synchronous; keep it off the event loop.
-            if app.settings is None:
-                app.use_settings(self.settings)
-            for call in calls:
-                app.send_task(
-                    TASK_NAME, args=[call.payload], task_id=call.job_id, queue=self.settings.queue
-                )
-
-        await asyncio.to_thread(publish)
+        if self._publisher is None:
+            self._publisher = make_publisher(self.settings)
+        confirmed, error = await asyncio.to_thread(self._publisher.publish, items)
+        if confirmed:
+            outbox, message_key = self._outbox_keys
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.zrem(outbox, *confirmed)
+            pipe.delete(*(message_key(job_id) for job_id in confirmed))
+            await pipe.execute()
+        if error is not None:
+            log.warning(
+                "outbox_publish_deferred jobs=%d error=%s (a worker's sweeper publishes them)",
+                len(items) - len(confirmed),
+                error_summary(error, self.settings.effective_broker_url),
+            )
 
     # -- reading -------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from worker.errors import (
     RequestInvalid,
 )
 from worker.keys import Keys
+from worker.outbox import OutboxItem
 from worker.pricing import budget_problem
 from worker.ratelimit.cost import submit_problem
 from worker.request import validate_request
@@ -348,13 +349,14 @@ def budget_refusal(
 
 @dataclass(frozen=True, slots=True)
 class ScriptCall:
-    """One job's call of ``submit.lua`` and the Celery message it carries."""
+    """One job's call of ``submit.lua`` and the message it carries: on the results Redis the
+    Celery envelope it pushes, else the outbox item the producer then publishes."""
 
     job_id: str
     keys: list[str]
     args: list[Any]
     payload: dict[str, Any]
-    message: bytes
+    item: OutboxItem
 
 
 def submit_calls(
@@ -366,7 +368,8 @@ def submit_calls(
     same_redis: bool,
     batch_id: str | None = None,
 ) -> list[ScriptCall]:
-    """The arguments of ``submit.lua`` for every job (see the script for their meaning).
+    """The arguments of ``submit.lua`` for every job (see the script for their meaning):
+    with ``same_redis`` the message goes onto the queue, else into the queue's outbox.
 
     ``batch_id``: the gateway Message Batch the jobs belong to (their ends are counted there).
     """
@@ -388,18 +391,28 @@ def submit_calls(
             payload["tenant"] = opts.tenant
         if opts.fallback_models is not None:
             payload["fallback_models"] = list(opts.fallback_models)
-        message = task_message(job_id, payload, queue=settings.queue)
+        item = OutboxItem(job_id, payload, opts.priority)
+        if same_redis:
+            script_keys = [keys.job(job_id), settings.queue]
+            message = task_message(job_id, payload, queue=settings.queue)
+        else:
+            script_keys = [
+                keys.job(job_id),
+                keys.outbox(settings.queue),
+                keys.outbox_message(job_id),
+            ]
+            message = item.dumps()
         calls.append(
             ScriptCall(
                 job_id=job_id,
-                keys=[keys.job(job_id)] + ([settings.queue] if same_redis else []),
+                keys=script_keys,
                 args=[
                     request_sha(request),
                     now,
                     request["model"],
                     orjson.dumps(dict(meta or {})),
                     int(deadline_s + settings.result_ttl_s),
-                    message if same_redis else "",
+                    message,
                     deadline_at,
                     batch_id or "",
                     opts.priority,
@@ -407,9 +420,10 @@ def submit_calls(
                     ""
                     if opts.fallback_models is None
                     else orjson.dumps(list(opts.fallback_models)),
+                    job_id,
                 ],
                 payload=payload,
-                message=message,
+                item=item,
             )
         )
     return calls
@@ -430,6 +444,22 @@ def created_flags(calls: list[ScriptCall], results: list[Any]) -> list[bool]:
             raise JobConflict(call.job_id)
         flags.append(False)
     return flags
+
+
+def to_publish(
+    calls: list[ScriptCall], results: list[Any], created: list[bool]
+) -> list[OutboxItem]:
+    """What a producer with an outbox publishes after the script ran: every job it created,
+    and every existing one still waiting for the broker's confirmation (its kept message)."""
+    items = []
+    for call, result, new in zip(calls, results, created, strict=True):
+        if new:
+            items.append(call.item)
+        elif len(result) > 3 and result[3]:
+            kept = OutboxItem.loads(call.job_id, result[3])
+            if kept is not None:
+                items.append(kept)
+    return items
 
 
 def count_by_model(models: Iterable[str]) -> dict[str, int]:

@@ -8,6 +8,8 @@ message = job.result(timeout=60)        # or JobFailed / JobCancelled / JobExpir
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -17,13 +19,16 @@ import redis
 
 from worker import events as ev
 from worker import metrics as m
-from worker.broker import TASK_NAME, is_redis_broker
 from worker.client import core as p
 from worker.client.core import JOB_ID_PATTERN, MAX_METADATA_BYTES, request_sha
 from worker.errors import JobNotFound
 from worker.keys import Keys
+from worker.outbox import Outbox, OutboxItem, Publisher, error_summary, make_publisher
 from worker.settings import Settings
 from worker.store import JobStore
+
+#: Producers log through the standard library: they run inside other people's applications.
+log = logging.getLogger("worker.client")
 
 __all__ = ["JOB_ID_PATTERN", "MAX_METADATA_BYTES", "Client", "Job", "request_sha"]
 
@@ -45,18 +50,17 @@ class Client:
         self.keys = Keys(self.settings.key_prefix)
         self.redis = redis.Redis.from_url(str(self.settings.redis_url), socket_keepalive=True)
         self.store = JobStore(self.redis, self.keys, result_ttl_s=self.settings.result_ttl_s)
-        broker = self.settings.effective_broker_url
-        self._same_redis = broker == str(self.settings.redis_url)
-        self._broker_redis = (
-            None
-            if self._same_redis or not is_redis_broker(broker)
-            else redis.Redis.from_url(broker)
-        )
+        self._same_redis = self.settings.effective_broker_url == str(self.settings.redis_url)
+        # With a broker elsewhere, messages go through the queue's outbox (worker.outbox);
+        # the publisher connects on first use.
+        self.outbox = Outbox(self.redis, self.keys, self.settings.queue)
+        self._publisher: Publisher | None = None
+        self._publisher_lock = threading.Lock()
 
     def close(self) -> None:
         self.redis.close()
-        if self._broker_redis is not None:
-            self._broker_redis.close()
+        if self._publisher is not None:
+            self._publisher.close()
 
     def __enter__(self) -> Client:
         return self
@@ -141,7 +145,8 @@ class Client:
         pipe = self.redis.pipeline(transaction=False)
         for call in calls:
             script(keys=call.keys, args=call.args, client=pipe)
-        created = p.created_flags(calls, pipe.execute())
+        results = pipe.execute()
+        created = p.created_flags(calls, results)
         models = [
             request["model"]
             for request, new in zip(submission.requests, created, strict=True)
@@ -151,13 +156,8 @@ class Client:
             m.JOBS_SUBMITTED.labels(model).inc()
         if models:
             self._count_submitted(models)
-        fresh = [
-            (call.job_id, call.payload, call.message)
-            for call, new in zip(calls, created, strict=True)
-            if new
-        ]
-        if fresh and not self._same_redis:
-            self._send_elsewhere(fresh)
+        if not self._same_redis:
+            self._send_elsewhere(p.to_publish(calls, results, created))
         return [Job(self, job_id) for job_id in submission.ids]
 
     def _count_submitted(self, models: list[str]) -> None:
@@ -171,20 +171,23 @@ class Client:
             pipe.hincrby(self.keys.submitted_counts(self.settings.queue), model, count)
         pipe.execute()
 
-    def _send_elsewhere(self, created: list[tuple[str, dict[str, Any], bytes]]) -> None:
-        """The broker is not the results Redis: a second pipeline, or Celery's own publish."""
-        if self._broker_redis is not None:
-            pipe = self._broker_redis.pipeline(transaction=False)
-            for _job_id, _payload, message in created:
-                pipe.lpush(self.settings.queue, message)
-            pipe.execute()
+    def _send_elsewhere(self, items: list[OutboxItem]) -> None:
+        """Publish what the submit left in the outbox, then take what the broker confirmed
+        out of it. What the broker did not confirm stays: a worker's sweeper publishes it
+        after ``OUTBOX_GRACE_S``, so the jobs are submitted either way (and say so in a log)."""
+        if not items:
             return
-        from worker.celery_app import app
-
-        if app.settings is None:
-            app.use_settings(self.settings)
-        for job_id, payload, _message in created:
-            app.send_task(TASK_NAME, args=[payload], task_id=job_id, queue=self.settings.queue)
+        with self._publisher_lock:
+            if self._publisher is None:
+                self._publisher = make_publisher(self.settings)
+        confirmed, error = self._publisher.publish(items)
+        self.outbox.mark_sent(confirmed)
+        if error is not None:
+            log.warning(
+                "outbox_publish_deferred jobs=%d error=%s (a worker's sweeper publishes them)",
+                len(items) - len(confirmed),
+                error_summary(error, self.settings.effective_broker_url),
+            )
 
     # -- reading -------------------------------------------------------------------------
 

@@ -1,15 +1,28 @@
 -- Create a job if its id is new, and enqueue its Celery message in the same step, so that a
 -- job exists if and only if it was enqueued. An existing id is left alone.
--- KEYS[1] job hash   KEYS[2] broker queue list, or absent when the broker is elsewhere
+-- Two forms, told apart by the number of keys:
+--   the broker is this Redis: KEYS[1] job hash, KEYS[2] broker queue list; ARGV[6] is the
+--   Celery message, pushed onto the queue.
+--   the broker is elsewhere (the outbox): KEYS[1] job hash, KEYS[2] the queue's outbox
+--   (sorted set), KEYS[3] the job's outbox message; ARGV[6] is that message, kept until the
+--   producer (or a worker's sweeper) has the broker's confirmation.
 -- ARGV[1] request sha256   ARGV[2] now   ARGV[3] model   ARGV[4] metadata JSON
--- ARGV[5] ttl seconds while queued   ARGV[6] Celery message JSON (when KEYS[2] given)
--- ARGV[7] deadline (epoch seconds)   ARGV[8] the id of the gateway Message Batch the job
--- belongs to (its end adds to that batch's counts: see batch_end.lua), '' or absent
+-- ARGV[5] ttl seconds while queued   ARGV[7] deadline (epoch seconds)   ARGV[8] the id of the
+-- gateway Message Batch the job belongs to (its end adds to that batch's counts: see
+-- batch_end.lua), '' or absent
 -- ARGV[9] priority (0-9)   ARGV[10] tenant, or ''   ARGV[11] fallback models JSON, or ''
--- Returns {1} when created, or {0, existing sha, existing state}.
+-- ARGV[12] the job id (the outbox's member)
+-- Returns {1} when created, or {0, existing sha, existing state, outbox message}: the last is
+-- the message of a job still queued and unconfirmed ('' otherwise), to be published again.
+local outbox = #KEYS == 3
 local existing = redis.call('HGET', KEYS[1], 'request_sha')
 if existing then
-  return {0, existing, redis.call('HGET', KEYS[1], 'state') or ''}
+  local state = redis.call('HGET', KEYS[1], 'state') or ''
+  local pending = ''
+  if outbox and state == 'queued' and redis.call('ZSCORE', KEYS[2], ARGV[12]) then
+    pending = redis.call('GET', KEYS[3]) or ''
+  end
+  return {0, existing, state, pending}
 end
 redis.call('HSET', KEYS[1],
   'state', 'queued', 'request_sha', ARGV[1], 'submitted_at', ARGV[2], 'model', ARGV[3],
@@ -25,7 +38,12 @@ if ARGV[11] and ARGV[11] ~= '' then
   redis.call('HSET', KEYS[1], 'fallback_models', ARGV[11])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[5])
-if KEYS[2] then
+if outbox then
+  -- Server time: every sweeper compares against the same clock.
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[2], tonumber(t[1]) + tonumber(t[2]) / 1e6, ARGV[12])
+  redis.call('SET', KEYS[3], ARGV[6], 'EX', ARGV[5])
+elseif KEYS[2] then
   redis.call('LPUSH', KEYS[2], ARGV[6])
 end
 return {1}

@@ -160,6 +160,9 @@ class ScrapeGauges:
                     m.QUEUE_DEPTH.labels(self.queue, "unacked").set(unacked)
                     self._set_classes(classes)
                 m.DEAD_LETTERS.set(int(self.results.xlen(self.keys.dead_letters)))
+                m.OUTBOX_PENDING.labels(self.queue).set(
+                    int(self.results.zcard(self.keys.outbox(self.queue)))
+                )
                 self._mirror_submitted()
                 self._spend_against_budgets()
             except redis.RedisError as exc:

@@ -1,0 +1,276 @@
+"""The outbox: with a broker other than the results Redis, a job exists if and only if its
+message is, or will be, on the queue.
+
+One Redis step cannot both create the record and enqueue on another server, so:
+
+1. ``submit.lua`` (its outbox form) creates the record and, in the same step, keeps the job's
+   message in the queue's outbox (``Keys.outbox``, ``Keys.outbox_message``);
+2. the producer publishes it and waits for the broker's confirmation (AMQP publisher
+   confirms; a Redis broker's reply to ``LPUSH``);
+3. then takes it out of the outbox (:meth:`Outbox.mark_sent`).
+
+A producer that dies between 1 and 3, or a broker that is down, leaves the message in the
+outbox: every worker runs a sweeper (:mod:`worker.runtime.sweeper`) that publishes again the
+messages waiting longer than ``OUTBOX_GRACE_S``, one worker at a time. A resubmit of an id
+still in the outbox publishes it again at once. A message can thus be published twice (a
+producer slower than the grace, a confirmation lost with its connection); the second delivery
+meets the job's lease (running) or its end (ended) and does not run it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import quote, urlsplit
+
+import orjson
+import redis
+
+from worker.broker import (
+    TASK_NAME,
+    amqp_queue,
+    band_queue,
+    is_amqp_broker,
+    is_redis_broker,
+    task_body,
+    task_headers,
+    task_message,
+)
+from worker.keys import Keys
+from worker.settings import Settings
+from worker.store import load_lua, text
+
+#: How long a producer waits for a broker connection, and for one publish's confirmation.
+CONNECT_TIMEOUT_S = 5.0
+CONFIRM_TIMEOUT_S = 10.0
+#: A sweep hands out at most this many jobs (the rest wait for the next tick).
+SWEEP_BATCH = 500
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    """One job's message as the outbox keeps it."""
+
+    job_id: str
+    payload: dict[str, Any]
+    priority: int | None = None
+
+    def dumps(self) -> bytes:
+        return orjson.dumps({"payload": self.payload, "priority": self.priority})
+
+    @classmethod
+    def loads(cls, job_id: str, raw: Any) -> OutboxItem | None:
+        """The item kept for ``job_id``; None when it is missing or not ours."""
+        try:
+            data = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(data, dict) or not isinstance(data.get("payload"), dict):
+            return None
+        priority = data.get("priority")
+        return cls(job_id, data["payload"], priority if isinstance(priority, int) else None)
+
+
+class Outbox:
+    """One queue's outbox in the results Redis (producers and sweepers alike)."""
+
+    def __init__(self, client: redis.Redis[bytes], keys: Keys, queue: str) -> None:
+        self.redis = client
+        self.keys = keys
+        self.queue = queue
+        self.key = keys.outbox(queue)
+        self._due = client.register_script(load_lua("outbox_due.lua"))
+
+    def mark_sent(self, job_ids: Sequence[str]) -> None:
+        """The broker confirmed these jobs' messages: they leave the outbox."""
+        if not job_ids:
+            return
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zrem(self.key, *job_ids)
+        pipe.delete(*(self.keys.outbox_message(job_id) for job_id in job_ids))
+        pipe.execute()
+
+    def due(self, *, grace_s: float, lock_ttl_s: float, token: str | None = None) -> list[str]:
+        """The jobs to publish again (see ``outbox_due.lua``); empty when another worker holds
+        this tick's sweep lock."""
+        raw = self._due(
+            keys=[self.keys.outbox_lock(self.queue), self.key],
+            args=[token or uuid.uuid4().hex, max(1, int(lock_ttl_s * 1000)), grace_s, SWEEP_BATCH],
+        )
+        return [text(job_id) for job_id in raw]
+
+    def pending(self, job_ids: Sequence[str]) -> tuple[list[OutboxItem], list[str]]:
+        """Of ``job_ids``: the items of jobs still queued, and the ids whose entry is stale
+        (the job started or ended, its record or message expired) and should just go."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(self.keys.job(job_id), "state")
+            pipe.get(self.keys.outbox_message(job_id))
+        replies = pipe.execute()
+        items: list[OutboxItem] = []
+        stale: list[str] = []
+        for index, job_id in enumerate(job_ids):
+            state, raw = replies[2 * index], replies[2 * index + 1]
+            item = OutboxItem.loads(job_id, raw)
+            if item is None or state is None or text(state) != "queued":
+                stale.append(job_id)
+            else:
+                items.append(item)
+        return items, stale
+
+    def size(self) -> int:
+        return int(self.redis.zcard(self.key))
+
+
+class Publisher(Protocol):
+    """Sends outbox items to the broker and says which the broker confirmed."""
+
+    def publish(self, items: Sequence[OutboxItem]) -> tuple[list[str], BaseException | None]:
+        """Publish in order; the confirmed job ids, and the error that stopped the rest."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class RedisListPublisher:
+    """A Redis broker that is not the results Redis: ``LPUSH`` the envelope kombu reads."""
+
+    def __init__(self, client: redis.Redis[bytes], queue: str) -> None:
+        self.redis = client
+        self.queue = queue
+
+    def publish(self, items: Sequence[OutboxItem]) -> tuple[list[str], BaseException | None]:
+        if not items:
+            return [], None
+        pipe = self.redis.pipeline(transaction=False)
+        for item in items:
+            pipe.lpush(self.queue, task_message(item.job_id, item.payload, queue=self.queue))
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            return [], exc
+        return [item.job_id for item in items], None
+
+    def close(self) -> None:
+        self.redis.close()
+
+
+class AmqpPublisher:
+    """Publishes to RabbitMQ with publisher confirms, one connection per publisher, opened on
+    first use and again after an error. Thread-safe (one publish at a time)."""
+
+    def __init__(self, url: str, queue: str) -> None:
+        self.url = url
+        self.queue = queue
+        self._lock = threading.Lock()
+        self._connection: Any = None
+        self._producer: Any = None
+        self._declared: dict[str, Any] = {}
+
+    def _ensure(self) -> Any:
+        if self._producer is None:
+            from kombu import Connection
+
+            self._connection = Connection(
+                self.url,
+                connect_timeout=CONNECT_TIMEOUT_S,
+                transport_options={"confirm_publish": True},
+            )
+            self._connection.ensure_connection(max_retries=1)
+            self._producer = self._connection.Producer(auto_declare=False)
+        return self._producer
+
+    def _queue(self, name: str) -> Any:
+        queue = self._declared.get(name)
+        if queue is None:
+            queue = self._declared[name] = amqp_queue(name)
+        return queue
+
+    def publish(self, items: Sequence[OutboxItem]) -> tuple[list[str], BaseException | None]:
+        confirmed: list[str] = []
+        with self._lock:
+            try:
+                for item in items:
+                    producer = self._ensure()
+                    name = band_queue(self.queue, item.priority)
+                    producer.publish(
+                        task_body(item.payload),
+                        exchange="",
+                        routing_key=name,
+                        # Declared (once per connection) before the first publish to it: an
+                        # AMQP broker confirms a message that no queue took, and drops it.
+                        declare=[self._queue(name)],
+                        headers=task_headers(item.job_id, item.payload),
+                        content_type="application/json",
+                        content_encoding="utf-8",
+                        delivery_mode=2,
+                        correlation_id=item.job_id,
+                        reply_to="",
+                        confirm_timeout=CONFIRM_TIMEOUT_S,
+                    )
+                    confirmed.append(item.job_id)
+            except Exception as exc:  # any failure: the rest stay in the outbox
+                self._reset()
+                return confirmed, exc
+        return confirmed, None
+
+    def _reset(self) -> None:
+        connection, self._connection, self._producer = self._connection, None, None
+        if connection is not None:
+            # Closing a broken connection: nothing more to do if that fails too.
+            with contextlib.suppress(Exception):
+                connection.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._reset()
+
+
+class CeleryPublisher:
+    """Any other broker Celery knows (``memory://``): Celery's own publish."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def publish(self, items: Sequence[OutboxItem]) -> tuple[list[str], BaseException | None]:
+        from worker.celery_app import app
+
+        if app.settings is None:
+            app.use_settings(self.settings)
+        confirmed: list[str] = []
+        try:
+            for item in items:
+                app.send_task(
+                    TASK_NAME, args=[item.payload], task_id=item.job_id, queue=self.settings.queue
+                )
+                confirmed.append(item.job_id)
+        except Exception as exc:  # any failure: the rest stay in the outbox
+            return confirmed, exc
+        return confirmed, None
+
+    def close(self) -> None:
+        pass
+
+
+def make_publisher(settings: Settings) -> Publisher:
+    """The publisher for a broker other than the results Redis."""
+    url = settings.effective_broker_url
+    if is_amqp_broker(url):
+        return AmqpPublisher(url, settings.queue)
+    if is_redis_broker(url):
+        return RedisListPublisher(redis.Redis.from_url(url, socket_keepalive=True), settings.queue)
+    return CeleryPublisher(settings)
+
+
+def error_summary(exc: BaseException, url: str) -> str:
+    """What may be logged of a publish error: its type and message, cut short, with the
+    broker's password (should a client quote its URL) blanked out."""
+    detail = str(exc)[:300]
+    password = urlsplit(url).password
+    if password:
+        detail = detail.replace(password, "***").replace(quote(password, safe=""), "***")
+    return f"{type(exc).__name__}: {detail}"
