@@ -59,6 +59,14 @@ def queue() -> str:
     return f"llmw-crash-{uuid.uuid4().hex[:8]}"
 
 
+@pytest.fixture(params=["redis", "amqp"])
+def broker(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The broker: the results Redis, or RabbitMQ (a node of the suite's own)."""
+    if request.param == "redis":
+        return {}
+    return {"broker_url": request.getfixturevalue("rabbitmq").url}
+
+
 @pytest.fixture
 def workers() -> Iterator[list[WorkerProcess]]:
     started: list[WorkerProcess] = []
@@ -68,10 +76,15 @@ def workers() -> Iterator[list[WorkerProcess]]:
 
 
 def test_sigkill_with_fifty_jobs_streaming_loses_none_and_runs_none_twice(
-    redis_url: str, simulator_url: str, queue: str, workers: list[WorkerProcess]
+    redis_url: str,
+    simulator_url: str,
+    queue: str,
+    workers: list[WorkerProcess],
+    broker: dict[str, str],
 ) -> None:
-    """A gevent worker killed with 60 jobs streaming: a fresh worker completes every one once."""
-    env = _env(redis_url, simulator_url, queue)
+    """A gevent worker killed with 60 jobs streaming: a fresh worker completes every one once
+    (on RabbitMQ the killed worker's deliveries come back when its connection drops)."""
+    env = _env(redis_url, simulator_url, queue, **broker)
     first = _start(env).ready()
     workers.append(first)
     tag = uuid.uuid4().hex

@@ -1,0 +1,256 @@
+"""RabbitMQ as the broker, with a node of the suite's own: the outbox (a producer that dies
+between the record and the publish, a broker that is down, a resubmit), duplicates absorbed by
+the lease, and a RabbitMQ restart while jobs run."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kombu import Connection
+
+from tests.rabbitmq import RabbitServer
+from tests.support import (
+    ROOT,
+    WorkerProcess,
+    celery_worker_args,
+    events_so_far,
+    free_port,
+    make_request,
+    streaming,
+    terminals,
+    wait_for,
+    worker_env,
+)
+from worker import AsyncClient
+from worker import events as ev
+from worker.broker import amqp_queue
+from worker.client.sync import Client, Job
+from worker.outbox import AmqpPublisher, Outbox, OutboxItem
+from worker.settings import Settings, settings_from_env
+
+pytestmark = pytest.mark.integration
+
+#: A broker URL that refuses connections: a producer meeting a broker outage.
+DOWN = f"amqp://guest:guest@127.0.0.1:{free_port()}//"
+
+
+def _history(job: Job) -> list[dict[str, Any]]:
+    return list(job.events(timeout=30))
+
+
+def _ran_once(job: Job) -> None:
+    events = _history(job)
+    assert terminals(events) == [ev.COMPLETED]
+    assert [e["type"] for e in events].count(ev.STARTED) == 1
+
+
+def _waiting(url: str, queue: str) -> int:
+    """Messages ready in one RabbitMQ queue (declared as the workers declare it)."""
+    with Connection(url) as conn:
+        declared = amqp_queue(queue)(conn.default_channel).queue_declare(passive=True)
+        return int(declared.message_count)
+
+
+@pytest.fixture
+def idle_queue(amqp_worker: WorkerProcess) -> str:
+    """A queue that no worker consumes (its messages stay where they are put)."""
+    return f"llmw-idle-{uuid.uuid4().hex[:8]}"
+
+
+def _settings(worker: WorkerProcess, **overrides: Any) -> Settings:
+    env = {**worker.env, **{f"LLM_WORKER_{k.upper()}": str(v) for k, v in overrides.items()}}
+    return settings_from_env(env)
+
+
+def test_a_producer_killed_between_the_record_and_the_publish_leaves_a_job_the_sweeper_runs(
+    amqp_worker: WorkerProcess,
+) -> None:
+    """A real producer process SIGKILLed after the submit script and before its publish: the
+    job is recorded and in the outbox, and the worker's sweeper publishes it (after the
+    default grace); it completes once and leaves the outbox."""
+    job_id = f"killed-producer-{uuid.uuid4().hex}"
+    code = (
+        "import os, signal, sys\n"
+        "from worker.client.sync import Client\n"
+        "from worker.settings import settings_from_env\n"
+        "Client._send_elsewhere = lambda self, items: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "with Client(settings_from_env(os.environ)) as client:\n"
+        f"    client.submit({make_request('orphan [[sim tokens=4]]')!r}, job_id=sys.argv[1])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, job_id], cwd=ROOT, env=amqp_worker.env, timeout=60, check=False
+    )
+    assert done.returncode == -signal.SIGKILL
+    with Client(amqp_worker.settings()) as client:
+        job = client.get(job_id)
+        # Recorded, never published: only the outbox has it (the sweeper waits 5 s).
+        assert job.status()["state"] == "queued"
+        assert client.redis.zscore(client.outbox.key, job_id) is not None
+        assert job.result(timeout=60)["usage"]["output_tokens"] == 4
+        _ran_once(job)
+        assert client.redis.zscore(client.outbox.key, job_id) is None
+        assert not client.redis.exists(client.keys.outbox_message(job_id))
+
+
+def test_a_submit_while_the_broker_is_down_succeeds_and_the_sweeper_enqueues_it(
+    amqp_worker: WorkerProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the broker unreachable the submit still returns (the job is recorded and kept in
+    the outbox, and the producer logs why without the broker's password); a worker's sweeper
+    publishes it and it completes once."""
+    settings = _settings(amqp_worker, broker_url=DOWN.replace("guest:guest", "guest:s3cr3t-pw"))
+    with Client(settings) as producer:
+        job = producer.submit(make_request(f"outage {uuid.uuid4().hex} [[sim tokens=3]]"))
+        assert producer.redis.zscore(producer.outbox.key, job.job_id) is not None
+    assert any("outbox_publish_deferred" in r.getMessage() for r in caplog.records)
+    assert not any("s3cr3t-pw" in r.getMessage() for r in caplog.records)
+    with Client(amqp_worker.settings()) as client:
+        handle = client.get(job.job_id)
+        assert handle.result(timeout=60)["usage"]["output_tokens"] == 3
+        _ran_once(handle)
+        assert client.redis.zscore(client.outbox.key, job.job_id) is None
+
+
+def test_a_resubmit_of_an_unconfirmed_id_publishes_it_and_of_a_confirmed_one_does_not(
+    amqp_worker: WorkerProcess, rabbitmq: RabbitServer, idle_queue: str
+) -> None:
+    """The first submit could not reach the broker; submitting the same id again publishes the
+    kept message (one on the queue, the outbox empty); a third submit publishes nothing."""
+    request = make_request(f"resubmit {uuid.uuid4().hex}")
+    job_id = f"resubmit-{uuid.uuid4().hex}"
+    with Client(_settings(amqp_worker, broker_url=DOWN, queue=idle_queue)) as down:
+        down.submit(request, job_id=job_id)
+        assert down.redis.zscore(down.outbox.key, job_id) is not None
+    with Client(_settings(amqp_worker, queue=idle_queue)) as client:
+        assert client.submit(request, job_id=job_id).job_id == job_id
+        assert client.redis.zscore(client.outbox.key, job_id) is None
+        assert _waiting(rabbitmq.url, idle_queue) == 1
+        client.submit(request, job_id=job_id)
+        assert _waiting(rabbitmq.url, idle_queue) == 1
+        assert client.get(job_id).status()["state"] == "queued"
+
+
+def test_the_async_client_publishes_through_the_outbox(amqp_worker: WorkerProcess) -> None:
+    """AsyncClient on AMQP: the job completes and nothing is left in the outbox."""
+
+    async def main() -> tuple[dict[str, Any], int]:
+        async with AsyncClient(amqp_worker.settings()) as client:
+            job = await client.submit(make_request(f"async {uuid.uuid4().hex} [[sim tokens=2]]"))
+            message = await job.result(timeout=30)
+            pending = await client.redis.zcard(client.keys.outbox(client.settings.queue))
+            return message, int(pending)
+
+    message, pending = asyncio.run(main())
+    assert message["usage"]["output_tokens"] == 2
+    assert pending == 0
+
+
+def test_a_message_published_twice_runs_its_job_once(
+    amqp_worker: WorkerProcess, rabbitmq: RabbitServer
+) -> None:
+    """Copies of a job's message published while it runs and after it ended (what a slow
+    producer and the sweeper can both do) meet its lease and its end: one run, one end."""
+    settings = amqp_worker.settings()
+    publisher = AmqpPublisher(rabbitmq.url, settings.queue)
+    request = make_request(f"twice {uuid.uuid4().hex} [[sim tokens=30 tps=30]]")
+    try:
+        with Client(settings) as client:
+            job = client.submit(request)
+            wait_for(lambda: streaming([job]) == 1, 30, "the stream")
+            copy = OutboxItem(job.job_id, {"job_id": job.job_id, "request": request})
+            assert publisher.publish([copy]) == ([job.job_id], None)
+            job.result(timeout=60)
+            assert publisher.publish([copy]) == ([job.job_id], None)
+            wait_for(lambda: _waiting(rabbitmq.url, settings.queue) == 0, 30, "the copies taken")
+            # Both copies were delivered and claimed; neither started the job again.
+            _ran_once(job)
+            assert job.status()["deliveries"] == 1
+    finally:
+        publisher.close()
+
+
+def test_only_one_worker_sweeps_an_outbox_per_tick(redis_url: str) -> None:
+    """Two sweepers asking in the same tick: the first gets the due jobs, the second nothing,
+    and a job is handed out again only after another grace."""
+    import redis
+
+    from worker.keys import Keys
+
+    client = redis.Redis.from_url(redis_url)
+    keys = Keys(f"t{uuid.uuid4().hex[:6]}")
+    outbox = Outbox(client, keys, "q")
+    client.zadd(outbox.key, {"a": 1.0, "b": 2.0})
+    try:
+        assert sorted(outbox.due(grace_s=1, lock_ttl_s=30)) == ["a", "b"]
+        assert outbox.due(grace_s=1, lock_ttl_s=30) == []  # the lock is taken
+        client.delete(keys.outbox_lock("q"))
+        assert outbox.due(grace_s=60, lock_ttl_s=30) == []  # bumped: not due again yet
+    finally:
+        client.delete(outbox.key, keys.outbox_lock("q"))
+        client.close()
+
+
+# -- RabbitMQ restarted while jobs run ----------------------------------------------------
+
+
+@pytest.fixture
+def own_rabbit(tmp_path: Any, rabbitmq: RabbitServer) -> Iterator[RabbitServer]:
+    """A node for one test (to restart it without disturbing the session's)."""
+    server = RabbitServer(tmp_path / "rabbit").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_jobs_end_once_across_a_rabbitmq_restart(
+    redis_url: str, simulator_url: str, own_rabbit: RabbitServer
+) -> None:
+    """RabbitMQ stopped and started while 30 jobs stream and 20 wait on the queue, with jobs
+    submitted during the outage: every job completes exactly once, and the worker consumes
+    again afterwards."""
+    queue = f"llmw-restart-{uuid.uuid4().hex[:8]}"
+    env = worker_env(
+        redis_url,
+        simulator_url,
+        broker_url=own_rabbit.url,
+        queue=queue,
+        concurrency=30,
+        lease_ttl_s=2,
+        outbox_grace_s=1,
+    )
+    worker = WorkerProcess(celery_worker_args(concurrency=30, queue=queue), env).ready()
+    try:
+        tag = uuid.uuid4().hex
+        with Client(settings_from_env(env)) as client:
+            jobs = client.submit_many(
+                [make_request(f"rmq {tag} {i} [[sim tokens=40 tps=10]]") for i in range(50)]
+            )
+            wait_for(lambda: streaming(jobs) >= 25, 30, "25 jobs streaming", interval_s=0.2)
+            own_rabbit.stop()
+            during = client.submit_many(
+                [make_request(f"rmq down {tag} {i} [[sim tokens=3]]") for i in range(5)]
+            )
+            own_rabbit.start()
+            everything = jobs + during
+            try:
+                for job in everything:
+                    job.result(timeout=120)
+            except TimeoutError:
+                states = [job.status()["state"] for job in everything]
+                raise AssertionError(f"{states}\n{worker.log()[-4000:]}") from None
+            for job in everything:
+                events = events_so_far(job)
+                assert terminals(events) == [ev.COMPLETED], [e["type"] for e in events]
+            assert client.outbox.size() == 0
+            after = client.submit(make_request("after the restart [[sim tokens=2]]"))
+            assert after.result(timeout=60)["usage"]["output_tokens"] == 2
+    finally:
+        worker.stop()
