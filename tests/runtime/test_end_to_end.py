@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -17,6 +19,14 @@ from worker.runtime.accumulate import accumulate, final_message
 from worker.runtime.sse import DONE, SSEDecoder, parse_event
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=["redis", "amqp"])
+def client(request: pytest.FixtureRequest) -> Iterator[Client]:
+    """A producer on a worker whose broker is the results Redis, or RabbitMQ."""
+    worker = request.getfixturevalue("worker" if request.param == "redis" else "amqp_worker")
+    with Client(worker.settings()) as c:
+        yield c
 
 
 def upstream_message(simulator_url: str, request: dict[str, Any]) -> dict[str, Any]:
@@ -230,7 +240,7 @@ def test_events_of_an_unknown_job_raise_not_found(client: Client) -> None:
 def test_job_events_are_also_published_live(client: Client) -> None:
     """The pub/sub channel and the results channel carry the same events as the stream."""
     pubsub = client.redis.pubsub()
-    job_id = "live-channel-job"
+    job_id = f"live-channel-job-{uuid.uuid4().hex[:8]}"  # one per broker variant
     pubsub.subscribe(client.keys.channel(job_id), client.keys.results_channel)
     assert pubsub.get_message(timeout=5)["type"] == "subscribe"
     assert pubsub.get_message(timeout=5)["type"] == "subscribe"

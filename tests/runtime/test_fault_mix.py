@@ -45,11 +45,17 @@ REASONS = {**FAULTS, "stall": "idle_timeout"}
 JOBS = 500
 
 
-def test_five_hundred_jobs_through_a_fault_mix(redis_url: str) -> None:
+@pytest.mark.parametrize("broker", ["redis", "amqp"])
+def test_five_hundred_jobs_through_a_fault_mix(
+    redis_url: str, broker: str, request: pytest.FixtureRequest
+) -> None:
+    """Every job ends once, at least 99% complete, and each injected fault is one retry, with
+    the broker on the results Redis and on RabbitMQ."""
+    extra = {"broker_url": request.getfixturevalue("rabbitmq").url} if broker == "amqp" else {}
     faults = json.dumps({**MIX, "retry_after_s": 0.2, "stall_s": 3})
     simulator, url = start_simulator("--faults", faults, "--seed", "7")
     queue = f"llmw-mix-{uuid.uuid4().hex[:6]}"
-    env = worker_env(redis_url, url, queue=queue, concurrency=100, idle_timeout_s=1)
+    env = worker_env(redis_url, url, queue=queue, concurrency=100, idle_timeout_s=1, **extra)
     worker = WorkerProcess(celery_worker_args(concurrency=100, queue=queue), env)
     try:
         tag = uuid.uuid4().hex
