@@ -254,3 +254,52 @@ def test_jobs_end_once_across_a_rabbitmq_restart(
             assert after.result(timeout=60)["usage"]["output_tokens"] == 2
     finally:
         worker.stop()
+
+
+def test_priorities_land_in_their_bands_and_the_worker_takes_every_band(
+    amqp_worker: WorkerProcess, rabbitmq: RabbitServer, idle_queue: str
+) -> None:
+    """Priority 9 goes to the high band, 5 to the queue, 0 to the low band (a queue nobody
+    consumes holds one in each); a worker consumes all three bands of its queue."""
+    tag = uuid.uuid4().hex
+    with Client(_settings(amqp_worker, queue=idle_queue)) as idle:
+        for priority in (9, 5, 0):
+            idle.submit(make_request(f"band {tag} {priority}"), priority=priority)
+        assert [
+            _waiting(rabbitmq.url, name)
+            for name in (f"{idle_queue}.high", idle_queue, f"{idle_queue}.low")
+        ] == [1, 1, 1]
+    with Client(amqp_worker.settings()) as client:
+        jobs = [
+            client.submit(make_request(f"run {tag} {p} [[sim tokens=2]]"), priority=p)
+            for p in (9, 5, 0)
+        ]
+        assert [job.result(timeout=30)["usage"]["output_tokens"] for job in jobs] == [2, 2, 2]
+        assert [job.status()["priority"] for job in jobs] == [9, 5, 0]
+
+
+def test_a_high_priority_job_does_not_wait_behind_the_normal_backlog(
+    redis_url: str, simulator_url: str, rabbitmq: RabbitServer
+) -> None:
+    """One worker slot, ten normal jobs queued, then one of priority 9: the high one runs as
+    soon as the slot frees, before the rest of the normal band's backlog."""
+    queue = f"llmw-bands-{uuid.uuid4().hex[:8]}"
+    env = worker_env(redis_url, simulator_url, broker_url=rabbitmq.url, queue=queue, concurrency=1)
+    worker = WorkerProcess(celery_worker_args(concurrency=1, queue=queue), env).ready()
+    try:
+        tag = uuid.uuid4().hex
+        with Client(settings_from_env(env)) as client:
+            normal = client.submit_many(
+                [make_request(f"backlog {tag} {i} [[sim tokens=10 tps=40]]") for i in range(10)]
+            )
+            wait_for(lambda: events_so_far(normal[0]), 30, "the first normal job")
+            high = client.submit(make_request(f"urgent {tag} [[sim tokens=2]]"), priority=9)
+            high.result(timeout=60)
+            for job in normal:
+                job.result(timeout=60)
+            high_start = high.status()["started_at"]
+            started_before = [job for job in normal if job.status()["started_at"] < high_start]
+            # The job running when it arrived, and at most one the worker held for the slot.
+            assert 1 <= len(started_before) <= 2
+    finally:
+        worker.stop()
