@@ -20,8 +20,9 @@ run: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/llm-worker demo
 
-# promtool (alert rule tests) and docker-compose (compose file check) come from Debian's
-# packages; install them when missing and possible, else those tests skip saying why.
+# promtool (alert rule tests), docker-compose (compose file check) and rabbitmq-server (the
+# RabbitMQ broker tests, which start a node of their own, never the machine's) come from
+# Debian's packages; install them when missing and possible, else those tests skip saying why.
 tools:
 	@command -v promtool >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 		(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null 2>&1 || \
@@ -31,6 +32,10 @@ tools:
 		(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null 2>&1 || \
 		 (apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null 2>&1)) \
 		|| echo "docker-compose not installed: the compose file check will skip"; }
+	@[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends rabbitmq-server >/dev/null 2>&1 || \
+		 (apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends rabbitmq-server >/dev/null 2>&1)) \
+		|| echo "rabbitmq-server not installed: the RabbitMQ broker tests will skip"; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check worker tests bench

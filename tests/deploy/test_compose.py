@@ -235,3 +235,24 @@ def test_every_long_running_service_has_a_healthcheck(sim_config: dict[str, Any]
     assert grafana["depends_on"]["prometheus"]["condition"] == "service_healthy"
     assert grafana["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
     assert grafana["environment"]["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+
+
+def test_rabbitmq_profile_wires_the_worker_to_a_durable_rabbitmq() -> None:
+    """--profile rabbitmq with the documented broker URL: a RabbitMQ service (3.10 or later,
+    for quorum queues) with its data on a volume, and the worker's broker pointing at it;
+    without the profile the broker stays the Redis."""
+    from worker.settings import load_settings
+
+    url = "amqp://llmw:llmw@rabbitmq:5672//"
+    rabbit = compose_config("--profile", "rabbitmq", env={"LLM_WORKER_BROKER_URL": url})
+    service = rabbit["services"]["rabbitmq"]
+    major, minor = (int(x) for x in service["image"].split(":")[1].split("-")[0].split(".")[:2])
+    assert (major, minor) >= (3, 10)
+    assert any("/var/lib/rabbitmq" in str(v) for v in service["volumes"])
+    env = rabbit["services"]["worker"]["environment"]
+    assert env["LLM_WORKER_BROKER_URL"] == url
+    user = service["environment"]["RABBITMQ_DEFAULT_USER"]
+    assert url.startswith(f"amqp://{user}:")
+    default = compose_config()["services"]["worker"]["environment"]
+    assert default["LLM_WORKER_BROKER_URL"] == default["LLM_WORKER_REDIS_URL"]
+    assert load_settings(broker_url=url).effective_broker_url == url
