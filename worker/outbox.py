@@ -262,7 +262,13 @@ def make_publisher(settings: Settings) -> Publisher:
     if is_amqp_broker(url):
         return AmqpPublisher(url, settings.queue)
     if is_redis_broker(url):
-        return RedisListPublisher(redis.Redis.from_url(url, socket_keepalive=True), settings.queue)
+        client = redis.Redis.from_url(
+            url,
+            socket_keepalive=True,
+            socket_connect_timeout=CONNECT_TIMEOUT_S,
+            socket_timeout=CONFIRM_TIMEOUT_S,
+        )
+        return RedisListPublisher(client, settings.queue)
     return CeleryPublisher(settings)
 
 

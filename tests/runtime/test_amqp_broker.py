@@ -303,3 +303,29 @@ def test_a_high_priority_job_does_not_wait_behind_the_normal_backlog(
             assert 1 <= len(started_before) <= 2
     finally:
         worker.stop()
+
+
+def test_a_second_redis_as_broker_goes_through_the_outbox_too(
+    redis_url: str, simulator_url: str
+) -> None:
+    """A Redis broker apart from the results Redis (here another database): a job submitted
+    while that broker is unreachable is kept in the outbox and the sweeper enqueues it; a
+    normal submit leaves nothing behind."""
+    broker = redis_url.rsplit("/", 1)[0] + "/1"
+    queue = f"llmw-second-{uuid.uuid4().hex[:8]}"
+    env = worker_env(redis_url, simulator_url, broker_url=broker, queue=queue, outbox_grace_s=1)
+    worker = WorkerProcess(celery_worker_args(concurrency=10, queue=queue), env).ready()
+    try:
+        down = {**env, "LLM_WORKER_BROKER_URL": f"redis://127.0.0.1:{free_port()}/1"}
+        tag = uuid.uuid4().hex
+        with Client(settings_from_env(down)) as producer:
+            deferred = producer.submit(make_request(f"second down {tag} [[sim tokens=2]]"))
+        with Client(settings_from_env(env)) as client:
+            normal = client.submit(make_request(f"second {tag} [[sim tokens=3]]"))
+            assert normal.result(timeout=30)["usage"]["output_tokens"] == 3
+            handle = client.get(deferred.job_id)
+            assert handle.result(timeout=30)["usage"]["output_tokens"] == 2
+            _ran_once(handle)
+            assert client.outbox.size() == 0
+    finally:
+        worker.stop()
