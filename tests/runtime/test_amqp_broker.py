@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
 import pytest
 from kombu import Connection
 
@@ -327,5 +328,43 @@ def test_a_second_redis_as_broker_goes_through_the_outbox_too(
             assert handle.result(timeout=30)["usage"]["output_tokens"] == 2
             _ran_once(handle)
             assert client.outbox.size() == 0
+    finally:
+        worker.stop()
+
+
+def test_a_job_postponed_by_the_rate_limiter_comes_back_through_the_broker(
+    redis_url: str, simulator_url: str, rabbitmq: RabbitServer
+) -> None:
+    """Past RATE_LIMIT_MAX_WAIT_S a job goes back with a countdown, which on RabbitMQ travels
+    through Celery's delayed-delivery queues rather than a worker's memory; it completes once,
+    a period later, and the postponement cost no attempt."""
+    limit_key = f"amqp-slow-{uuid.uuid4().hex[:8]}"
+    queue = f"llmw-later-{uuid.uuid4().hex[:8]}"
+    env = worker_env(
+        redis_url,
+        simulator_url,
+        broker_url=rabbitmq.url,
+        queue=queue,
+        rate_limits=orjson.dumps({limit_key: {"rpm": 1}}).decode(),
+        rate_limit_period_s=3,
+        rate_limit_burst_s=0,
+        rate_limit_max_wait_s=0.5,
+    )
+    worker = WorkerProcess(celery_worker_args(concurrency=5, queue=queue), env).ready()
+    try:
+        request = make_request(f"later {uuid.uuid4().hex} [[sim tokens=2]]")
+        with Client(settings_from_env(env)) as client:
+            jobs = client.submit_many([request, request], metadata={"limit_key": limit_key})
+            for job in jobs:
+                job.result(timeout=60)
+            histories = [_history(job) for job in jobs]
+            assert [job.status()["attempts"] for job in jobs] == [1, 1]
+        postponed = [h for h in histories if any(e["type"] == ev.RETRY for e in h)]
+        assert len(postponed) == 1
+        retry = next(e for e in postponed[0] if e["type"] == ev.RETRY)
+        assert retry["reason"] == "rate_limited"
+        for events in histories:
+            assert terminals(events) == [ev.COMPLETED]
+        assert "Direct exchanges are not supported" not in worker.log()
     finally:
         worker.stop()

@@ -160,10 +160,15 @@ def test_a_worker_killed_between_taking_a_message_and_recording_it_loses_nothing
 
 
 def test_sigterm_lets_streaming_jobs_finish_and_hands_back_a_job_in_backoff(
-    redis_url: str, simulator_url: str, queue: str, workers: list[WorkerProcess]
+    redis_url: str,
+    simulator_url: str,
+    queue: str,
+    workers: list[WorkerProcess],
+    broker: dict[str, str],
 ) -> None:
     """Warm shutdown: in-flight streams complete, a job waiting out a 20 s backoff goes back
-    to the queue at once (the worker exits long before the backoff ends), and nothing is lost."""
+    to the queue at once (the worker exits long before the backoff ends), and nothing is lost;
+    on RabbitMQ as on Redis."""
     env = _env(
         redis_url,
         simulator_url,
@@ -172,6 +177,7 @@ def test_sigterm_lets_streaming_jobs_finish_and_hands_back_a_job_in_backoff(
         backoff_base_s=20,
         backoff_max_s=20,
         shutdown_grace_s=30,
+        **broker,
     )
     first = _start(env).ready()
     workers.append(first)

@@ -26,7 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import events as ev
 from worker import metrics as m
-from worker.broker import TASK_NAME, traffic_headers
+from worker.broker import TASK_NAME, is_amqp_broker, traffic_headers
 from worker.catalogue import MODEL_NAME_PATTERN
 from worker.celery_app import app
 from worker.errors import RequestInvalid
@@ -233,6 +233,9 @@ def _run(
         countdown_s = within_deadline(
             postponed.countdown_s, _epoch(payload.get("deadline_at")), time.time()
         )
+        if is_amqp_broker(settings.effective_broker_url):
+            # Celery's native delayed delivery counts whole seconds and refuses less than one.
+            countdown_s = max(1.0, math.ceil(countdown_s))
         _requeue(job_id, args, kwargs, countdown_s)
     finally:
         rt.leases.unregister(handle)
