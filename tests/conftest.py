@@ -11,8 +11,6 @@ from collections.abc import Iterator
 import pytest
 
 from tests import support
-from tests.rabbitmq import RabbitServer
-from tests.rabbitmq import unavailable_reason as rabbitmq_unavailable
 from tests.support import (
     WorkerProcess,
     celery_worker_args,
@@ -22,6 +20,8 @@ from tests.support import (
 )
 from worker.client.sync import Client
 from worker.dev.embedded import EmbeddedRedis
+from worker.dev.rabbitmq import RabbitServer
+from worker.dev.rabbitmq import unavailable_reason as rabbitmq_unavailable
 from worker.settings import SEED_MODELS
 
 # A developer's own settings must not leak into the suite.

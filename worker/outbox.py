@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -160,66 +161,99 @@ class RedisListPublisher:
 
 
 class AmqpPublisher:
-    """Publishes to RabbitMQ with publisher confirms, one connection per publisher, opened on
-    first use and again after an error. Thread-safe (one publish at a time)."""
+    """Publishes to RabbitMQ with publisher confirms: a batch is sent whole, then its
+    confirmations are awaited together (one round trip per batch, not per message; the broker
+    acknowledges several at once). One connection and channel per publisher, opened on first
+    use and again after an error. Thread-safe (one publish at a time)."""
 
     def __init__(self, url: str, queue: str) -> None:
         self.url = url
         self.queue = queue
         self._lock = threading.Lock()
         self._connection: Any = None
-        self._producer: Any = None
-        self._declared: dict[str, Any] = {}
+        self._channel: Any = None
+        self._declared: set[str] = set()
+        #: Delivery tags on the current channel: the broker numbers our publishes from 1.
+        self._published = 0
+        #: Publishes awaiting their confirmation: delivery tag -> job id.
+        self._pending: dict[int, str] = {}
+        self._confirmed: list[str] = []
+        self._refused: list[str] = []
 
     def _ensure(self) -> Any:
-        if self._producer is None:
+        if self._channel is None:
             from kombu import Connection
 
-            self._connection = Connection(
-                self.url,
-                connect_timeout=CONNECT_TIMEOUT_S,
-                transport_options={"confirm_publish": True},
-            )
-            self._connection.ensure_connection(max_retries=1)
-            self._producer = self._connection.Producer(auto_declare=False)
-        return self._producer
+            connection = Connection(self.url, connect_timeout=CONNECT_TIMEOUT_S)
+            connection.ensure_connection(max_retries=1)
+            # py-amqp's channel (kombu's stubs know only the generic one).
+            channel: Any = connection.channel()
+            channel.confirm_select()
+            channel.events["basic_ack"].add(self._on_ack)
+            channel.events["basic_nack"].add(self._on_nack)
+            self._connection, self._channel = connection, channel
+            self._published = 0
+            self._declared = set()
+        return self._channel
 
-    def _queue(self, name: str) -> Any:
-        queue = self._declared.get(name)
-        if queue is None:
-            queue = self._declared[name] = amqp_queue(name)
-        return queue
+    def _settle(self, tag: int, multiple: bool, into: list[str]) -> None:
+        tags = [t for t in self._pending if t <= tag] if multiple else [tag]
+        for settled in tags:
+            job_id = self._pending.pop(settled, None)
+            if job_id is not None:
+                into.append(job_id)
+
+    def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
+        self._settle(delivery_tag, multiple, self._confirmed)
+
+    def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
+        self._settle(delivery_tag, multiple, self._refused)
 
     def publish(self, items: Sequence[OutboxItem]) -> tuple[list[str], BaseException | None]:
-        confirmed: list[str] = []
         with self._lock:
+            self._pending, self._confirmed, self._refused = {}, [], []
             try:
-                for item in items:
-                    producer = self._ensure()
-                    name = band_queue(self.queue, item.priority)
-                    producer.publish(
-                        task_body(item.payload),
-                        exchange="",
-                        routing_key=name,
-                        # Declared (once per connection) before the first publish to it: an
-                        # AMQP broker confirms a message that no queue took, and drops it.
-                        declare=[self._queue(name)],
-                        headers=task_headers(item.job_id, item.payload),
-                        content_type="application/json",
-                        content_encoding="utf-8",
-                        delivery_mode=2,
-                        correlation_id=item.job_id,
-                        reply_to="",
-                        confirm_timeout=CONFIRM_TIMEOUT_S,
-                    )
-                    confirmed.append(item.job_id)
-            except Exception as exc:  # any failure: the rest stay in the outbox
+                self._publish(items)
+            except Exception as exc:  # any failure: the unconfirmed stay in the outbox
                 self._reset()
-                return confirmed, exc
-        return confirmed, None
+                return list(self._confirmed), exc
+            if self._refused:
+                return list(self._confirmed), RuntimeError(
+                    f"the broker refused {len(self._refused)} message(s) (basic.nack)"
+                )
+            return list(self._confirmed), None
+
+    def _publish(self, items: Sequence[OutboxItem]) -> None:
+        channel = self._ensure()
+        for item in items:
+            name = band_queue(self.queue, item.priority)
+            if name not in self._declared:
+                # An AMQP broker confirms a message that no queue took, and drops it: the
+                # queue is declared (as the workers declare it) before the first publish.
+                amqp_queue(name)(channel).declare()
+                self._declared.add(name)
+            message = channel.prepare_message(
+                task_body(item.payload),
+                content_type="application/json",
+                content_encoding="utf-8",
+                headers=task_headers(item.job_id, item.payload),
+                properties={"correlation_id": item.job_id, "reply_to": "", "delivery_mode": 2},
+            )
+            channel._basic_publish(message, exchange="", routing_key=name)
+            self._published += 1
+            self._pending[self._published] = item.job_id
+        deadline = time.monotonic() + CONFIRM_TIMEOUT_S
+        while self._pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(
+                    f"{len(self._pending)} publish(es) unconfirmed after {CONFIRM_TIMEOUT_S:g} s"
+                )
+            self._connection.drain_events(timeout=left)
 
     def _reset(self) -> None:
-        connection, self._connection, self._producer = self._connection, None, None
+        connection, self._connection, self._channel = self._connection, None, None
+        self._pending = {}
         if connection is not None:
             # Closing a broken connection: nothing more to do if that fails too.
             with contextlib.suppress(Exception):

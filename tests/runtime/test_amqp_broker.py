@@ -16,7 +16,6 @@ import orjson
 import pytest
 from kombu import Connection
 
-from tests.rabbitmq import RabbitServer
 from tests.support import (
     ROOT,
     WorkerProcess,
@@ -33,6 +32,7 @@ from worker import AsyncClient
 from worker import events as ev
 from worker.broker import amqp_queue
 from worker.client.sync import Client, Job
+from worker.dev.rabbitmq import RabbitServer
 from worker.outbox import AmqpPublisher, Outbox, OutboxItem
 from worker.settings import Settings, settings_from_env
 

@@ -1,5 +1,6 @@
-"""A RabbitMQ node of the test suite's own: Debian's ``rabbitmq-server``, started under a
-temporary folder on free ports, never the machine's node (``rabbit@…`` on 5672).
+"""A RabbitMQ node of one's own, for the test suite and the benchmarks: Debian's
+``rabbitmq-server``, started under a given folder on free ports, never the machine's node
+(``rabbit@…`` on 5672).
 
 Everything the node writes (its database, logs, config, the Erlang cookie in ``HOME``) is under
 the folder; ``stop()`` ends the node and leaves nothing running but ``epmd``, the port mapper
