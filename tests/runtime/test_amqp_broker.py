@@ -368,3 +368,28 @@ def test_a_job_postponed_by_the_rate_limiter_comes_back_through_the_broker(
         assert "Direct exchanges are not supported" not in worker.log()
     finally:
         worker.stop()
+
+
+def test_llm_worker_run_on_amqp_is_healthy_and_reports_its_outbox(
+    redis_url: str, simulator_url: str, rabbitmq: RabbitServer
+) -> None:
+    """`llm-worker run` on AMQP: the Redis-only parts (our transport, the visibility refresh,
+    the queue-depth scrape) stay out of the way; it consumes every band, /healthz and /readyz
+    answer 200, and /metrics carries the outbox gauge of its queue."""
+    queue = f"llmw-run-{uuid.uuid4().hex[:8]}"
+    env = worker_env(redis_url, simulator_url, broker_url=rabbitmq.url, queue=queue)
+    args = [sys.executable, "-m", "worker.cli", "run", "--pool", "gevent", "--concurrency", "20"]
+    worker = WorkerProcess(args, env).ready()
+    try:
+        with Client(settings_from_env(env)) as client:
+            job = client.submit(
+                make_request(f"run {uuid.uuid4().hex} [[sim tokens=2]]"), priority=8
+            )
+            assert job.result(timeout=30)["usage"]["output_tokens"] == 2
+        assert worker.http_get("/healthz").status_code == 200
+        assert worker.http_get("/readyz").status_code == 200
+        metrics = worker.http_get("/metrics").text
+        assert f'llm_worker_outbox_pending{{queue="{queue}"}} 0.0' in metrics
+        assert "Traceback" not in worker.log()
+    finally:
+        worker.stop()
