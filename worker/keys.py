@@ -45,7 +45,7 @@ class Keys:
     def outbox(self, queue: str) -> str:
         """Sorted set of the jobs of ``queue`` whose message the broker has not confirmed yet
         (a broker other than the results Redis); score: when a sweeper may publish it again
-        (Redis server time, epoch seconds). See :mod:`worker.outbox`."""
+        (Redis server time, epoch seconds). See :mod:`worker.client.outbox`."""
         return f"{self.prefix}:outbox:{queue}"
 
     def outbox_lock(self, queue: str) -> str:

@@ -31,9 +31,9 @@ from tests.support import (
 from worker import AsyncClient
 from worker import events as ev
 from worker.broker import amqp_queue
+from worker.client.outbox import AmqpPublisher, Outbox, OutboxItem
 from worker.client.sync import Client, Job
 from worker.dev.rabbitmq import RabbitServer
-from worker.outbox import AmqpPublisher, Outbox, OutboxItem
 from worker.settings import Settings, settings_from_env
 
 pytestmark = pytest.mark.integration

@@ -24,9 +24,9 @@ import redis.asyncio as aredis
 from worker import events as ev
 from worker import metrics as m
 from worker.client import core as p
+from worker.client.outbox import OutboxItem, Publisher, error_summary, make_publisher
 from worker.errors import JobNotFound
 from worker.keys import Keys
-from worker.outbox import OutboxItem, Publisher, error_summary, make_publisher
 from worker.settings import Settings
 from worker.store import cancel_call, decode_hash, ending_script, load_lua, text
 
@@ -72,8 +72,8 @@ class AsyncClient:
         self._submit = self.redis.register_script(load_lua("submit.lua"))
         self._cancel = self.redis.register_script(ending_script("cancel.lua"))
         self._same_redis = settings.effective_broker_url == str(settings.redis_url)
-        # With a broker elsewhere, messages go through the queue's outbox (worker.outbox). The
-        # publishers are synchronous (kombu's AMQP client): they run in a worker thread.
+        # With a broker elsewhere, messages go through the queue's outbox (client/outbox.py).
+        # The publishers are synchronous (kombu's AMQP client): they run in a worker thread.
         self._publisher: Publisher | None = None
         self._outbox_keys = (self.keys.outbox(settings.queue), self.keys.outbox_message)
 

@@ -20,6 +20,7 @@ from worker import broker
 from worker import events as ev
 from worker import metrics as m
 from worker.broker import task_message
+from worker.client.outbox import OutboxItem
 from worker.errors import (
     BudgetExceeded,
     JobCancelled,
@@ -29,7 +30,6 @@ from worker.errors import (
     RequestInvalid,
 )
 from worker.keys import Keys
-from worker.outbox import OutboxItem
 from worker.pricing import budget_problem
 from worker.ratelimit.cost import submit_problem
 from worker.request import validate_request

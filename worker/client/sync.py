@@ -21,9 +21,9 @@ from worker import events as ev
 from worker import metrics as m
 from worker.client import core as p
 from worker.client.core import JOB_ID_PATTERN, MAX_METADATA_BYTES, request_sha
+from worker.client.outbox import Outbox, OutboxItem, Publisher, error_summary, make_publisher
 from worker.errors import JobNotFound
 from worker.keys import Keys
-from worker.outbox import Outbox, OutboxItem, Publisher, error_summary, make_publisher
 from worker.settings import Settings
 from worker.store import JobStore
 
@@ -51,7 +51,7 @@ class Client:
         self.redis = redis.Redis.from_url(str(self.settings.redis_url), socket_keepalive=True)
         self.store = JobStore(self.redis, self.keys, result_ttl_s=self.settings.result_ttl_s)
         self._same_redis = self.settings.effective_broker_url == str(self.settings.redis_url)
-        # With a broker elsewhere, messages go through the queue's outbox (worker.outbox);
+        # With a broker elsewhere, messages go through the queue's outbox (worker.client.outbox);
         # the publisher connects on first use.
         self.outbox = Outbox(self.redis, self.keys, self.settings.queue)
         self._publisher: Publisher | None = None

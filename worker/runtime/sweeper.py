@@ -2,11 +2,12 @@
 
 With a broker other than the results Redis (AMQP, or a second Redis), a producer creates the
 job and keeps its message in the queue's outbox in one step, then publishes it and takes it
-out once the broker confirmed it (:mod:`worker.outbox`). A producer that died in between, or a
-broker that was down, leaves it there. Every worker runs this loop; each tick, the one worker
-that takes the tick's lock publishes every message older than ``OUTBOX_GRACE_S`` again, and
-drops the entries of jobs that started or ended meanwhile. A copy published twice is delivered
-twice and run once: the second delivery meets the job's lease or its end.
+out once the broker confirmed it (:mod:`worker.client.outbox`). A producer that died in
+between, or a broker that was down, leaves it there. Every worker runs this loop; each tick,
+the one worker that takes the tick's lock publishes every message older than
+``OUTBOX_GRACE_S`` again, and drops the entries of jobs that started or ended meanwhile. A
+copy published twice is delivered twice and run once: the second delivery meets the job's
+lease or its end.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from celery import signals
 
 from worker import metrics as m
 from worker.broker import band_of
+from worker.client.outbox import Outbox, Publisher, error_summary, make_publisher
 from worker.keys import Keys
-from worker.outbox import Outbox, Publisher, error_summary, make_publisher
 from worker.settings import Settings
 
 log = structlog.get_logger("worker.runtime.sweeper")

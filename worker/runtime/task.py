@@ -233,9 +233,6 @@ def _run(
         countdown_s = within_deadline(
             postponed.countdown_s, _epoch(payload.get("deadline_at")), time.time()
         )
-        if is_amqp_broker(settings.effective_broker_url):
-            # Celery's native delayed delivery counts whole seconds and refuses less than one.
-            countdown_s = max(1.0, math.ceil(countdown_s))
         _requeue(job_id, args, kwargs, countdown_s)
     finally:
         rt.leases.unregister(handle)
@@ -309,6 +306,10 @@ def _requeue(
     crash before the ack leaves two messages, which the job's lease and end tolerate; a send
     that fails leaves the message to the broker.
     """
+    settings = app.settings or load_settings()
+    if countdown_s > 0 and is_amqp_broker(settings.effective_broker_url):
+        # Celery's native delayed delivery (RabbitMQ) counts whole seconds, at least one.
+        countdown_s = max(1.0, math.ceil(countdown_s))
     try:
         run_job.signature_from_request(
             run_job.request,
