@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from worker.broker import band_of, band_queue, band_queues
@@ -91,3 +93,15 @@ def test_the_green_loop_reads_the_events_connection_without_waiting() -> None:
     finally:
         loops._quick_drain = original
     assert seen == [0]
+
+
+def test_without_rabbitmq_server_the_broker_tests_say_how_to_get_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Where Debian's rabbitmq-server is missing, the RabbitMQ tests skip naming `make tools`."""
+    from worker.dev import rabbitmq
+
+    monkeypatch.setattr(rabbitmq, "SERVER", tmp_path / "no-rabbitmq-server")
+    reason = rabbitmq.unavailable_reason()
+    assert reason is not None
+    assert "make tools" in reason
