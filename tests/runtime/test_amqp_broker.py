@@ -214,9 +214,10 @@ def own_rabbit(tmp_path: Any, rabbitmq: RabbitServer) -> Iterator[RabbitServer]:
 def test_jobs_end_once_across_a_rabbitmq_restart(
     redis_url: str, simulator_url: str, own_rabbit: RabbitServer
 ) -> None:
-    """RabbitMQ stopped and started while 30 jobs stream and 20 wait on the queue, with jobs
-    submitted during the outage: every job completes exactly once, and the worker consumes
-    again afterwards."""
+    """RabbitMQ stopped and started while 30 jobs stream (for longer than the restart takes)
+    and 20 wait on the queue, with 5 jobs submitted during the outage: the running jobs' copies
+    come back and wait behind their leases, the outage's jobs go out through the outbox, every
+    job completes exactly once, and the worker consumes again afterwards."""
     queue = f"llmw-restart-{uuid.uuid4().hex[:8]}"
     env = worker_env(
         redis_url,
@@ -232,7 +233,7 @@ def test_jobs_end_once_across_a_rabbitmq_restart(
         tag = uuid.uuid4().hex
         with Client(settings_from_env(env)) as client:
             jobs = client.submit_many(
-                [make_request(f"rmq {tag} {i} [[sim tokens=40 tps=10]]") for i in range(50)]
+                [make_request(f"rmq {tag} {i} [[sim tokens=150 tps=10]]") for i in range(50)]
             )
             wait_for(lambda: streaming(jobs) >= 25, 30, "25 jobs streaming", interval_s=0.2)
             own_rabbit.stop()
@@ -250,6 +251,8 @@ def test_jobs_end_once_across_a_rabbitmq_restart(
             for job in everything:
                 events = events_so_far(job)
                 assert terminals(events) == [ev.COMPLETED], [e["type"] for e in events]
+                # Redelivered after the restart, never run again: the lease held meanwhile.
+                assert [e["type"] for e in events].count(ev.STARTED) == 1
             assert client.outbox.size() == 0
             after = client.submit(make_request("after the restart [[sim tokens=2]]"))
             assert after.result(timeout=60)["usage"]["output_tokens"] == 2
