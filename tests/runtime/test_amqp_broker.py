@@ -396,3 +396,24 @@ def test_llm_worker_run_on_amqp_is_healthy_and_reports_its_outbox(
         assert "Traceback" not in worker.log()
     finally:
         worker.stop()
+
+
+def test_a_batch_larger_than_the_confirm_window_is_confirmed_whole(
+    rabbitmq: RabbitServer, idle_queue: str
+) -> None:
+    """2,500 messages (two and a half confirmation windows) in one publish: each is confirmed
+    once, in order, and all are on the queue."""
+    publisher = AmqpPublisher(rabbitmq.url, idle_queue)
+    items = [
+        OutboxItem(f"window-{i}", {"job_id": f"window-{i}", "request": {}}, priority=5)
+        for i in range(2500)
+    ]
+    try:
+        confirmed, error = publisher.publish(items)
+        assert error is None
+        assert confirmed == [item.job_id for item in items]
+        assert _waiting(rabbitmq.url, idle_queue) == 2500
+    finally:
+        publisher.close()
+        with Connection(rabbitmq.url) as conn:
+            amqp_queue(idle_queue)(conn.default_channel).delete()

@@ -49,7 +49,10 @@ from worker.store import load_lua, text
 CONNECT_TIMEOUT_S = 5.0
 CONFIRM_TIMEOUT_S = 10.0
 #: A sweep hands out at most this many jobs (the rest wait for the next tick).
-SWEEP_BATCH = 500
+SWEEP_BATCH = 2000
+#: Publishes sent before their confirmations are read: the broker's acknowledgements must not
+#: fill our socket while we write (it would stop reading us in turn).
+CONFIRM_WINDOW = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,8 +178,10 @@ class AmqpPublisher:
         self._declared: set[str] = set()
         #: Delivery tags on the current channel: the broker numbers our publishes from 1.
         self._published = 0
-        #: Publishes awaiting their confirmation: delivery tag -> job id.
+        #: Publishes awaiting their confirmation: delivery tag -> job id; every tag below
+        #: ``_floor`` is settled (the broker confirms in order, often several at once).
         self._pending: dict[int, str] = {}
+        self._floor = 1
         self._confirmed: list[str] = []
         self._refused: list[str] = []
 
@@ -193,11 +198,16 @@ class AmqpPublisher:
             channel.events["basic_nack"].add(self._on_nack)
             self._connection, self._channel = connection, channel
             self._published = 0
+            self._floor = 1
             self._declared = set()
         return self._channel
 
     def _settle(self, tag: int, multiple: bool, into: list[str]) -> None:
-        tags = [t for t in self._pending if t <= tag] if multiple else [tag]
+        if multiple:
+            tags = range(self._floor, tag + 1)
+            self._floor = max(self._floor, tag + 1)
+        else:
+            tags = range(tag, tag + 1)
         for settled in tags:
             job_id = self._pending.pop(settled, None)
             if job_id is not None:
@@ -242,6 +252,11 @@ class AmqpPublisher:
             channel._basic_publish(message, exchange="", routing_key=name)
             self._published += 1
             self._pending[self._published] = item.job_id
+            if len(self._pending) >= CONFIRM_WINDOW:
+                self._await_confirms()
+        self._await_confirms()
+
+    def _await_confirms(self) -> None:
         deadline = time.monotonic() + CONFIRM_TIMEOUT_S
         while self._pending:
             left = deadline - time.monotonic()
