@@ -25,6 +25,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
+from worker.broker import band_of, is_amqp_broker
 from worker.catalogue import (
     DEFAULT_MODELS,
     SEED_MODELS,  # noqa: F401  (its historical home; callers import it here)
@@ -345,6 +346,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "processes above 1 is for the gevent, threads and solo pools; prefork already "
                 "runs CONCURRENCY processes"
+            )
+        if is_amqp_broker(self.effective_broker_url) and band_of(self.queue) is not None:
+            raise ValueError(
+                f"{ENV_PREFIX}QUEUE ({self.queue}) ends in .high or .low, the names of a "
+                "queue's priority bands on an AMQP broker; choose another name"
             )
         aliases = alias_map(self.models)
         for name, keys in (("PRICES", self.prices), ("FALLBACKS", self.fallbacks)):

@@ -105,3 +105,13 @@ def test_without_rabbitmq_server_the_broker_tests_say_how_to_get_it(
     reason = rabbitmq.unavailable_reason()
     assert reason is not None
     assert "make tools" in reason
+
+
+def test_on_amqp_a_queue_named_like_a_band_is_refused_at_start() -> None:
+    """QUEUE=jobs.high with an AMQP broker would collide with the bands of a queue `jobs`:
+    refused, naming the variable; on Redis the name is fine."""
+    from worker.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="LLM_WORKER_QUEUE"):
+        load_settings(broker_url=AMQP, queue="jobs.high")
+    assert load_settings(queue="jobs.high").queue == "jobs.high"

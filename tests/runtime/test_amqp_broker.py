@@ -417,3 +417,25 @@ def test_a_batch_larger_than_the_confirm_window_is_confirmed_whole(
         publisher.close()
         with Connection(rabbitmq.url) as conn:
             amqp_queue(idle_queue)(conn.default_channel).delete()
+
+
+def test_the_async_client_defers_to_the_outbox_while_the_broker_is_down(
+    amqp_worker: WorkerProcess,
+) -> None:
+    """AsyncClient (the gateway's) with the broker unreachable: submit returns, the job waits
+    in the outbox, and a worker's sweeper enqueues it; it completes once."""
+    settings = _settings(amqp_worker, broker_url=DOWN)
+
+    async def submit() -> str:
+        async with AsyncClient(settings) as client:
+            job = await client.submit(
+                make_request(f"async down {uuid.uuid4().hex} [[sim tokens=2]]")
+            )
+            assert await client.redis.zscore(client.keys.outbox(settings.queue), job.job_id)
+            return job.job_id
+
+    job_id = asyncio.run(submit())
+    with Client(amqp_worker.settings()) as client:
+        job = client.get(job_id)
+        assert job.result(timeout=60)["usage"]["output_tokens"] == 2
+        _ran_once(job)
