@@ -124,6 +124,7 @@ def is_amqp_broker(url: str) -> bool:
 #: Band suffix -> the priorities it holds.
 PRIORITY_BANDS: dict[str, range] = {"high": range(7, 10), "": range(3, 7), "low": range(0, 3)}
 
+
 def band_queue(queue: str, priority: int | None) -> str:
     """The queue a job of ``priority`` goes to on AMQP: ``{queue}.high`` (7-9), ``{queue}``
     (3-6, and no priority) or ``{queue}.low`` (0-2)."""
