@@ -303,10 +303,30 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     settings = _settings()
-    if not settings.gateway_api_keys:
-        _console(stderr=True).print(
-            "llm-worker gateway: LLM_WORKER_GATEWAY_API_KEYS is not set. Give the producers' "
-            "API keys (comma-separated); the gateway does not serve without them.",
+    err = _console(stderr=True)
+    if not settings.gateway_api_keys and settings.gateway_api_keys_file is None:
+        err.print(
+            "llm-worker gateway: neither LLM_WORKER_GATEWAY_API_KEYS nor "
+            "LLM_WORKER_GATEWAY_API_KEYS_FILE is set. Give the producers' API keys "
+            "(comma-separated name:key pairs, or a file of name:sha256 lines); the gateway does "
+            "not serve without them.",
+            markup=False,
+        )
+        return EXIT_USAGE
+    from worker.gateway.auth import KeyRing, KeysFileError
+
+    try:
+        ring = KeyRing(
+            [k.get_secret_value() for k in settings.gateway_api_keys],
+            settings.gateway_api_keys_file,
+        )
+    except KeysFileError as exc:
+        err.print(f"llm-worker gateway: LLM_WORKER_GATEWAY_API_KEYS_FILE: {exc}", markup=False)
+        return EXIT_USAGE
+    if not ring.keys:
+        err.print(
+            "llm-worker gateway: the keys file lists no key, and LLM_WORKER_GATEWAY_API_KEYS "
+            "is not set; the gateway does not serve without keys.",
             markup=False,
         )
         return EXIT_USAGE

@@ -6,6 +6,7 @@
     ├── JobConflict              a job_id that exists already, with a different request
     ├── JobNotFound              no job with that id (or it expired)
     ├── BudgetExceeded           the tenant has reached its budget (LLM_WORKER_BUDGETS)
+    ├── QuotaExceeded            a tenant has as many queued jobs as TENANT_MAX_QUEUED allows
     ├── JobFailed                the job ended without a result (carries the upstream's error)
     │   ├── JobCancelled
     │   └── JobExpired
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from pydantic import ValidationError
 
 # Fields whose values must never be repeated in an error message.
-_SECRET_FIELDS = frozenset({"api_key"})
+_SECRET_FIELDS = frozenset({"api_key", "gateway_api_keys"})
 
 
 class LLMWorkerError(Exception):
@@ -105,6 +106,23 @@ class BudgetExceeded(LLMWorkerError):
     def __init__(self, tenant: str, message: str) -> None:
         self.tenant = tenant
         super().__init__(message)
+
+
+class QuotaExceeded(LLMWorkerError):
+    """A tenant has as many queued jobs as ``TENANT_MAX_QUEUED`` allows; the refused jobs were
+    not written (``job_ids``: their ids). Jobs of the same call listed in ``created`` were."""
+
+    def __init__(
+        self, tenant: str, limit: int, job_ids: list[str], created: list[str] | None = None
+    ) -> None:
+        self.tenant = tenant
+        self.limit = limit
+        self.job_ids = job_ids
+        self.created = created or []
+        super().__init__(
+            f"tenant {tenant!r} has {limit} queued jobs, its quota (TENANT_MAX_QUEUED); "
+            f"{len(job_ids)} job(s) refused: submit again once some have started"
+        )
 
 
 class JobFailed(LLMWorkerError):

@@ -75,10 +75,9 @@ class Keys:
         """
         return f"{self.prefix}:batch_counts:{batch_id}"
 
-    @property
-    def batches(self) -> str:
-        """Sorted set of batch ids by creation time, for listing."""
-        return f"{self.prefix}:batches"
+    def tenant_batches(self, tenant: str) -> str:
+        """Sorted set of one tenant's batch ids by creation time, for its list."""
+        return f"{self.prefix}:batches:{tenant}"
 
     @property
     def dead_letters(self) -> str:
@@ -107,6 +106,13 @@ class Keys:
         """String: a tenant's spend in one UTC day (``YYYY-MM-DD``) or month (``YYYY-MM``), in
         integer pico-dollars, added by the job's end; what budgets are checked against."""
         return f"{self.prefix}:spend:{tenant}:{period}"
+
+    def tenant_queued(self, tenant: str) -> str:
+        """Sorted set of one tenant's queued jobs (member: the job hash key; score: when that
+        record would expire), for its quota (TENANT_MAX_QUEUED). ``submit.lua`` adds a job,
+        the step that takes it off ``queued`` (``claim.lua``, ``cancel.lua``,
+        ``finish.lua``) removes it; members past their score are records that expired."""
+        return f"{self.prefix}:tenant_queued:{tenant}"
 
 
 #: kombu's separator in the names of a queue's extra lists (``{queue}\x06\x16{priority}``).

@@ -89,7 +89,10 @@ class Redactor:
 
 def configure_logging(settings: Settings) -> None:
     """Configure structlog and the stdlib root logger once, for the whole process."""
-    secrets = [settings.api_key_value() or ""]
+    # The gateway's producer keys too (a bare key, or the part after ``name:``).
+    secrets = [settings.api_key_value() or ""] + [
+        spec.get_secret_value().rpartition(":")[2] for spec in settings.gateway_api_keys
+    ]
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,

@@ -182,7 +182,7 @@ JOBS_SUBMITTED = ModelCounter(
     "llm_worker_jobs_submitted_total",
     "Jobs enqueued by this producer process (only in a producer that serves its own metrics; "
     "workers export llm_worker_queue_jobs_submitted_total).",
-    ["model"],
+    ["model", "tenant"],
 )
 # Producers are often short-lived scripts that nobody scrapes; every producer also adds to a
 # Redis counter that each worker mirrors here at scrape time. The value is the same on every
@@ -190,13 +190,14 @@ JOBS_SUBMITTED = ModelCounter(
 QUEUE_JOBS_SUBMITTED = ModelCounter(
     "llm_worker_queue_jobs_submitted_total",
     "Jobs ever submitted to the queue by every producer, by model, read from Redis when "
-    "scraped (the same on every worker of the queue: aggregate with max).",
-    ["queue", "model"],
+    "scraped (the same on every worker of the queue: aggregate with max), by model and tenant.",
+    ["queue", "model", "tenant"],
 )
 JOBS_FINISHED = ModelCounter(
     "llm_worker_jobs_finished_total",
-    "Jobs that reached a terminal state, by outcome (completed, failed, cancelled, expired).",
-    ["model", "outcome"],
+    "Jobs that reached a terminal state, by outcome (completed, failed, cancelled, expired) "
+    "and tenant.",
+    ["model", "outcome", "tenant"],
 )
 UPSTREAM_REQUESTS = ModelCounter(
     "llm_worker_upstream_requests_total",
@@ -258,10 +259,14 @@ RATE_LIMIT_REFUNDED_TOKENS = ModelCounter(
     ["model", "kind"],
 )
 INPUT_TOKENS = ModelCounter(
-    "llm_worker_input_tokens_total", "Input tokens billed by the upstream.", ["model"]
+    "llm_worker_input_tokens_total",
+    "Input tokens billed by the upstream, by model and tenant.",
+    ["model", "tenant"],
 )
 OUTPUT_TOKENS = ModelCounter(
-    "llm_worker_output_tokens_total", "Output tokens billed by the upstream.", ["model"]
+    "llm_worker_output_tokens_total",
+    "Output tokens billed by the upstream, by model and tenant.",
+    ["model", "tenant"],
 )
 COST_USD = ModelCounter(
     "llm_worker_cost_usd_total",

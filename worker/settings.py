@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from functools import cached_property
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -57,6 +58,9 @@ PositiveSeconds = Annotated[float, Field(gt=0)]
 TENANT_PATTERN = r"^[A-Za-z0-9_.-]{1,64}\Z"
 #: Fallback models one model (or one job) may name.
 MAX_FALLBACK_MODELS = 8
+#: A tenant's queued jobs at most, unless TENANT_MAX_QUEUED says otherwise: one full Message
+#: Batch (100,000 requests) fits.
+DEFAULT_TENANT_MAX_QUEUED = 100_000
 
 
 class RateLimit(BaseModel):
@@ -146,6 +150,12 @@ class Settings(BaseSettings):
     redis_retry_s: PositiveSeconds = 30.0
 
     rate_limits: dict[str, RateLimit] = Field(default_factory=dict)
+    # Queued jobs (submitted, not yet started) a tenant may have at once; JSON
+    # `{"default": N, "<tenant>": N}` or a bare number for every tenant. Jobs without a tenant
+    # have no quota.
+    tenant_max_queued: dict[str, int] = Field(
+        default_factory=lambda: {"default": DEFAULT_TENANT_MAX_QUEUED}
+    )
     # The longest a job waits for the limiter inside a worker before it goes back to the
     # queue with a countdown (0: never wait in the worker).
     rate_limit_max_wait_s: float = Field(default=60.0, ge=0)
@@ -179,9 +189,18 @@ class Settings(BaseSettings):
     log_content: bool = False
     key_prefix: str = Field(default="llmw", pattern=NAME_PATTERN)
 
-    # `llm-worker gateway`: the producers' API keys (comma-separated; it will not start
-    # without one), the largest request body it reads (a batch create), and its port.
+    # `llm-worker gateway`: the producers' API keys, comma-separated `name:key` pairs (a bare
+    # key's tenant is named by a short hash of it), and/or a file of `name:sha256-of-key` lines
+    # reread on SIGHUP or when it changes (it will not start without a key); the largest
+    # request body it reads (a batch create), and its port.
     gateway_api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    gateway_api_keys_file: Path | None = None
+    # The gateway's own bounds: requests handled at once (overall and per tenant; past them a
+    # 503 or 429 with retry-after) and open event streams (SSE) likewise.
+    gateway_max_requests: int = Field(default=2000, ge=1, le=1_000_000)
+    gateway_tenant_max_requests: int = Field(default=500, ge=1, le=1_000_000)
+    gateway_max_streams: int = Field(default=1000, ge=1, le=1_000_000)
+    gateway_tenant_max_streams: int = Field(default=250, ge=1, le=1_000_000)
     gateway_max_body_bytes: int = Field(default=33_554_432, ge=1024)
     # The gateway's Redis connections: at most this many at once (each live event stream holds
     # one while it waits); past it a request waits GATEWAY_REDIS_WAIT_S, then gets a 503.
@@ -238,6 +257,57 @@ class Settings(BaseSettings):
     def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("gateway_api_keys")
+    @classmethod
+    def _check_key_specs(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        from worker.tenancy import key_spec_problem
+
+        for index, spec in enumerate(value):
+            problem = key_spec_problem(spec.get_secret_value())
+            if problem:
+                # Never the spec itself: it holds a secret.
+                raise ValueError(f"entry {index + 1}: {problem}")
+        return value
+
+    @field_validator("tenant_max_queued", mode="before")
+    @classmethod
+    def _parse_quota(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            import json
+
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ValueError(
+                    'is not valid JSON; expected e.g. {"default": 100000, "team-a": 5000}'
+                ) from None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return {"default": value}
+        return value
+
+    @field_validator("tenant_max_queued")
+    @classmethod
+    def _check_quota(cls, value: dict[str, int]) -> dict[str, int]:
+        from worker.tenancy import valid_tenant
+
+        for name, quota in value.items():
+            if name != "default" and not valid_tenant(name):
+                raise ValueError(
+                    f"{name[:40]!r} is not a tenant name (1-64 of letters, digits, '_', '.', "
+                    "'-') or 'default'"
+                )
+            if quota < 1:
+                raise ValueError(f"the quota of {name!r} must be at least 1")
+        return value
+
+    @field_validator("gateway_api_keys_file", mode="before")
+    @classmethod
+    def _empty_path_is_none(cls, value: Any) -> Any:
+        # ``${LLM_WORKER_GATEWAY_API_KEYS_FILE:-}`` in a compose file: no file.
+        if isinstance(value, str) and not value.strip():
+            return None
         return value
 
     @field_validator("api_key", mode="before")
@@ -404,6 +474,22 @@ class Settings(BaseSettings):
         if self.visibility_timeout_s is not None:
             return self.visibility_timeout_s
         return 1.5 * self.lease_ttl_s
+
+    def tenant_names(self) -> set[str]:
+        """The tenants the configuration names (metric label values): keys, the keys file,
+        quota overrides, budgets, weights."""
+        from worker.tenancy import configured_tenants
+
+        names = configured_tenants(
+            (k.get_secret_value() for k in self.gateway_api_keys),
+            self.tenant_max_queued,
+            self.gateway_api_keys_file,
+        )
+        return names | set(self.budgets) | set(self.tenant_weights)
+
+    def max_queued_for(self, tenant: str) -> int | None:
+        """The most queued jobs ``tenant`` may have (None: no quota)."""
+        return self.tenant_max_queued.get(tenant, self.tenant_max_queued.get("default"))
 
     def rate_limit_for(self, key: str) -> RateLimit | None:
         return self.rate_limits.get(key) or self.rate_limits.get("default")

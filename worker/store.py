@@ -17,6 +17,7 @@ import orjson
 import redis
 
 from worker.keys import Keys
+from worker.tenancy import split_qualified_id
 
 LUA_DIR = Path(__file__).parent / "lua"
 
@@ -42,9 +43,17 @@ def decode_hash(raw: Mapping[Any, Any]) -> dict[str, str] | None:
 
 
 def ending_script(name: str) -> str:
-    """A script that ends jobs (``finish.lua``, ``cancel.lua``), behind ``batch_end.lua``:
-    ending a job of a Message Batch adds to the batch's counts in the same step."""
-    return load_lua(name, prelude="batch_end.lua")
+    """A script that ends jobs (``finish.lua``, ``cancel.lua``), behind ``batch_end.lua`` and
+    ``tenant_end.lua``: ending a job of a Message Batch adds to the batch's counts, and ending
+    a tenant's job gives back its place in the tenant's queued quota, in the same step."""
+    return f"{load_lua('tenant_end.lua')}\n{load_lua(name, prelude='batch_end.lua')}"
+
+
+def queued_key(keys: Keys, job_id: str) -> str:
+    """The queued set of the job's tenant (its quota, ``Keys.tenant_queued``), or ``""`` for a
+    job without a tenant."""
+    tenant = split_qualified_id(job_id)[0]
+    return keys.tenant_queued(tenant) if tenant else ""
 
 
 def cancel_call(keys: Keys, job_id: str, *, result_ttl_s: int) -> tuple[list[str], list[Any]]:
@@ -61,7 +70,7 @@ def cancel_call(keys: Keys, job_id: str, *, result_ttl_s: int) -> tuple[list[str
             keys.results_channel,
             keys.cancels_channel,
         ],
-        [time.time(), job_id, result_ttl_s, keys.batch_counts("")],
+        [time.time(), job_id, result_ttl_s, keys.batch_counts(""), queued_key(keys, job_id)],
     )
 
 

@@ -57,6 +57,32 @@ def test_run_refuses_a_bad_process_count(redis_url: str, args: list[str], messag
     assert message in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("settings", "file_text", "message"),
+    [
+        ({}, None, "neither LLM_WORKER_GATEWAY_API_KEYS nor LLM_WORKER_GATEWAY_API_KEYS_FILE"),
+        ({"LLM_WORKER_GATEWAY_API_KEYS": "bad/name:secret-key-9"}, None, "entry 1"),
+        ({}, "team:not-a-digest\n", "line 1: the part after ':' must be 64 hex digits"),
+        ({}, "# only a comment\n", "lists no key"),
+        ({"LLM_WORKER_GATEWAY_API_KEYS_FILE": "/nonexistent/keys.txt"}, None, "cannot read"),
+    ],
+)
+def test_the_gateway_refuses_to_start_without_good_keys(
+    redis_url: str, tmp_path: Path, settings: dict[str, str], file_text: str | None, message: str
+) -> None:
+    """No key at all, a malformed key spec, a bad or empty keys file: exit 2, saying which;
+    a key's text is never repeated."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_WORKER_")}
+    env.update({"LLM_WORKER_REDIS_URL": redis_url, **settings})
+    if file_text is not None:
+        (tmp_path / "keys.txt").write_text(file_text)
+        env["LLM_WORKER_GATEWAY_API_KEYS_FILE"] = str(tmp_path / "keys.txt")
+    result = cli("gateway", "--port", "0", env=env)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "secret-key-9" not in result.stderr
+
+
 def test_bad_setting_is_named_at_start(redis_url: str) -> None:
     """A malformed setting stops the command with the variable's name."""
     env = {**os.environ, "LLM_WORKER_REDIS_URL": redis_url, "LLM_WORKER_MAX_ATTEMPTS": "many"}
@@ -118,8 +144,8 @@ def test_llm_worker_run_with_the_gevent_pool_completes_jobs(
         assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
         assert (
-            'llm_worker_jobs_finished_total{model="deepseek-ai/DeepSeek-V3",outcome="completed"}'
-            in metrics
+            'llm_worker_jobs_finished_total{model="deepseek-ai/DeepSeek-V3",outcome="completed",'
+            'tenant="none"}' in metrics
         )
     finally:
         proc.stop()
@@ -134,7 +160,7 @@ def test_demo_runs_fifty_jobs_and_exits_zero(tmp_path: object) -> None:
     assert "time to first token p50" in result.stdout
     # --metrics: the worker's own count, scraped after the run (the demo has no faults).
     finished = re.findall(
-        r'llm_worker_jobs_finished_total\{[^}]*outcome="completed"\} (\S+)', result.stdout
+        r'llm_worker_jobs_finished_total\{[^}]*outcome="completed"[^}]*\} (\S+)', result.stdout
     )
     assert sum(float(n) for n in finished) == 50
 

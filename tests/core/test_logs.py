@@ -197,6 +197,19 @@ def test_structlog_log_is_one_redacted_json_line(capsys: pytest.CaptureFixture[s
 
 
 @pytest.mark.usefixtures("restore_logging")
+def test_the_gateways_producer_keys_are_redacted_too(capsys: pytest.CaptureFixture[str]) -> None:
+    """A named and a bare gateway key, wherever they appear in a line, are replaced; the
+    tenant's name is not a secret and stays."""
+    named, bare = "gw-named-secret-1", "gw-bare-secret-2"
+    configure_logging(load_settings(gateway_api_keys=f"team-a:{named},{bare}", log_format="json"))
+    structlog.get_logger().info(f"saw {named}", detail=[bare], tenant="team-a")
+    err = capsys.readouterr().err
+    assert named not in err
+    assert bare not in err
+    assert _json_lines(err)[0]["tenant"] == "team-a"
+
+
+@pytest.mark.usefixtures("restore_logging")
 def test_contextvars_are_merged_into_lines(capsys: pytest.CaptureFixture[str]) -> None:
     """Values bound with structlog.contextvars appear in every line."""
     configure_logging(load_settings(log_format="json"))

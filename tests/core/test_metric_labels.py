@@ -29,13 +29,14 @@ def test_every_metric_with_a_model_label_folds_it_where_it_is_set() -> None:
     """labels() of a model-labelled metric folds the model, by position or by keyword, so no
     caller (the runner, the limiter, the clients) can add an unbounded label value."""
     unknown = f"random/{uuid.uuid4().hex}"
-    before = _sample("llm_worker_jobs_finished_total", {"model": "other", "outcome": "failed"})
-    m.JOBS_FINISHED.labels(unknown, "failed").inc()
-    m.JOBS_FINISHED.labels(model=unknown, outcome="failed").inc()
-    after = _sample("llm_worker_jobs_finished_total", {"model": "other", "outcome": "failed"})
+    other = {"model": "other", "outcome": "failed", "tenant": "none"}
+    before = _sample("llm_worker_jobs_finished_total", other)
+    m.JOBS_FINISHED.labels(unknown, "failed", "").inc()
+    m.JOBS_FINISHED.labels(model=unknown, outcome="failed", tenant="").inc()
+    after = _sample("llm_worker_jobs_finished_total", other)
     assert after - before == 2
     assert _sample("llm_worker_jobs_finished_total", {"model": unknown, "outcome": "failed"}) == 0
-    m.QUEUE_JOBS_SUBMITTED.labels("llmw", unknown).inc()  # model is the second label here
+    m.QUEUE_JOBS_SUBMITTED.labels("llmw", unknown, "").inc()  # model is the second label here
     assert (
         _sample("llm_worker_queue_jobs_submitted_total", {"queue": "llmw", "model": unknown}) == 0
     )

@@ -15,6 +15,7 @@ from tests.support import make_request
 from worker import events as ev
 from worker.client import batch_file as b
 from worker.client.aio import AsyncClient
+from worker.client.core import qualified_id
 from worker.dev.embedded import EmbeddedRedis
 from worker.gateway.batches import BatchStore, parse_requests, rfc3339
 from worker.keys import Keys
@@ -24,6 +25,7 @@ from worker.settings import Settings, load_settings
 pytestmark = pytest.mark.integration
 
 T = TypeVar("T")
+TENANT = "team-bc"
 #: Commands a connection sends of its own (on connect) or that the test sends to measure.
 NOT_COUNTED = frozenset({"client", "hello", "info", "config", "ping", "select"})
 
@@ -62,14 +64,14 @@ def create(settings: Settings, n: int) -> str:
                 for i in range(n)
             ]
         }
-        return await store.create(parse_requests(store.client, body))
+        return await store.create(parse_requests(store.client, body), tenant=TENANT)
 
     return with_store(settings, use)
 
 
 def retrieve(settings: Settings, batch_id: str) -> dict[str, Any]:
     async def use(store: BatchStore) -> dict[str, Any] | None:
-        return await store.retrieve(batch_id, "http://gw")
+        return await store.retrieve(batch_id, "http://gw", TENANT)
 
     batch = with_store(settings, use)
     assert batch is not None
@@ -96,7 +98,7 @@ def test_counts_follow_each_end_once_and_match_the_job_states(
     keys = Keys(settings.key_prefix)
     store = WorkerStore(private_redis, keys, result_ttl_s=settings.result_ttl_s)
     batch_id = create(settings, 6)
-    job = [b.job_id_for(batch_id, f"r{i}") for i in range(6)]
+    job = [qualified_id(TENANT, b.job_id_for(batch_id, f"r{i}")) for i in range(6)]
     assert private_redis.hget(keys.job(job[0]), "batch") == batch_id.encode()
     assert end(store, job[0], ev.COMPLETED) is True
     assert end(store, job[1], ev.FAILED) is True
@@ -138,7 +140,7 @@ def test_retrieve_and_list_cost_the_same_for_any_batch_size(
     store = WorkerStore(private_redis, keys, result_ttl_s=settings.result_ttl_s)
     small, large = create(settings, 2), create(settings, 2_000)
     for i in range(0, 2_000, 3):
-        end(store, b.job_id_for(large, f"r{i}"), ev.COMPLETED)
+        end(store, qualified_id(TENANT, b.job_id_for(large, f"r{i}")), ev.COMPLETED)
 
     def measured(use: Callable[[BatchStore], Awaitable[Any]]) -> tuple[Any, dict[str, int]]:
         async def main(store: BatchStore) -> tuple[Any, dict[str, int]]:
@@ -149,14 +151,14 @@ def test_retrieve_and_list_cost_the_same_for_any_batch_size(
 
         return with_store(settings, main)
 
-    small_batch, small_cost = measured(lambda s: s.retrieve(small, "http://gw"))
-    large_batch, large_cost = measured(lambda s: s.retrieve(large, "http://gw"))
+    small_batch, small_cost = measured(lambda s: s.retrieve(small, "http://gw", TENANT))
+    large_batch, large_cost = measured(lambda s: s.retrieve(large, "http://gw", TENANT))
     assert small_batch["request_counts"]["processing"] == 2
     assert large_batch["request_counts"]["succeeded"] == 667
     assert small_cost == large_cost == {"hgetall": 2}
 
     page, page_cost = measured(
-        lambda s: s.list_page("http://gw", limit=20, before_id=None, after_id=None)
+        lambda s: s.list_page("http://gw", TENANT, limit=20, before_id=None, after_id=None)
     )
     assert [x["id"] for x in page["data"]] == [large, small]
     assert page_cost == {"zremrangebyscore": 1, "zrevrange": 1, "hgetall": 4}

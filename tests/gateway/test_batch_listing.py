@@ -29,9 +29,12 @@ def test_expired_batches_leave_the_list(redis_url: str) -> None:
         async with AsyncClient(settings) as client:
             store = BatchStore(client)
             # A batch recorded longer ago than its records live: its hash and items are gone.
-            await client.redis.zadd(client.keys.batches, {"msgbatch_gone": time.time() - 10_000})
-            page = await store.list_page("http://gw", limit=20, before_id=None, after_id=None)
-            left = await client.redis.zcard(client.keys.batches)
+            index = client.keys.tenant_batches("team-a")
+            await client.redis.zadd(index, {"msgbatch_gone": time.time() - 10_000})
+            page = await store.list_page(
+                "http://gw", "team-a", limit=20, before_id=None, after_id=None
+            )
+            left = await client.redis.zcard(index)
             return [b["id"] for b in page["data"]], page["has_more"], left
 
     ids, has_more, left = asyncio.run(main())

@@ -30,6 +30,8 @@ from worker.gateway.relay import message_events
 pytestmark = pytest.mark.integration
 
 GATEWAY_KEY = "gw-producer-key-1"
+#: The tenant GATEWAY_KEY names (the gateway's jobs are ``<tenant>/<id>`` in Redis).
+GATEWAY_TENANT = "gw-a"
 MODEL = "deepseek-ai/DeepSeek-V3"
 TOOL: dict[str, Any] = {
     "name": "get_weather",
@@ -43,11 +45,12 @@ TOOL: dict[str, Any] = {
 
 
 def start_gateway(worker: WorkerProcess, **extra: str) -> tuple[subprocess.Popen[bytes], str]:
-    """The gateway in its own process, on the worker's Redis, with two producer keys."""
+    """The gateway in its own process, on the worker's Redis, with two producer keys: one
+    named (tenant GATEWAY_TENANT), one bare."""
     port = free_port()
     env = {
         **worker.env,
-        "LLM_WORKER_GATEWAY_API_KEYS": f"{GATEWAY_KEY}, second-key",
+        "LLM_WORKER_GATEWAY_API_KEYS": f"{GATEWAY_TENANT}:{GATEWAY_KEY}, second-key",
         "LLM_WORKER_MAX_REQUEST_BYTES": "65536",
         "LLM_WORKER_GATEWAY_MAX_BODY_BYTES": "262144",
         **extra,
@@ -309,7 +312,7 @@ def test_streams_resume_with_last_event_id(gateway_url: str, client: Client) -> 
         events = _sse_ids_and_events(r)
     assert events[0][1] == "started"
     assert events[-1][1] == "completed"
-    assert len(events) == len(list(client.get(job_id).events(timeout=5)))
+    assert len(events) == len(list(client.get(job_id, tenant=GATEWAY_TENANT).events(timeout=5)))
     with httpx.stream(
         "GET",
         f"{gateway_url}/v1/jobs/{job_id}/events",
@@ -414,23 +417,26 @@ def test_a_client_that_disconnects_gives_its_redis_connection_back(
         worker, LLM_WORKER_GATEWAY_REDIS_CONNECTIONS="4", LLM_WORKER_GATEWAY_REDIS_WAIT_S="0.5"
     )
     headers = {"x-api-key": GATEWAY_KEY}
-    job = client.submit(make_request("held open [[sim tokens=10 fault=stall]]"))
+    job = client.submit(
+        make_request("held open [[sim tokens=10 fault=stall]]"), tenant=GATEWAY_TENANT
+    )
+    plain_id = job.job_id.split("/")[1]
     try:
         for _ in range(10):
             with httpx.stream(
-                "GET", f"{url}/v1/jobs/{job.job_id}/events", headers=headers, timeout=10
+                "GET", f"{url}/v1/jobs/{plain_id}/events", headers=headers, timeout=10
             ) as response:
                 assert response.status_code == 200
                 first = next(response.iter_lines())
                 assert first.startswith(("event:", "data:", "id:"))
-        status = httpx.get(f"{url}/v1/jobs/{job.job_id}", headers=headers, timeout=10)
+        status = httpx.get(f"{url}/v1/jobs/{plain_id}", headers=headers, timeout=10)
         assert status.status_code == 200
         # Ten streams open at once share the 4 connections (each wait is a bounded block).
         with contextlib.ExitStack() as streams:
             for _ in range(10):
                 response = streams.enter_context(
                     httpx.stream(
-                        "GET", f"{url}/v1/jobs/{job.job_id}/events", headers=headers, timeout=10
+                        "GET", f"{url}/v1/jobs/{plain_id}/events", headers=headers, timeout=10
                     )
                 )
                 assert response.status_code == 200
@@ -455,7 +461,7 @@ def test_priority_and_deadline_headers_reach_the_job(gateway_url: str, client: C
         timeout=60,
     )
     assert response.status_code == 200, response.text
-    status = client.get("gw-opts-1").status()
+    status = client.get("gw-opts-1", tenant=GATEWAY_TENANT).status()
     assert status["priority"] == 8
     assert status["deadline_at"] == pytest.approx(status["submitted_at"] + 120)
     created = httpx.post(
@@ -463,7 +469,7 @@ def test_priority_and_deadline_headers_reach_the_job(gateway_url: str, client: C
         json={"requests": [{"custom_id": "one", "params": make_request("b", stream=False)}]},
         headers={"x-api-key": GATEWAY_KEY},
     ).json()
-    job = client.get(f"batch-{created['id']}-one")
+    job = client.get(f"batch-{created['id']}-one", tenant=GATEWAY_TENANT)
     assert job.status()["priority"] == 2
     assert job.status()["deadline_at"] == pytest.approx(job.status()["submitted_at"] + 86_400)
     job.result(timeout=60)

@@ -81,7 +81,10 @@ def scrape(proc: WorkerProcess) -> dict[tuple[str, frozenset[tuple[str, str]]], 
 def value(
     samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
 ) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
+    """The sum of ``name``'s samples that have these labels (whatever their others, such as
+    ``tenant``)."""
+    wanted = frozenset(labels.items())
+    return sum(v for (n, have), v in samples.items() if n == name and wanted <= have)
 
 
 def node_name(proc: WorkerProcess) -> str:

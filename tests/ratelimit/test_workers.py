@@ -140,9 +140,11 @@ def _wait_all(jobs: list[Job], timeout_s: float) -> list[dict[str, Any]]:
 
 
 def _running_on(job: Job) -> str:
-    """The worker running ``job`` (``host:pid``): the job hash names it until the job ends."""
-    worker: str = wait_for(lambda: job.status().get("worker"), 20, f"{job} to start")
-    return worker
+    """The worker running ``job`` (``host:pid``): the job hash names it until the job ends
+    (read from the hash itself: producers' status does not show it)."""
+    key = job.client.keys.job(job.job_id)
+    worker: bytes = wait_for(lambda: job.client.redis.hget(key, "worker"), 20, f"{job} to start")
+    return worker.decode()
 
 
 def _workers_of(client: Client, jobs: list[Job]) -> set[str]:

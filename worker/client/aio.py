@@ -53,6 +53,7 @@ class AsyncClient:
             settings, redis_url=redis_url, broker_url=broker_url
         )
         m.add_model_labels(settings.catalogue.label_names())
+        m.add_tenant_labels(settings.tenant_names())
         self.keys = Keys(settings.key_prefix)
         # No connection is opened here: redis.asyncio connects on first use, in the loop
         # that uses it.
@@ -173,20 +174,25 @@ class AsyncClient:
             await self._submit(keys=call.keys, args=call.args, client=pipe)
         results = await pipe.execute()
         created = p.created_flags(calls, results)
-        models = [
-            request["model"]
-            for request, new in zip(submission.requests, created, strict=True)
+        new_jobs = [
+            (request["model"], opts.tenant)
+            for request, opts, new in zip(
+                submission.requests, submission.options, created, strict=True
+            )
             if new
         ]
-        for model in models:
-            m.JOBS_SUBMITTED.labels(model).inc()
-        if models:
+        for model, owner in new_jobs:
+            m.JOBS_SUBMITTED.labels(model, owner or "").inc()
+        if new_jobs:
             counts = self.redis.pipeline(transaction=False)
-            for model, count in p.count_by_model(models).items():
-                counts.hincrby(self.keys.submitted_counts(self.settings.queue), model, count)
+            for field, count in p.count_submitted(new_jobs).items():
+                counts.hincrby(self.keys.submitted_counts(self.settings.queue), field, count)
             await counts.execute()
         if not self._same_redis:
             await self._send_elsewhere(p.to_publish(calls, results, created))
+        over_quota = p.quota_refusal(calls, results)
+        if over_quota is not None:
+            raise over_quota
         return [AsyncJob(self, job_id) for job_id in submission.ids]
 
     async def _send_elsewhere(self, items: list[OutboxItem]) -> None:

@@ -247,7 +247,7 @@ def run_batch(  # noqa: PLR0911 - one exit code per way a run can end
     )
     from rich.progress import Progress as Bar
 
-    from worker.errors import JobConflict, RequestInvalid
+    from worker.errors import JobConflict, QuotaExceeded, RequestInvalid
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     if batch_id is not None and not b.BATCH_ID_PATTERN.match(batch_id):
@@ -286,9 +286,13 @@ def run_batch(  # noqa: PLR0911 - one exit code per way a run can end
                 markup=False,
             )
             run.submit(pending)
-        except (BatchOutputMismatch, JobConflict) as exc:
-            err.print(f"llm-worker batch: {exc}", markup=False)
-            return 2
+        except (BatchOutputMismatch, JobConflict, QuotaExceeded) as exc:
+            # Over its quota, what was submitted stays; the same command again goes on.
+            again = (
+                "; run the same command again to go on" if isinstance(exc, QuotaExceeded) else ""
+            )
+            err.print(f"llm-worker batch: {exc}{again}", markup=False)
+            return 1 if again else 2
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         bar = Bar(
             TextColumn("[bold]{task.description}"),

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from worker import broker
+from worker import broker, tenancy
 from worker import events as ev
 from worker import metrics as m
 from worker.broker import task_message
@@ -27,6 +27,7 @@ from worker.errors import (
     JobExpired,
     JobFailed,
     JobNotFound,
+    QuotaExceeded,
     RequestInvalid,
 )
 from worker.keys import Keys
@@ -36,9 +37,11 @@ from worker.request import validate_request
 from worker.settings import Settings, load_settings
 from worker.store import text
 
+# Their historical home (callers import them here); they live in worker.tenancy.
+TENANT_PATTERN = tenancy.TENANT_PATTERN
+valid_tenant = tenancy.valid_tenant
+split_qualified_id = tenancy.split_qualified_id
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")
-#: A tenant's name: it prefixes its jobs' ids (``<tenant>/<job_id>``), so it holds no ``/``.
-TENANT_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 #: The id of a tenant's job in Redis and on the queue: the tenant's name, ``/``, its job id.
 QUALIFIED_ID_PATTERN = re.compile(r"^(?:[A-Za-z0-9_.-]{1,64}/)?[A-Za-z0-9_.:-]{1,128}\Z")
 #: Job priorities run from 0 to 9, higher first (AMQP's sense).
@@ -72,20 +75,10 @@ def valid_qualified_id(job_id: Any) -> bool:
     return isinstance(job_id, str) and bool(QUALIFIED_ID_PATTERN.match(job_id))
 
 
-def valid_tenant(tenant: Any) -> bool:
-    return isinstance(tenant, str) and bool(TENANT_PATTERN.match(tenant))
-
-
 def qualified_id(tenant: str | None, job_id: str) -> str:
     """The id a job has in Redis and on the queue: tenants' ids never collide, so two tenants
     may use the same ``job_id``."""
     return f"{tenant}/{job_id}" if tenant else job_id
-
-
-def split_qualified_id(job_id: str) -> tuple[str | None, str]:
-    """``(tenant, job_id)`` of a stored id (the inverse of :func:`qualified_id`)."""
-    tenant, sep, rest = job_id.partition("/")
-    return (tenant, rest) if sep else (None, job_id)
 
 
 def check_options(job_id: Any, metadata: Any, prefix: str = "") -> list[dict[str, str]]:
@@ -194,13 +187,14 @@ def validate_one(settings: Settings, request: Any, loc_prefix: str = "") -> dict
 
 
 def _rate_limit_problems(
-    settings: Settings, request: Mapping[str, Any], metadata: Any, prefix: str
+    settings: Settings, request: Mapping[str, Any], metadata: Any, prefix: str, tenant: Any
 ) -> list[dict[str, str]]:
     """A request that no wait could grant under the producer's own ``RATE_LIMITS``."""
     if not settings.rate_limits:
         return []
     meta = metadata if isinstance(metadata, Mapping) else None
-    problem = submit_problem(settings.rate_limits, request, meta)
+    name = tenant if valid_tenant(tenant) else None
+    problem = submit_problem(settings.rate_limits, request, meta, name)
     if problem is None:
         return []
     field = "max_tokens" if problem.startswith("max_tokens") else "messages"
@@ -281,7 +275,9 @@ def prepare_submission(
         except RequestInvalid as exc:
             errors.extend(exc.errors)
         else:
-            errors.extend(_rate_limit_problems(settings, validated[-1], meta, prefix))
+            errors.extend(
+                _rate_limit_problems(settings, validated[-1], meta, prefix, tenants[index])
+            )
         errors.extend(check_options(job_id, meta, prefix))
         problems = check_traffic_options(
             priorities[index], tenants[index], deadlines[index], fallbacks[index], prefix
@@ -421,6 +417,7 @@ def submit_calls(
                     if opts.fallback_models is None
                     else orjson.dumps(list(opts.fallback_models)),
                     job_id,
+                    *quota_args(settings, keys, opts.tenant),
                 ],
                 payload=payload,
                 item=item,
@@ -429,15 +426,24 @@ def submit_calls(
     return calls
 
 
+def quota_args(settings: Settings, keys: Keys, tenant: str | None) -> list[Any]:
+    """``submit.lua``'s quota arguments: the tenant's queued set and its quota, or none."""
+    limit = settings.max_queued_for(tenant) if tenant else None
+    if not tenant or limit is None:
+        return ["", 0]
+    return [keys.tenant_queued(tenant), limit]
+
+
 def created_flags(calls: list[ScriptCall], results: list[Any]) -> list[bool]:
-    """Which script calls created their job; :class:`JobConflict` when an existing id holds
-    a different request (the idempotency key was reused for something else)."""
+    """Which script calls created their job (a quota refusal did not: see
+    :func:`quota_refusal`); :class:`JobConflict` when an existing id holds a different
+    request (the idempotency key was reused for something else)."""
     from worker.errors import JobConflict
 
     flags = []
     for call, result in zip(calls, results, strict=True):
-        if int(result[0]) == 1:
-            flags.append(True)
+        if int(result[0]) in {1, -1}:
+            flags.append(int(result[0]) == 1)
             continue
         existing = text(result[1])
         if existing != call.args[0]:
@@ -462,6 +468,41 @@ def to_publish(
     return items
 
 
+def quota_refusal(calls: list[ScriptCall], results: list[Any]) -> QuotaExceeded | None:
+    """The error for the jobs a tenant's quota refused (raise it once the created ones are
+    enqueued), or None."""
+    refused = [call for call, result in zip(calls, results, strict=True) if int(result[0]) == -1]
+    if not refused:
+        return None
+    created = [
+        call.job_id for call, result in zip(calls, results, strict=True) if int(result[0]) == 1
+    ]
+    tenant = split_qualified_id(refused[0].job_id)[0] or ""
+    return QuotaExceeded(tenant, int(refused[0].args[-1]), [c.job_id for c in refused], created)
+
+
+def submitted_field(model: str, tenant: str | None) -> str:
+    """The field of the queue's submitted-jobs hash that counts ``model``'s jobs of
+    ``tenant``: the model label, then ``|`` and the tenant label for a job with a tenant."""
+    label = m.model_label(model)
+    return f"{label}|{m.tenant_label(tenant)}" if tenant else label
+
+
+def parse_submitted_field(field: str) -> tuple[str, str]:
+    """``(model label, tenant label)`` of a submitted-jobs hash field."""
+    model, sep, tenant = field.partition("|")
+    return model, (tenant if sep else m.NO_TENANT)
+
+
+def count_submitted(new_jobs: Iterable[tuple[str, str | None]]) -> dict[str, int]:
+    """Jobs per submitted-jobs hash field (:func:`submitted_field`), from ``(model, tenant)``."""
+    counts: dict[str, int] = {}
+    for model, tenant in new_jobs:
+        field = submitted_field(model, tenant)
+        counts[field] = counts.get(field, 0) + 1
+    return counts
+
+
 def count_by_model(models: Iterable[str]) -> dict[str, int]:
     """Jobs per model label (:func:`worker.metrics.model_label`): the Redis counter that
     workers export has no more fields than the metric has label values."""
@@ -480,11 +521,44 @@ def cancel_result(job_id: str, outcome: str) -> bool:
     return outcome in {"cancelled", "requested"}
 
 
+#: What a producer sees of a job hash (:func:`parse_status`). Not the worker's lease token,
+#: its host and pid, the claim's bookkeeping, nor the request's sha256 (unsalted, it would
+#: confirm a guessed prompt).
+PUBLIC_STATUS_FIELDS = frozenset(
+    {
+        "state",
+        "attempts",
+        "deliveries",
+        "model",
+        "usage",
+        "error",
+        "stop_reason",
+        "metadata",
+        "priority",
+        "tenant",
+        "fallback_models",
+        "attempt_model",
+        "answered_by",
+        "cost_usd",
+        "cancel_requested",
+        "submitted_at",
+        "started_at",
+        "finished_at",
+        "deadline_at",
+    }
+)
+
+
 def parse_status(job_id: str, raw: Mapping[str, str]) -> dict[str, Any]:
-    """A job hash as the API shows it: JSON fields decoded, numbers as numbers."""
+    """A job hash as producers see it (:data:`PUBLIC_STATUS_FIELDS`): JSON fields decoded,
+    numbers as numbers."""
     status: dict[str, Any] = {"job_id": job_id}
     for key, value in raw.items():
-        if key in {"usage", "error", "metadata", "fallback_models"}:
+        if key not in PUBLIC_STATUS_FIELDS:
+            continue
+        if key == "cancel_requested":
+            status[key] = float(value) if value else None
+        elif key in {"usage", "error", "metadata", "fallback_models"}:
             status[key] = orjson.loads(value) if value else None
         elif key in {"attempts", "deliveries", "priority"}:
             status[key] = int(value)

@@ -47,6 +47,7 @@ class Client:
             settings, redis_url=redis_url, broker_url=broker_url
         )
         m.add_model_labels(settings.catalogue.label_names())
+        m.add_tenant_labels(settings.tenant_names())
         self.keys = Keys(self.settings.key_prefix)
         self.redis = redis.Redis.from_url(str(self.settings.redis_url), socket_keepalive=True)
         self.store = JobStore(self.redis, self.keys, result_ttl_s=self.settings.result_ttl_s)
@@ -147,28 +148,33 @@ class Client:
             script(keys=call.keys, args=call.args, client=pipe)
         results = pipe.execute()
         created = p.created_flags(calls, results)
-        models = [
-            request["model"]
-            for request, new in zip(submission.requests, created, strict=True)
+        new_jobs = [
+            (request["model"], opts.tenant)
+            for request, opts, new in zip(
+                submission.requests, submission.options, created, strict=True
+            )
             if new
         ]
-        for model in models:
-            m.JOBS_SUBMITTED.labels(model).inc()
-        if models:
-            self._count_submitted(models)
+        for model, owner in new_jobs:
+            m.JOBS_SUBMITTED.labels(model, owner or "").inc()
+        if new_jobs:
+            self._count_submitted(new_jobs)
         if not self._same_redis:
             self._send_elsewhere(p.to_publish(calls, results, created))
+        over_quota = p.quota_refusal(calls, results)
+        if over_quota is not None:
+            raise over_quota
         return [Job(self, job_id) for job_id in submission.ids]
 
-    def _count_submitted(self, models: list[str]) -> None:
+    def _count_submitted(self, new_jobs: list[tuple[str, str | None]]) -> None:
         """Add to the Redis counter that workers export (llm_worker_queue_jobs_submitted_total).
 
         A separate round trip after the jobs exist: a producer that dies between the two
         under-counts by its last batch, which is the safe side for a counter.
         """
         pipe = self.redis.pipeline(transaction=False)
-        for model, count in p.count_by_model(models).items():
-            pipe.hincrby(self.keys.submitted_counts(self.settings.queue), model, count)
+        for field, count in p.count_submitted(new_jobs).items():
+            pipe.hincrby(self.keys.submitted_counts(self.settings.queue), field, count)
         pipe.execute()
 
     def _send_elsewhere(self, items: list[OutboxItem]) -> None:

@@ -1,8 +1,11 @@
 """The HTTP front door: Anthropic's ``/v1/messages`` and Message Batches, and our jobs.
 
 Every route but ``/healthz`` and ``/openapi.json`` needs a producer key (``x-api-key``, as
-the Anthropic SDKs send it, or ``Authorization: Bearer``). Bodies are read up to a bound
-and refused with 413 beyond it. Errors have Anthropic's shape:
+the Anthropic SDKs send it, or ``Authorization: Bearer``); the key names the caller's tenant
+(:mod:`worker.gateway.auth`). A tenant's jobs and batches are its own: their ids are
+qualified by the tenant on the way in (``<tenant>/<job_id>`` in Redis) and shown plain on
+the way out, and any other tenant gets a 404 for them, as for an id that does not exist.
+Bodies are read up to a bound and refused with 413 beyond it. Errors have Anthropic's shape:
 ``{"type": "error", "error": {"type", "message"}}``.
 """
 
@@ -10,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -19,11 +22,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from worker import events as ev
+from worker import metrics as m
+from worker.client import core as p
 from worker.client.aio import AsyncClient, AsyncJob
 from worker.client.batch_file import error_response
 from worker.errors import (
@@ -33,14 +38,23 @@ from worker.errors import (
     JobExpired,
     JobFailed,
     JobNotFound,
+    QuotaExceeded,
     RequestInvalid,
 )
 from worker.gateway import relay
+from worker.gateway.auth import KeyRing
 from worker.gateway.batches import BatchStore, parse_requests
+from worker.gateway.guard import (
+    Busy,
+    Guard,
+    Slots,
+    problem_response,
+    tenant_of,
+)
 from worker.gateway.openapi import openapi_document
 from worker.settings import Settings
+from worker.usage import usage_report
 
-PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
 JOB_ID_HEADER = "llm-worker-job-id"
 #: A job's priority (0-9, higher first; default 5) and its life in seconds from submission.
 PRIORITY_HEADER = "llm-worker-priority"
@@ -63,12 +77,6 @@ class HTTPProblem(Exception):
         self.message = message
 
 
-def problem_response(status: int, error_type: str, message: str) -> JSONResponse:
-    return JSONResponse(
-        error_response({"type": error_type, "message": message}), status_code=status
-    )
-
-
 def _number_header(request: Request, name: str, kind: type[int] | type[float]) -> Any:
     """A numeric request header, or None when absent; 400 when it is not a number."""
     raw = request.headers.get(name)
@@ -83,14 +91,23 @@ def _number_header(request: Request, name: str, kind: type[int] | type[float]) -
         ) from None
 
 
-def submit_problem(exc: RequestInvalid | BudgetExceeded | JobConflict) -> HTTPProblem:
+def submit_problem(
+    exc: RequestInvalid | BudgetExceeded | JobConflict | QuotaExceeded, job_id: str | None = None
+) -> HTTPProblem:
     """The HTTP answer to a refused submission: 400, 429 (a tenant at its budget, as the
-    Anthropic API answers a spend limit) or 409."""
+    Anthropic API answers a spend limit, or at its queued quota) or 409. Ids are the
+    caller's own, without its tenant's prefix."""
     if isinstance(exc, RequestInvalid):
         return HTTPProblem(400, "invalid_request_error", _describe(exc))
     if isinstance(exc, BudgetExceeded):
         return HTTPProblem(429, "rate_limit_error", str(exc))
-    return HTTPProblem(409, "invalid_request_error", str(exc))
+    if isinstance(exc, QuotaExceeded):
+        return _quota_problem(exc)
+    return HTTPProblem(
+        409,
+        "invalid_request_error",
+        f"job {job_id!r} exists with a different request; choose another job id",
+    )
 
 
 def _list_header(request: Request, name: str) -> list[str] | None:
@@ -105,10 +122,34 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return Response(orjson.dumps(data), status, headers, media_type="application/json")
 
 
+def _not_found(job_id: str) -> HTTPProblem:
+    # The same answer whether the job never existed or is another tenant's.
+    return HTTPProblem(404, "not_found_error", f"no job {job_id!r} (never submitted, or expired)")
+
+
+def _quota_problem(exc: QuotaExceeded) -> HTTPProblem:
+    return HTTPProblem(
+        429,
+        "rate_limit_error",
+        f"this key's tenant has {exc.limit} queued jobs, its quota "
+        "(LLM_WORKER_TENANT_MAX_QUEUED); submit again once some have started",
+    )
+
+
 class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.keys = [k.get_secret_value().encode() for k in settings.gateway_api_keys]
+        self.key_ring = KeyRing(
+            [k.get_secret_value() for k in settings.gateway_api_keys],
+            settings.gateway_api_keys_file,
+        )
+        m.add_tenant_labels(self.key_ring.tenants)
+        self.requests = Slots(
+            "requests", settings.gateway_max_requests, settings.gateway_tenant_max_requests
+        )
+        self.streams = Slots(
+            "event streams", settings.gateway_max_streams, settings.gateway_tenant_max_streams
+        )
         # Bounded: every live event stream holds a connection while it waits for events.
         self.client = AsyncClient(
             settings,
@@ -121,15 +162,11 @@ class Gateway:
 
     # -- edges -------------------------------------------------------------------------------
 
-    def authorised(self, request: Request) -> bool:
-        given = request.headers.get("x-api-key", "")
-        auth = request.headers.get("authorization", "")
-        if not given and auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
-        token = given.encode()
-        # Compare with every key, always: the time taken says nothing about which matched.
-        matches = [hmac.compare_digest(token, key) for key in self.keys]
-        return bool(given) and any(matches)
+    def tenant_of_key(self, presented: str) -> str | None:
+        tenant = self.key_ring.tenant_of(presented)
+        if tenant is not None:
+            m.add_tenant_labels((tenant,))  # a key added to the file since the start
+        return tenant
 
     async def body(self, request: Request, limit: int) -> Any:
         length = request.headers.get("content-length")
@@ -155,11 +192,7 @@ class Gateway:
     async def messages(self, request: Request) -> Response:
         resume = request.headers.get("last-event-id")
         if resume:
-            parsed = relay.parse_message_id(resume)
-            if parsed is None:
-                raise HTTPProblem(400, "invalid_request_error", "Last-Event-ID is not ours")
-            job = await self._job(parsed[0])
-            return self._anthropic_stream(job, after=parsed[1])
+            return await self._resume(request, resume)
         body = await self.body(request, self.settings.max_request_bytes)
         if not isinstance(body, dict):
             raise HTTPProblem(400, "invalid_request_error", "the body must be a JSON object")
@@ -169,18 +202,23 @@ class Gateway:
         deadline_s = _number_header(request, DEADLINE_HEADER, float)
         fallbacks = _list_header(request, FALLBACK_HEADER)
         wait_s = self.wait_s if deadline_s is None else deadline_s + 60
+        if streamed:
+            self.streams.take(tenant_of(request))  # before the job exists: a 429 writes nothing
         try:
-            job = await self.client.submit(
+            job = await self._submit(
+                request,
                 body,
                 job_id=job_id,
                 priority=priority,
                 deadline_s=deadline_s,
-                fallback_models=fallbacks,
+                fallbacks=fallbacks,
             )
-        except (RequestInvalid, BudgetExceeded, JobConflict) as exc:
-            raise submit_problem(exc) from None
+        except BaseException:
+            if streamed:
+                self.streams.give(tenant_of(request))
+            raise
         if streamed:
-            return self._anthropic_stream(job, after="0-0")
+            return self._anthropic_stream(request, job, after="0-0", slot_taken=True)
         try:
             message = await job.result(timeout=wait_s)
         except JobFailed as exc:
@@ -203,24 +241,59 @@ class Gateway:
             # result can still be read; a retry would start it a second time.
             message_text = (
                 f"the job did not end within the gateway's wait of {wait_s:g} s; it goes "
-                f"on: GET /v1/jobs/{job.job_id}"
+                f"on: GET /v1/jobs/{_plain(job)}"
             )
             headers = {**self._headers(job), SHOULD_RETRY_HEADER: "false"}
             error = {"type": "timeout_error", "message": message_text}
             return _json(error_response(error), 504, headers)
-        except JobNotFound as exc:
+        except JobNotFound:
             # The job's records vanished while we waited (expired, or Redis lost them).
-            raise HTTPProblem(404, "not_found_error", str(exc)) from None
+            raise _not_found(_plain(job)) from None
         return _json(message, headers=self._headers(job))
 
-    def _headers(self, job: AsyncJob) -> dict[str, str]:
-        return {JOB_ID_HEADER: job.job_id, "request-id": job.job_id}
+    async def _resume(self, request: Request, last_event_id: str) -> Response:
+        """A dropped stream, resumed after the frame ``last_event_id`` names."""
+        parsed = relay.parse_message_id(last_event_id)
+        if parsed is None:
+            raise HTTPProblem(400, "invalid_request_error", "Last-Event-ID is not ours")
+        job = await self._job(request, parsed[0])
+        return self._anthropic_stream(request, job, after=parsed[1])
 
-    def _anthropic_stream(self, job: AsyncJob, *, after: str) -> Response:
+    async def _submit(
+        self,
+        request: Request,
+        body: dict[str, Any],
+        *,
+        job_id: str | None,
+        priority: int | None,
+        deadline_s: float | None,
+        fallbacks: list[str] | None,
+    ) -> AsyncJob:
+        """The caller's job for ``body``, submitted as its tenant's; a 400, 409 or 429."""
+        try:
+            job = await self.client.submit(
+                body,
+                job_id=job_id,
+                priority=priority,
+                deadline_s=deadline_s,
+                fallback_models=fallbacks,
+                tenant=tenant_of(request),
+            )
+        except (RequestInvalid, BudgetExceeded, JobConflict, QuotaExceeded) as exc:
+            raise submit_problem(exc, job_id) from None
+        request.state.job_id = _plain(job)
+        return job
+
+    def _headers(self, job: AsyncJob) -> dict[str, str]:
+        return {JOB_ID_HEADER: _plain(job), "request-id": _plain(job)}
+
+    def _anthropic_stream(
+        self, request: Request, job: AsyncJob, *, after: str, slot_taken: bool = False
+    ) -> Response:
         async def frames() -> AsyncIterator[bytes]:
             # Frames carry only chunk ids: a client resuming after one holds output already.
             state = relay.AnthropicRelay(
-                job.job_id, sent_output=after != "0-0", upstream=self.settings.upstream_name
+                _plain(job), sent_output=after != "0-0", upstream=self.settings.upstream_name
             )
             async for event in job.events(timeout=self.wait_s, after=after):
                 for data in state.feed(event):
@@ -228,36 +301,57 @@ class Gateway:
                 if state.done:
                     return
 
-        return _sse(frames(), self._headers(job))
+        return self._stream(request, frames(), self._headers(job), slot_taken=slot_taken)
+
+    def _stream(
+        self,
+        request: Request,
+        frames: AsyncIterator[bytes],
+        headers: dict[str, str],
+        *,
+        slot_taken: bool = False,
+    ) -> Response:
+        """An SSE response holding one of the tenant's stream places until it ends."""
+        tenant = tenant_of(request)
+        if not slot_taken:
+            self.streams.take(tenant)
+        return _sse(frames, headers, on_close=lambda: self.streams.give(tenant))
 
     # -- /v1/jobs ----------------------------------------------------------------------------
 
-    async def _job(self, job_id: str) -> AsyncJob:
+    async def _job(self, request: Request, job_id: str) -> AsyncJob:
+        """The caller's job ``job_id`` (as the caller knows it, plain), or a 404: another
+        tenant's job of that id is a different job, which this caller cannot name."""
+        request.state.job_id = job_id
         try:
-            return await self.client.get(job_id)
-        except JobNotFound as exc:
-            raise HTTPProblem(404, "not_found_error", str(exc)) from None
+            return await self.client.get(job_id, tenant=tenant_of(request))
+        except JobNotFound:
+            raise _not_found(job_id) from None
 
     async def job_status(self, request: Request) -> Response:
-        job = await self._job(request.path_params["job_id"])
+        job = await self._job(request, request.path_params["job_id"])
         try:
-            return _json(await job.status())
-        except JobNotFound as exc:
-            raise HTTPProblem(404, "not_found_error", str(exc)) from None
+            status = await job.status()
+        except JobNotFound:
+            raise _not_found(_plain(job)) from None
+        status["job_id"] = _plain(job)
+        return _json(status)
 
     async def job_events(self, request: Request) -> Response:
-        job = await self._job(request.path_params["job_id"])
+        job = await self._job(request, request.path_params["job_id"])
         after = request.headers.get("last-event-id") or request.query_params.get("after", "0-0")
         parsed = relay.parse_message_id(after)
         after = parsed[1] if parsed else after.strip()
         if not relay.valid_stream_id(after):
             raise HTTPProblem(400, "invalid_request_error", "Last-Event-ID is not a stream id")
+        plain = _plain(job)
 
         async def frames() -> AsyncIterator[bytes]:
             async for event in job.events(timeout=self.wait_s, after=after):
+                event["job_id"] = plain
                 yield relay.frame(event, event=event["type"], id_=event["stream_id"])
 
-        return _sse(frames(), self._headers(job))
+        return self._stream(request, frames(), self._headers(job))
 
     # -- /v1/messages/batches ----------------------------------------------------------------
 
@@ -268,17 +362,22 @@ class Gateway:
         except RequestInvalid as exc:
             raise HTTPProblem(400, "invalid_request_error", _describe(exc)) from None
         priority = _number_header(request, PRIORITY_HEADER, int)
+        tenant = tenant_of(request)
         try:
-            batch_id = await self.batches.create(items, priority=priority)
+            batch_id = await self.batches.create(items, tenant=tenant, priority=priority)
         except RequestInvalid as exc:
             raise HTTPProblem(400, "invalid_request_error", _describe(exc)) from None
         except BudgetExceeded as exc:
             raise HTTPProblem(429, "rate_limit_error", str(exc)) from None
-        return _json(await self.batches.retrieve(batch_id, self.base_url(request)))
+        except QuotaExceeded as exc:
+            raise _quota_problem(exc) from None
+        request.state.batch_id = batch_id
+        return _json(await self.batches.retrieve(batch_id, self.base_url(request), tenant))
 
     async def _batch(self, request: Request) -> dict[str, Any]:
         batch_id = request.path_params["batch_id"]
-        batch = await self.batches.retrieve(batch_id, self.base_url(request))
+        request.state.batch_id = batch_id
+        batch = await self.batches.retrieve(batch_id, self.base_url(request), tenant_of(request))
         if batch is None:
             raise HTTPProblem(404, "not_found_error", f"no message batch {batch_id!r}")
         return batch
@@ -295,6 +394,7 @@ class Gateway:
             raise HTTPProblem(400, "invalid_request_error", "limit must be 1-1000")
         page = await self.batches.list_page(
             self.base_url(request),
+            tenant_of(request),
             limit=limit,
             before_id=q.get("before_id"),
             after_id=q.get("after_id"),
@@ -303,7 +403,7 @@ class Gateway:
 
     async def batch_cancel(self, request: Request) -> Response:
         await self._batch(request)
-        await self.batches.cancel(request.path_params["batch_id"])
+        await self.batches.cancel(request.path_params["batch_id"], tenant_of(request))
         return _json(await self._batch(request))
 
     async def batch_results(self, request: Request) -> Response:
@@ -313,8 +413,25 @@ class Gateway:
                 400, "invalid_request_error", f"batch {batch['id']} has not ended; no results yet"
             )
         return StreamingResponse(
-            self.batches.results(batch["id"]), media_type="application/x-jsonl"
+            self.batches.results(batch["id"], tenant_of(request)),
+            media_type="application/x-jsonl",
         )
+
+    # -- /v1/usage ---------------------------------------------------------------------------
+
+    async def usage(self, request: Request) -> Response:
+        """The caller's own usage, per UTC day and model, over ``start``..``end``."""
+        try:
+            report = await usage_report(
+                self.client.redis,
+                self.client.keys,
+                tenant_of(request),
+                start=request.query_params.get("start"),
+                end=request.query_params.get("end"),
+            )
+        except ValueError as exc:
+            raise HTTPProblem(400, "invalid_request_error", str(exc)) from None
+        return _json(report)
 
     # -- misc --------------------------------------------------------------------------------
 
@@ -365,8 +482,27 @@ async def with_keep_alive(frames: AsyncIterator[bytes], every_s: float) -> Async
             pending.cancel()
 
 
+class _ClosingStream(StreamingResponse):
+    """A streaming response that calls ``on_close`` once it ends, however it ends (also when
+    the body never started: the client was gone already)."""
+
+    def __init__(self, *args: Any, on_close: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
 def _sse(
-    frames: AsyncIterator[bytes], headers: dict[str, str], *, keep_alive_s: float = KEEP_ALIVE_S
+    frames: AsyncIterator[bytes],
+    headers: dict[str, str],
+    *,
+    keep_alive_s: float = KEEP_ALIVE_S,
+    on_close: Callable[[], None] = lambda: None,
 ) -> Response:
     async def guarded() -> AsyncIterator[bytes]:
         try:
@@ -375,13 +511,13 @@ def _sse(
         except TimeoutError:
             error = {"type": "timeout_error", "message": "the job did not end in time"}
             yield relay.frame(error_response(error), event="error")
-        except JobNotFound as exc:
-            yield relay.frame(
-                error_response({"type": "not_found_error", "message": str(exc)}), event="error"
-            )
+        except JobNotFound:
+            error = {"type": "not_found_error", "message": "the job's records expired"}
+            yield relay.frame(error_response(error), event="error")
 
-    return StreamingResponse(
+    return _ClosingStream(
         guarded(),
+        on_close=on_close,
         media_type="text/event-stream",
         headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
     )
@@ -392,7 +528,13 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            # Rotate keys without a restart: `kill -HUP` rereads the keys file.
+            loop.add_signal_handler(signal.SIGHUP, gateway.key_ring.reload)
         yield
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.remove_signal_handler(signal.SIGHUP)
         await gateway.client.close()
 
     routes = [
@@ -404,6 +546,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/messages/batches/{batch_id}/results", gateway.batch_results, methods=["GET"]),
         Route("/v1/jobs/{job_id}", gateway.job_status, methods=["GET"]),
         Route("/v1/jobs/{job_id}/events", gateway.job_events, methods=["GET"]),
+        Route("/v1/usage", gateway.usage, methods=["GET"]),
         Route("/healthz", gateway.healthz, methods=["GET"]),
         Route("/openapi.json", gateway.openapi, methods=["GET"]),
     ]
@@ -412,33 +555,27 @@ def create_app(settings: Settings) -> Starlette:
         lifespan=lifespan,
         exception_handlers={
             HTTPProblem: _problem_handler,  # type: ignore[dict-item]
+            Busy: _busy_handler,  # type: ignore[dict-item]
             RedisConnectionError: _redis_unavailable,
         },
-        middleware=[Middleware(KeyGuard, gateway=gateway)],
+        middleware=[
+            Middleware(Guard, tenant_of_key=gateway.tenant_of_key, requests=gateway.requests)
+        ],
     )
     return app
 
 
-class KeyGuard:
-    """Refuses, with 401, every request to a non-public path without a producer key."""
-
-    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
-        self.app = app
-        self.gateway = gateway
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        public = scope["type"] != "http" or scope["path"] in PUBLIC_PATHS
-        if not public and not self.gateway.authorised(Request(scope)):
-            response = problem_response(
-                401, "authentication_error", "a valid x-api-key is required"
-            )
-            await response(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
+def _plain(job: AsyncJob) -> str:
+    """A job's id as its tenant knows it (without the ``<tenant>/`` of its Redis id)."""
+    return p.split_qualified_id(job.job_id)[1]
 
 
 async def _problem_handler(request: Request, exc: HTTPProblem) -> Response:
     return problem_response(exc.status, exc.error_type, exc.message)
+
+
+async def _busy_handler(request: Request, exc: Busy) -> Response:
+    return exc.response()
 
 
 async def _redis_unavailable(request: Request, exc: Exception) -> Response:
@@ -454,6 +591,9 @@ async def _redis_unavailable(request: Request, exc: Exception) -> Response:
 def serve(settings: Settings, *, host: str, port: int) -> None:
     import uvicorn
 
+    from worker.logs import configure_logging
+
+    configure_logging(settings)
     uvicorn.run(
         create_app(settings),
         host=host,

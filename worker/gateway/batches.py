@@ -5,10 +5,15 @@ a hash of counts, and one job per request whose id derives from both
 Each job records its batch (field ``batch``), and the Lua step that ends a job adds to the
 batch's counts (``worker/lua/batch_end.lua``): the counts cannot drift from what ran, and
 retrieving or listing a batch reads two hashes, whatever its size.
+
+A batch belongs to the tenant that created it (field ``tenant``; its jobs are that tenant's,
+``<tenant>/<job id>``): every read answers as if another tenant's batch did not exist, and a
+tenant's list is its own index (:meth:`worker.keys.Keys.tenant_batches`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import time
 import uuid
@@ -21,7 +26,7 @@ from worker import events as ev
 from worker.client import batch_file as b
 from worker.client import core as p
 from worker.client.aio import AsyncClient
-from worker.errors import RequestInvalid
+from worker.errors import JobNotFound, QuotaExceeded, RequestInvalid
 from worker.store import decode_hash, text
 
 MAX_REQUESTS = 100_000
@@ -120,31 +125,71 @@ class BatchStore:
         self.deadline_s = client.settings.gateway_batch_deadline_s
         self.ttl_s = int(self.deadline_s + client.settings.result_ttl_s)
 
-    async def create(self, items: list[b.BatchItem], *, priority: int | None = None) -> str:
-        """Submit every request as a job, then record the batch. Returns its id."""
+    def _job_id(self, tenant: str, batch_id: str, custom_id: str) -> str:
+        """The Redis id of a batch request's job."""
+        return p.qualified_id(tenant, b.job_id_for(batch_id, custom_id))
+
+    async def _check_quota(self, tenant: str, count: int) -> None:
+        """:class:`QuotaExceeded` before anything is written when ``count`` more queued jobs
+        would not fit the tenant's quota (``submit.lua`` still holds the line per job)."""
+        limit = self.client.settings.max_queued_for(tenant)
+        if limit is None:
+            return
+        key = self.keys.tenant_queued(tenant)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zremrangebyscore(key, "-inf", time.time())
+        pipe.zcard(key)
+        queued = int((await pipe.execute())[1])
+        if queued + count > limit:
+            raise QuotaExceeded(tenant, limit, [], [])
+
+    async def create(
+        self, items: list[b.BatchItem], *, tenant: str, priority: int | None = None
+    ) -> str:
+        """Submit every request as a job of ``tenant``, then record the batch. Returns its id.
+
+        A batch that does not fit the tenant's queued quota is refused whole: nothing is
+        written (or, when other submits raced it past the quota, what was written is
+        cancelled) and :class:`QuotaExceeded` is raised."""
+        await self._check_quota(tenant, len(items))
         batch_id = "msgbatch_" + uuid.uuid4().hex[:24]
+        created: list[str] = []
         for start in range(0, len(items), SUBMIT_CHUNK):
             chunk = items[start : start + SUBMIT_CHUNK]
-            await self.client.submit_many(
-                [item.params for item in chunk],
-                job_ids=[b.job_id_for(batch_id, item.custom_id) for item in chunk],
-                metadata=[{"batch_id": batch_id, "custom_id": i.custom_id} for i in chunk],
-                batch_id=batch_id,
-                deadline_s=self.deadline_s,
-                priority=priority,
-                default_priority=p.BATCH_PRIORITY,
-            )
+            try:
+                jobs = await self.client.submit_many(
+                    [item.params for item in chunk],
+                    job_ids=[b.job_id_for(batch_id, item.custom_id) for item in chunk],
+                    metadata=[{"batch_id": batch_id, "custom_id": i.custom_id} for i in chunk],
+                    batch_id=batch_id,
+                    deadline_s=self.deadline_s,
+                    priority=priority,
+                    tenant=tenant,
+                    default_priority=p.BATCH_PRIORITY,
+                )
+            except QuotaExceeded as exc:
+                for job_id in [*created, *exc.created]:
+                    with contextlib.suppress(JobNotFound):
+                        await (await self.client.get(job_id)).cancel()
+                raise
+            created.extend(job.job_id for job in jobs)
         now = time.time()
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(
             self.keys.batch(batch_id),
-            mapping={"created_at": now, "expires_at": now + self.deadline_s, "count": len(items)},
+            mapping={
+                "created_at": now,
+                "expires_at": now + self.deadline_s,
+                "count": len(items),
+                "tenant": tenant,
+            },
         )
         pipe.rpush(self.keys.batch_items(batch_id), *[item.custom_id for item in items])
         # Jobs may have ended (and counted) already. `total` also makes the counts hash exist
         # now, so that it has the batch's TTL even before any job ends.
         pipe.hset(self.keys.batch_counts(batch_id), "total", len(items))
-        pipe.zadd(self.keys.batches, {batch_id: now})
+        pipe.zadd(self.keys.tenant_batches(tenant), {batch_id: now})
+        pipe.expire(self.keys.tenant_batches(tenant), self.ttl_s)
         for key in (
             self.keys.batch(batch_id),
             self.keys.batch_items(batch_id),
@@ -154,33 +199,41 @@ class BatchStore:
         await pipe.execute()
         return batch_id
 
-    async def _meta(self, batch_id: str) -> dict[str, str] | None:
+    async def _meta(self, batch_id: str, tenant: str) -> dict[str, str] | None:
+        """The batch's hash when it exists and is ``tenant``'s, else None."""
         if not valid_batch_id(batch_id):
             return None
-        raw = await self.redis.hgetall(self.keys.batch(batch_id))
-        return decode_hash(raw)
+        meta = decode_hash(await self.redis.hgetall(self.keys.batch(batch_id)))
+        if meta is None or meta.get("tenant") != tenant:
+            return None
+        return meta
 
     async def _custom_ids(self, batch_id: str) -> list[str]:
         return [text(c) for c in await self.redis.lrange(self.keys.batch_items(batch_id), 0, -1)]
 
-    async def _states(self, batch_id: str, custom_ids: list[str]) -> list[tuple[str | None, str]]:
+    async def _states(
+        self, tenant: str, batch_id: str, custom_ids: list[str]
+    ) -> list[tuple[str | None, str]]:
         out: list[tuple[str | None, str]] = []
         for start in range(0, len(custom_ids), READ_CHUNK):
             pipe = self.redis.pipeline(transaction=False)
             for custom_id in custom_ids[start : start + READ_CHUNK]:
                 pipe.hmget(
-                    self.keys.job(b.job_id_for(batch_id, custom_id)), ["state", "finished_at"]
+                    self.keys.job(self._job_id(tenant, batch_id, custom_id)),
+                    ["state", "finished_at"],
                 )
             for state, finished in await pipe.execute():
                 out.append((text(state) if state else None, text(finished) if finished else ""))
         return out
 
-    async def retrieve(self, batch_id: str, base_url: str) -> dict[str, Any] | None:
-        """Anthropic's ``MessageBatch`` object, or None when there is no such batch."""
-        return (await self._batches([batch_id], base_url)).get(batch_id)
+    async def retrieve(self, batch_id: str, base_url: str, tenant: str) -> dict[str, Any] | None:
+        """Anthropic's ``MessageBatch`` object, or None when ``tenant`` has no such batch."""
+        return (await self._batches([batch_id], base_url, tenant)).get(batch_id)
 
-    async def _batches(self, batch_ids: list[str], base_url: str) -> dict[str, dict[str, Any]]:
-        """The batches that exist among ``batch_ids``, by id, read in one round trip of two
+    async def _batches(
+        self, batch_ids: list[str], base_url: str, tenant: str
+    ) -> dict[str, dict[str, Any]]:
+        """``tenant``'s batches among ``batch_ids``, by id, read in one round trip of two
         commands per batch (its hash and its counts), whatever the number of its requests."""
         wanted = [batch_id for batch_id in batch_ids if valid_batch_id(batch_id)]
         if not wanted:
@@ -193,19 +246,27 @@ class BatchStore:
         found = {}
         for index, batch_id in enumerate(wanted):
             meta = decode_hash(replies[2 * index])
-            if meta is not None:
+            if meta is not None and meta.get("tenant") == tenant:
                 ended = decode_hash(replies[2 * index + 1]) or {}
                 found[batch_id] = message_batch(batch_id, meta, ended, base_url)
         return found
 
     async def list_page(
-        self, base_url: str, *, limit: int, before_id: str | None, after_id: str | None
+        self,
+        base_url: str,
+        tenant: str,
+        *,
+        limit: int,
+        before_id: str | None,
+        after_id: str | None,
     ) -> dict[str, Any]:
-        """Newest first, paged the way Anthropic's list is (``after_id`` goes older)."""
+        """``tenant``'s batches, newest first, paged the way Anthropic's list is (``after_id``
+        goes older)."""
+        index = self.keys.tenant_batches(tenant)
         # A batch's hash and items expire; its id here would page over nothing (short pages
         # that say has_more, and a last_id of None that stops a client's auto-paging).
-        await self.redis.zremrangebyscore(self.keys.batches, "-inf", time.time() - self.ttl_s)
-        ids = [text(x) for x in await self.redis.zrevrange(self.keys.batches, 0, -1)]
+        await self.redis.zremrangebyscore(index, "-inf", time.time() - self.ttl_s)
+        ids = [text(x) for x in await self.redis.zrevrange(index, 0, -1)]
         if after_id is not None:
             start = ids.index(after_id) + 1 if after_id in ids else len(ids)
             page, has_more = ids[start : start + limit], start + limit < len(ids)
@@ -214,7 +275,7 @@ class BatchStore:
             page, has_more = ids[max(0, end - limit) : end], end - limit > 0
         else:
             page, has_more = ids[:limit], limit < len(ids)
-        found = await self._batches(page, base_url)
+        found = await self._batches(page, base_url, tenant)
         data = [found[batch_id] for batch_id in page if batch_id in found]
         return {
             "data": data,
@@ -223,27 +284,31 @@ class BatchStore:
             "last_id": data[-1]["id"] if data else None,
         }
 
-    async def cancel(self, batch_id: str) -> bool:
-        """Cancel every request not yet ended; False when there is no such batch."""
-        if await self._meta(batch_id) is None:
+    async def cancel(self, batch_id: str, tenant: str) -> bool:
+        """Cancel every request not yet ended; False when ``tenant`` has no such batch."""
+        if await self._meta(batch_id, tenant) is None:
             return False
         await self.redis.hsetnx(self.keys.batch(batch_id), "cancel_initiated_at", time.time())
         custom_ids = await self._custom_ids(batch_id)
-        states = await self._states(batch_id, custom_ids)
+        states = await self._states(tenant, batch_id, custom_ids)
         for custom_id, (state, _) in zip(custom_ids, states, strict=True):
             if state in {ev.QUEUED, ev.RUNNING}:
-                job = await self.client.get(b.job_id_for(batch_id, custom_id))
-                await job.cancel()
+                with contextlib.suppress(JobNotFound):  # expired in between
+                    job = await self.client.get(self._job_id(tenant, batch_id, custom_id))
+                    await job.cancel()
         return True
 
-    async def results(self, batch_id: str) -> AsyncIterator[bytes]:
-        """The results JSONL, in request order."""
+    async def results(self, batch_id: str, tenant: str) -> AsyncIterator[bytes]:
+        """The results JSONL of ``tenant``'s batch, in request order (nothing when the batch
+        is not ``tenant``'s)."""
+        if await self._meta(batch_id, tenant) is None:
+            return
         custom_ids = await self._custom_ids(batch_id)
         for start in range(0, len(custom_ids), READ_CHUNK):
             chunk = custom_ids[start : start + READ_CHUNK]
             pipe = self.redis.pipeline(transaction=False)
             for custom_id in chunk:
-                job_id = b.job_id_for(batch_id, custom_id)
+                job_id = self._job_id(tenant, batch_id, custom_id)
                 pipe.hmget(self.keys.job(job_id), ["state", "error"])
                 pipe.get(self.keys.result(job_id))
             replies = await pipe.execute()

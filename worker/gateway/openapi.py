@@ -17,8 +17,11 @@ def _responses(ok: str, media: str = "application/json", schema: Any = None) -> 
     errors = {
         "400": "invalid request (every bad field is named)",
         "401": "no valid producer key",
-        "404": "no such job or batch",
+        "404": "no such job or batch of the caller's tenant (another tenant's is the same 404)",
         "413": "body over the size limit",
+        "429": "the tenant's queued quota, or the gateway's bound for one key, is reached "
+        "(retry-after)",
+        "503": "the gateway's overall bound is reached, or Redis is busy (retry-after)",
         "502": "the upstream failed the job, or refused this service's own key (never a 401)",
     }
     out: dict[str, Any] = {"200": {"description": ok, "content": body}}
@@ -111,7 +114,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             },
             "/v1/jobs/{job_id}": {
                 "get": {
-                    **_op("A job's state", "the job hash as JSON"),
+                    **_op("A job's state", "the job's public status as JSON"),
                     "parameters": [_id("job_id")],
                 }
             },
@@ -125,6 +128,28 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     "parameters": [
                         _id("job_id"),
                         {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}},
+                    ],
+                }
+            },
+            "/v1/usage": {
+                "get": {
+                    **_op(
+                        "The caller's usage",
+                        "jobs and tokens per UTC day and model, and totals, of the caller's "
+                        "tenant only",
+                    ),
+                    "parameters": [
+                        {
+                            "name": name,
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string", "format": "date"},
+                            "description": text,
+                        }
+                        for name, text in (
+                            ("start", "first UTC day (default: 29 days before end)"),
+                            ("end", "last UTC day, included (default: today)"),
+                        )
                     ],
                 }
             },

@@ -5,6 +5,7 @@
 -- KEYS[5] cancels channel (every worker process listens; the one running the job acts)
 -- ARGV[1] now   ARGV[2] job id   ARGV[3] ttl seconds
 -- ARGV[4] the batch counts key prefix (see batch_end.lua)
+-- ARGV[5] the job tenant's queued set, or '' (see tenant_end.lua)
 -- Returns the outcome: 'cancelled', 'requested', 'missing', or 'ended:<state>'.
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then
@@ -34,6 +35,7 @@ redis.call('PUBLISH', KEYS[3], event)
 redis.call('PUBLISH', KEYS[4], event)
 redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[1])
 count_batch_end(KEYS[1], ARGV[4], 'cancelled', ARGV[1], ARGV[3])
+tenant_end(KEYS[1], ARGV[5])
 -- The record is the job's tombstone: its message still waits in the queue, and a worker that
 -- takes it must find the job ended. So never shorten its life (set at submission to outlive
 -- the deadline, past which any delivery ends the job without a call), only extend it.

@@ -10,6 +10,8 @@
 --         the worker would have in its next round trip   ARGV[9] job id   ARGV[10] result ttl s
 -- ARGV[11] the message's submission time, ARGV[12] its deadline (epoch seconds, or '' when
 --          the message predates them): a job whose record is gone is judged by its message
+-- ARGV[13] the queued set of the job's tenant (its quota, see submit.lua), or '': a delivered
+--          job is no longer queued, whatever comes next
 -- Returns {state before, deliveries, attempts, last seq, cancel requested (0/1), deadline,
 --          lease wait ms, first start (1 when no worker had started the job before),
 --          type of the job's last event, started (1 when this call started an attempt; the
@@ -33,6 +35,9 @@ local function last_event()
   return 0, ''
 end
 
+if ARGV[13] and ARGV[13] ~= '' then
+  redis.call('ZREM', ARGV[13], KEYS[1])
+end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'completed' or state == 'failed' or state == 'cancelled' or state == 'expired' then
   return {state, 0, 0, 0, 0, '', 0}

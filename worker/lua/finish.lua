@@ -13,6 +13,7 @@
 -- ARGV[15] the model that answered, or ''   ARGV[16] the job's cost in USD (exact decimal), or ''
 -- ARGV[17] model (usage field prefix)   ARGV[18] input tokens   ARGV[19] output tokens
 -- ARGV[20] cost in pico-dollars (integer)   ARGV[21] the usage keys' TTL when new
+-- ARGV[22] the job tenant's queued set, or '' (see tenant_end.lua)
 -- Returns 1 when this call ended the job, 0 when it had ended before, -1 when another worker
 -- holds its lease now (this writer lost it without knowing: the job is not its to end).
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -39,6 +40,7 @@ if ARGV[15] ~= '' then redis.call('HSET', KEYS[1], 'answered_by', ARGV[15]) end
 if ARGV[16] ~= '' then redis.call('HSET', KEYS[1], 'cost_usd', ARGV[16]) end
 redis.call('HDEL', KEYS[1], 'worker', 'lease', 'lease_until')
 count_batch_end(KEYS[1], ARGV[10], ARGV[1], ARGV[5], ARGV[4])
+tenant_end(KEYS[1], ARGV[22])
 if ARGV[12] ~= '' then
   -- In the same step as the end, so whoever sees the failure also finds its dead letter.
   redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[14], '*',

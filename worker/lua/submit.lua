@@ -12,8 +12,11 @@
 -- batch_end.lua), '' or absent
 -- ARGV[9] priority (0-9)   ARGV[10] tenant, or ''   ARGV[11] fallback models JSON, or ''
 -- ARGV[12] the job id (the outbox's member)
--- Returns {1} when created, or {0, existing sha, existing state, outbox message}: the last is
--- the message of a job still queued and unconfirmed ('' otherwise), to be published again.
+-- ARGV[13] the tenant's queued-jobs set (Keys.tenant_queued), or '' (no quota)
+-- ARGV[14] the tenant's quota of queued jobs (with ARGV[13])
+-- Returns {1} when created, {0, existing sha, existing state, outbox message} (the last is
+-- the message of a job still queued and unconfirmed, '' otherwise, to be published again),
+-- or {-1, queued} when the tenant's quota is full (nothing written).
 local outbox = #KEYS == 3
 local existing = redis.call('HGET', KEYS[1], 'request_sha')
 if existing then
@@ -24,6 +27,20 @@ if existing then
   end
   return {0, existing, state, pending}
 end
+-- [tenant quota] A tenant may have ARGV[14] queued jobs at most. The set's scores are when
+-- each queued record expires, so a record lost that way stops counting by itself.
+if ARGV[13] and ARGV[13] ~= '' then
+  redis.call('ZREMRANGEBYSCORE', ARGV[13], '-inf', ARGV[2])
+  local queued = redis.call('ZCARD', ARGV[13])
+  if queued >= tonumber(ARGV[14]) then
+    return {-1, queued}
+  end
+  redis.call('ZADD', ARGV[13], tonumber(ARGV[2]) + tonumber(ARGV[5]), KEYS[1])
+  if redis.call('TTL', ARGV[13]) < tonumber(ARGV[5]) then
+    redis.call('EXPIRE', ARGV[13], ARGV[5])
+  end
+end
+-- [end tenant quota]
 redis.call('HSET', KEYS[1],
   'state', 'queued', 'request_sha', ARGV[1], 'submitted_at', ARGV[2], 'model', ARGV[3],
   'metadata', ARGV[4], 'attempts', 0, 'deliveries', 0, 'deadline_at', ARGV[7],

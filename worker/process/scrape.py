@@ -123,8 +123,7 @@ class ScrapeGauges:
         alive: Callable[[], bool],
     ) -> None:
         m.add_model_labels(settings.catalogue.label_names())
-        m.add_tenant_labels(settings.budgets)
-        m.add_tenant_labels(settings.tenant_weights)
+        m.add_tenant_labels(settings.tenant_names())
         self.budgets = settings.budgets
         self.queue = settings.queue
         self.keys = Keys(settings.key_prefix)
@@ -211,10 +210,14 @@ class ScrapeGauges:
 
     def _mirror_submitted(self) -> None:
         counts = self.results.hgetall(self.keys.submitted_counts(self.queue))
-        for raw_model, raw_count in counts.items():
-            model, count = raw_model.decode(), float(raw_count)
-            seen = self._submitted_seen.get(model, 0.0)
+        for raw_field, raw_count in counts.items():
+            # Fields are a model label, or ``<model>|<tenant>`` for a tenant's jobs.
+            field, count = raw_field.decode(), float(raw_count)
+            model, sep, tenant = field.partition("|")
+            seen = self._submitted_seen.get(field, 0.0)
             if count > seen:
-                m.QUEUE_JOBS_SUBMITTED.labels(self.queue, model).inc(count - seen)
+                m.QUEUE_JOBS_SUBMITTED.labels(
+                    self.queue, model, tenant if sep else m.NO_TENANT
+                ).inc(count - seen)
             # A counter never goes down: after a reset in Redis, count from the new value.
-            self._submitted_seen[model] = count
+            self._submitted_seen[field] = count

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,12 +90,23 @@ class Usage:
         return cls(input_tokens=input_tokens, output_tokens=int(usage.get("output_tokens") or 0))
 
 
-def limit_key_for(model: str, metadata: Mapping[str, Any] | None) -> str:
-    """The job's metadata ``limit_key`` (a tenant, an API key's name) if it is a string, else
-    the model."""
+def limit_key_for(
+    model: str,
+    metadata: Mapping[str, Any] | None,
+    tenant: str | None = None,
+    limits: Container[str] = (),
+) -> str:
+    """The job's metadata ``limit_key`` if it is a string; else its tenant when ``limits``
+    (RATE_LIMITS) names that tenant; else the model.
+
+    A tenant without limits of its own stays under its model's (and ``default``'s) limits,
+    shared with every other such job: that is the upstream's limit, not a fresh one per team.
+    """
     key = (metadata or {}).get("limit_key")
     if isinstance(key, str) and key.strip() and len(key) <= 200:
         return key
+    if tenant and tenant in limits:
+        return tenant
     return model
 
 
@@ -116,11 +127,14 @@ def capacity_problem(limit: RateLimit, cost: Cost) -> str | None:
 
 
 def submit_problem(
-    limits: Mapping[str, RateLimit], request: Mapping[str, Any], metadata: Mapping[str, Any] | None
+    limits: Mapping[str, RateLimit],
+    request: Mapping[str, Any],
+    metadata: Mapping[str, Any] | None,
+    tenant: str | None = None,
 ) -> str | None:
     """What a producer that knows ``RATE_LIMITS`` refuses at submit: a request larger than a
     whole bucket of its limit key (see :func:`capacity_problem`), or None."""
-    key = limit_key_for(str(request.get("model", "")), metadata)
+    key = limit_key_for(str(request.get("model", "")), metadata, tenant, limits)
     limit = limits.get(key) or limits.get("default")
     if limit is None:
         return None

@@ -39,6 +39,7 @@ from worker.ratelimit.cost import Cost, Usage, limit_key_for, no_output_usage
 from worker.ratelimit.limiter import Limiter, RateLimitWaitTooLong, Reservation
 from worker.ratelimit.redis_backend import RedisBackend
 from worker.settings import RateLimit, Settings
+from worker.tenancy import split_qualified_id
 
 log = structlog.get_logger("worker.ratelimit")
 
@@ -204,9 +205,12 @@ class RateLimitGate:
 
     def limit_key(self, job_id: str, model: str) -> str:
         """The job's limit key; reads its metadata only when limits are configured."""
-        if self.limiter is None or self._metadata_of is None:
+        if self.limiter is None:
             return model
-        return limit_key_for(model, self._metadata_of(job_id))
+        metadata = self._metadata_of(job_id) if self._metadata_of is not None else None
+        tenant = split_qualified_id(job_id)[0]
+        limits = self._limits.rate_limits if isinstance(self._limits, Settings) else self._limits
+        return limit_key_for(model, metadata, tenant, limits)
 
     def reserve(
         self,

@@ -83,8 +83,7 @@ class Runtime:
     def __post_init__(self) -> None:
         # The models of these settings are the values the model label may take here.
         m.add_model_labels(self.settings.catalogue.label_names())
-        # Budgeted tenants are configured names: their cost and holds are labelled by name.
-        m.add_tenant_labels(self.settings.budgets)
+        m.add_tenant_labels(self.settings.tenant_names())
 
     @cached_property
     def rate_limit(self) -> RateLimitGate:

@@ -18,7 +18,14 @@ from worker.errors import LLMWorkerError
 from worker.keys import Keys
 from worker.pricing import USAGE_RETENTION_S
 from worker.runtime.group_commit import GroupCommitter, Pending
-from worker.store import JobStore, bounded_payload, ending_script, load_lua, text
+from worker.store import (
+    JobStore,
+    bounded_payload,
+    ending_script,
+    load_lua,
+    queued_key,
+    text,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +141,7 @@ class WorkerStore(JobStore):
                 self.result_ttl_s,
                 "" if submitted_at is None else submitted_at,
                 "" if deadline_at is None else deadline_at,
+                queued_key(self.keys, job_id),
             ],
         )
         state, deliveries, attempts, seq, cancel, deadline, wait_ms = raw[:7]
@@ -246,7 +254,7 @@ class WorkerStore(JobStore):
             reason, payload = dead_letter
             payload_data = bounded_payload(payload, self.dead_letter_payload_bytes)
             dlq_args = [reason, payload_data, self.dead_letters_max]
-        spend_args: list[Any] = []
+        spend_args: list[Any] = ["", "", "", "", ""]  # read only with the usage keys
         if spend is not None:
             keys += [
                 k.usage(spend.tenant, spend.day),
@@ -278,6 +286,7 @@ class WorkerStore(JobStore):
                 answered_by or "",
                 cost_usd or "",
                 *spend_args,
+                queued_key(self.keys, job_id),
             ],
         )
         if int(ended) == -1:

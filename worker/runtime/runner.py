@@ -33,6 +33,7 @@ from worker.runtime.group_commit import Pending
 from worker.runtime.job_store import Claim, Spend, is_lease_lost
 from worker.runtime.leases import JobHandle
 from worker.runtime.retry_policy import backoff_delay_s, should_give_up
+from worker.tenancy import split_qualified_id
 
 log = structlog.get_logger("worker.runtime.runner")
 
@@ -88,7 +89,8 @@ class JobRunner:
         self.original_request = request
         self.request = request
         self.model = str(request.get("model", ""))
-        self.tenant = job_id.partition("/")[0] if "/" in job_id else ""
+        #: The tenant the job belongs to (its id is ``<tenant>/<id>``), or "".
+        self.tenant = split_qualified_id(job_id)[0] or ""
         chain, skipped = plan_chain(
             self.model,
             fallbacks,
@@ -185,7 +187,7 @@ class JobRunner:
         if ended:
             if cost:
                 m.COST_USD.labels(self.model, self.tenant).inc(cost / PICO_PER_USD)
-            m.JOBS_FINISHED.labels(self.model, type_).inc()
+            m.JOBS_FINISHED.labels(self.model, type_, self.tenant).inc()
             m.JOB_DURATION.labels(self.model, type_).observe(time.time() - self.started_at)
             log.info(
                 "job_finished", outcome=type_, duration_s=round(time.time() - self.started_at, 3)
@@ -575,8 +577,8 @@ class JobRunner:
             m.UPSTREAM_REQUESTS.labels(self.model, m.status_label(status)).inc()
             m.UPSTREAM_LATENCY.labels(self.model).observe(time.monotonic() - sent_at)
         usage = message.get("usage") or {}
-        m.INPUT_TOKENS.labels(self.model).inc(int(usage.get("input_tokens") or 0))
-        m.OUTPUT_TOKENS.labels(self.model).inc(int(usage.get("output_tokens") or 0))
+        m.INPUT_TOKENS.labels(self.model, self.tenant).inc(int(usage.get("input_tokens") or 0))
+        m.OUTPUT_TOKENS.labels(self.model, self.tenant).inc(int(usage.get("output_tokens") or 0))
         return message
 
     def _stream(self, attempt: int, sent_at: float) -> dict[str, Any]:
