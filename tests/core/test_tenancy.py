@@ -16,14 +16,8 @@ from worker.gateway.auth import KeyRing, KeysFileError
 from worker.gateway.guard import Busy, Slots
 from worker.ratelimit.cost import limit_key_for
 from worker.settings import load_settings
-from worker.tenancy import (
-    bare_key_tenant,
-    match_tenant,
-    parse_key_spec,
-    parse_keys_file,
-    utc_day,
-)
-from worker.usage import day_range, rows, totals
+from worker.tenancy import bare_key_tenant, match_tenant, parse_key_spec, parse_keys_file
+from worker.usage import UsageRow, day_range, report
 
 
 def _sha(key: str) -> str:
@@ -217,39 +211,32 @@ def test_usage_ranges_default_to_30_days_and_refuse_bad_input() -> None:
     ):
         with pytest.raises(ValueError, match=problem):
             day_range(start, end, today=today)
-    assert utc_day(0) == "1970-01-01"
 
 
-def test_usage_rows_are_per_model_and_carry_every_counter() -> None:
-    """`<model>|<name>` fields become one row per model; a counter added later (cost) shows
-    too; totals add every counter."""
-    fields = {
-        b"m1|jobs": b"3",
-        b"m1|completed": b"2",
-        b"m1|failed": b"1",
-        b"m1|input_tokens": b"30",
-        b"m2|jobs": b"1",
-        b"m2|cost_usd": b"0.25",
-        b"junk": b"1",
-    }
-    data = rows("2026-01-02", fields)
-    assert data == [
-        {
-            "date": "2026-01-02",
-            "model": "m1",
-            "jobs": 3,
-            "completed": 2,
-            "failed": 1,
-            "input_tokens": 30,
-        },
-        {"date": "2026-01-02", "model": "m2", "jobs": 1, "cost_usd": 0.25},
+def test_the_usage_report_has_the_rows_and_their_totals() -> None:
+    """GET /v1/usage's body: the range, one row per day and model (no tenant: it is the
+    caller's), and totals with the exact cost."""
+    rows = [
+        UsageRow("2026-01-01", "t", "m1", jobs=2, input_tokens=10, output_tokens=20, cost_pusd=5),
+        UsageRow(
+            "2026-01-02", "t", "m2", jobs=1, input_tokens=1, output_tokens=2, cost_pusd=10**12
+        ),
     ]
-    assert totals(data) == {
-        "jobs": 4,
-        "completed": 2,
-        "failed": 1,
-        "input_tokens": 30,
-        "cost_usd": 0.25,
+    body = report("t", ["2026-01-01", "2026-01-02"], rows)
+    assert (body["tenant"], body["start"], body["end"]) == ("t", "2026-01-01", "2026-01-02")
+    assert body["data"][0] == {
+        "day": "2026-01-01",
+        "model": "m1",
+        "jobs": 2,
+        "input_tokens": 10,
+        "output_tokens": 20,
+        "cost_usd": "0.000000000005",
+    }
+    assert body["totals"] == {
+        "jobs": 3,
+        "input_tokens": 11,
+        "output_tokens": 22,
+        "cost_usd": "1.000000000005",
     }
 
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.gateway.test_http import GATEWAY_KEY, start_gateway
+from tests.gateway.test_http import GATEWAY_KEY, GATEWAY_TENANT, start_gateway
 from tests.support import WorkerProcess, make_request, new_keys, stop_process, written_keys
 from worker.client.sync import Client
 from worker.errors import BudgetExceeded, JobConflict, RequestInvalid
@@ -45,7 +45,7 @@ def test_fallback_header_reaches_the_job_and_the_fallback_answers(
     )
     assert response.status_code == 200, response.text
     assert response.json()["model"] == UP
-    status = client.get(job_id).status()
+    status = client.get(job_id, tenant=GATEWAY_TENANT).status()
     assert status["fallback_models"] == [UP]
     assert status["answered_by"] == UP
 
