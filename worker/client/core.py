@@ -540,6 +540,7 @@ PUBLIC_STATUS_FIELDS = frozenset(
         "attempt_model",
         "answered_by",
         "cost_usd",
+        "held",
         "cancel_requested",
         "submitted_at",
         "started_at",
