@@ -79,6 +79,21 @@ def test_requeue_keeps_an_entry_that_is_not_a_job(isolated: tuple[dict[str, str]
     assert len(DeadLetters(client)) == 1
 
 
+def test_a_tenants_dead_letter_comes_back_as_that_tenants_job(
+    isolated: tuple[dict[str, str], Client],
+) -> None:
+    """Requeueing a tenant's dead job makes a new job of the same tenant (its limits, quota
+    and usage stay its own)."""
+    _env, client = isolated
+    payload = {"job_id": "team-d/old", "request": make_request("again"), "tenant": "team-d"}
+    _dead_letter(client, job_id="team-d/old", reason="http_503", payload=payload)
+    (outcome,) = DeadLetters(client).requeue(DeadLetters(client).entries())
+    assert outcome.job is not None
+    assert outcome.job.job_id.startswith("team-d/")
+    assert outcome.job.status()["tenant"] == "team-d"
+    outcome.job.cancel()
+
+
 def test_purge_by_id_by_reason_and_all(isolated: tuple[dict[str, str], Client]) -> None:
     """purge removes exactly what it names; --all needs --yes."""
     env, client = isolated

@@ -22,7 +22,7 @@ import orjson
 
 from worker.client.core import MAX_PRIORITY, MIN_PRIORITY, valid_tenant
 from worker.client.sync import Client, Job
-from worker.errors import LLMWorkerError, RequestInvalid
+from worker.errors import BudgetExceeded, LLMWorkerError, QuotaExceeded, RequestInvalid
 from worker.store import text
 
 #: Entries read per round trip when listing.
@@ -173,6 +173,9 @@ class DeadLetters:
                 )
             except RequestInvalid as exc:
                 outcomes.append(Requeued(entry, None, f"the request is not valid now: {exc}"))
+                continue
+            except (QuotaExceeded, BudgetExceeded) as exc:
+                outcomes.append(Requeued(entry, None, f"refused for now: {exc}"))
                 continue
             self.client.redis.xdel(self.key, entry.entry_id)
             outcomes.append(Requeued(entry, job))
