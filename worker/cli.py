@@ -212,9 +212,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_usage(args: argparse.Namespace) -> int:
     import time
 
+    from worker.accounting.pricing import usd_text
+    from worker.accounting.usage import read_usage
     from worker.client.sync import Client
-    from worker.pricing import usd_text
-    from worker.usage import read_usage
 
     if args.days < 1 or args.days > 400:
         _console(stderr=True).print("llm-worker usage: --days must be 1-400", markup=False)

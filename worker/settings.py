@@ -26,6 +26,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
+from worker.accounting.pricing import Budget, Price
 from worker.broker import band_of, is_amqp_broker
 from worker.catalogue import (
     DEFAULT_MODELS,
@@ -36,7 +37,6 @@ from worker.catalogue import (
     alias_map,
 )
 from worker.errors import SettingsError
-from worker.pricing import Budget, Price
 
 ENV_PREFIX = "LLM_WORKER_"
 #: Queue names and key prefixes: letters, digits, ``_ . : -``, nothing after (``\Z``).
@@ -262,7 +262,7 @@ class Settings(BaseSettings):
     @field_validator("gateway_api_keys")
     @classmethod
     def _check_key_specs(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
-        from worker.tenancy import key_spec_problem
+        from worker.accounting.tenancy import key_spec_problem
 
         for index, spec in enumerate(value):
             problem = key_spec_problem(spec.get_secret_value())
@@ -290,7 +290,7 @@ class Settings(BaseSettings):
     @field_validator("tenant_max_queued")
     @classmethod
     def _check_quota(cls, value: dict[str, int]) -> dict[str, int]:
-        from worker.tenancy import valid_tenant
+        from worker.accounting.tenancy import valid_tenant
 
         for name, quota in value.items():
             if name != "default" and not valid_tenant(name):
@@ -478,7 +478,7 @@ class Settings(BaseSettings):
     def tenant_names(self) -> set[str]:
         """The tenants the configuration names (metric label values): keys, the keys file,
         quota overrides, budgets, weights."""
-        from worker.tenancy import configured_tenants
+        from worker.accounting.tenancy import configured_tenants
 
         names = configured_tenants(
             (k.get_secret_value() for k in self.gateway_api_keys),

@@ -16,8 +16,8 @@ from typing import Any
 import orjson
 import redis
 
+from worker.accounting.tenancy import split_qualified_id
 from worker.keys import Keys
-from worker.tenancy import split_qualified_id
 
 LUA_DIR = Path(__file__).parent / "lua"
 

@@ -23,9 +23,9 @@ from tests.support import (
     wait_for,
     worker_env,
 )
+from worker.accounting.pricing import utc_day
 from worker.client.sync import Client
 from worker.errors import QuotaExceeded
-from worker.pricing import utc_day
 from worker.settings import settings_from_env
 
 pytestmark = pytest.mark.integration

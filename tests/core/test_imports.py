@@ -121,7 +121,6 @@ def test_the_worker_side_does_load_celery() -> None:
 
 
 def test_few_modules_stand_directly_in_the_package() -> None:
-    """The top level keeps only what every side shares (the layout's bound: 16 modules, one
-    more since tenants: their names and ids are used by producers, workers and the gateway)."""
+    """The top level keeps only what every side shares (the layout's bound: 15 modules)."""
     top = sorted(path.name for path in PACKAGE.glob("*.py"))
-    assert len(top) <= 16, top
+    assert len(top) <= 15, top

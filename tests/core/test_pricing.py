@@ -1,4 +1,5 @@
-"""worker.pricing: exact costs in pico-dollars, price and budget settings, budget checks."""
+"""worker.accounting.pricing: exact costs in pico-dollars, price and budget settings, budget
+checks."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.errors import SettingsError
-from worker.pricing import (
+from worker.accounting.pricing import (
     Budget,
     Price,
     budget_problem,
@@ -18,6 +18,7 @@ from worker.pricing import (
     utc_day,
     utc_month,
 )
+from worker.errors import SettingsError
 from worker.settings import load_settings
 
 PRICE = Price(input_per_mtok=0.27, output_per_mtok="1.10")

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from worker.accounting.tenancy import bare_key_tenant, match_tenant, parse_key_spec, parse_keys_file
+from worker.accounting.usage import UsageRow, day_range, report
 from worker.client import core as p
 from worker.errors import SettingsError
 from worker.gateway.auth import KeyRing, KeysFileError
 from worker.gateway.guard import Busy, Slots
 from worker.ratelimit.cost import limit_key_for
 from worker.settings import load_settings
-from worker.tenancy import bare_key_tenant, match_tenant, parse_key_spec, parse_keys_file
-from worker.usage import UsageRow, day_range, report
 
 
 def _sha(key: str) -> str:

@@ -16,9 +16,11 @@ from typing import Any
 
 import orjson
 
-from worker import broker, tenancy
+from worker import broker
 from worker import events as ev
 from worker import metrics as m
+from worker.accounting import tenancy
+from worker.accounting.pricing import budget_problem
 from worker.broker import task_message
 from worker.client.outbox import OutboxItem
 from worker.errors import (
@@ -31,13 +33,12 @@ from worker.errors import (
     RequestInvalid,
 )
 from worker.keys import Keys
-from worker.pricing import budget_problem
 from worker.ratelimit.cost import submit_problem
 from worker.request import validate_request
 from worker.settings import Settings, load_settings
 from worker.store import text
 
-# Their historical home (callers import them here); they live in worker.tenancy.
+# Their historical home (callers import them here); they live in worker.accounting.tenancy.
 TENANT_PATTERN = tenancy.TENANT_PATTERN
 valid_tenant = tenancy.valid_tenant
 split_qualified_id = tenancy.split_qualified_id

@@ -28,6 +28,7 @@ from starlette.types import Receive, Scope, Send
 
 from worker import events as ev
 from worker import metrics as m
+from worker.accounting.usage import usage_report
 from worker.client import core as p
 from worker.client.aio import AsyncClient, AsyncJob
 from worker.client.batch_file import error_response
@@ -53,7 +54,6 @@ from worker.gateway.guard import (
 )
 from worker.gateway.openapi import openapi_document
 from worker.settings import Settings
-from worker.usage import usage_report
 
 JOB_ID_HEADER = "llm-worker-job-id"
 #: A job's priority (0-9, higher first; default 5) and its life in seconds from submission.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from worker.tenancy import TenantKey, match_tenant, parse_key_spec, parse_keys_file
+from worker.accounting.tenancy import TenantKey, match_tenant, parse_key_spec, parse_keys_file
 
 log = structlog.get_logger(__name__)
 

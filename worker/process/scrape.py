@@ -36,8 +36,8 @@ import structlog
 from kombu.transport import redis as kombu_redis
 
 from worker import metrics as m
+from worker.accounting.pricing import PICO_PER_USD
 from worker.keys import Keys, TrafficKeys
-from worker.pricing import PICO_PER_USD
 from worker.settings import Settings
 
 log = structlog.get_logger("worker.process.scrape")

@@ -32,6 +32,7 @@ import redis
 import structlog
 
 from worker import metrics as m
+from worker.accounting.tenancy import split_qualified_id
 from worker.errors import LLMWorkerError, UpstreamError
 from worker.keys import Keys
 from worker.ratelimit.backend import Backend, Timing
@@ -39,7 +40,6 @@ from worker.ratelimit.cost import Cost, Usage, limit_key_for, no_output_usage
 from worker.ratelimit.limiter import Limiter, RateLimitWaitTooLong, Reservation
 from worker.ratelimit.redis_backend import RedisBackend
 from worker.settings import RateLimit, Settings
-from worker.tenancy import split_qualified_id
 
 log = structlog.get_logger("worker.ratelimit")
 

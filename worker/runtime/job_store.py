@@ -14,9 +14,9 @@ import orjson
 import redis
 
 from worker import events as ev
+from worker.accounting.pricing import USAGE_RETENTION_S
 from worker.errors import LLMWorkerError
 from worker.keys import Keys
-from worker.pricing import USAGE_RETENTION_S
 from worker.runtime.group_commit import GroupCommitter, Pending
 from worker.store import (
     JobStore,

@@ -14,9 +14,17 @@ import structlog
 
 from worker import events as ev
 from worker import metrics as m
+from worker.accounting.pricing import (
+    PICO_PER_USD,
+    cost_pusd,
+    token_count,
+    usd_text,
+    utc_day,
+    utc_month,
+)
+from worker.accounting.tenancy import split_qualified_id
 from worker.broker import job_priority
 from worker.errors import PermanentUpstreamError, TransientUpstreamError, UpstreamError
-from worker.pricing import PICO_PER_USD, cost_pusd, token_count, usd_text, utc_day, utc_month
 from worker.ratelimit.gate import JobPostponed, ModelCoolingDown, WaitInterrupted
 from worker.ratelimit.limiter import RateLimitCapacity, Reservation
 from worker.runtime.accumulate import AccumulateError, accumulate, final_message
@@ -33,7 +41,6 @@ from worker.runtime.group_commit import Pending
 from worker.runtime.job_store import Claim, Spend, is_lease_lost
 from worker.runtime.leases import JobHandle
 from worker.runtime.retry_policy import backoff_delay_s, should_give_up
-from worker.tenancy import split_qualified_id
 
 log = structlog.get_logger("worker.runtime.runner")
 

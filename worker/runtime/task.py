@@ -26,11 +26,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import events as ev
 from worker import metrics as m
+from worker.accounting.pricing import budget_problem
 from worker.broker import TASK_NAME, is_amqp_broker, traffic_headers
 from worker.catalogue import MODEL_NAME_PATTERN
 from worker.celery_app import app
 from worker.errors import RequestInvalid
-from worker.pricing import budget_problem
 from worker.ratelimit.gate import JobPostponed
 from worker.request import validate_request
 from worker.runtime.context import Runtime, current_runtime, get_runtime

@@ -18,8 +18,8 @@ from typing import Any
 import redis
 import redis.asyncio as aredis
 
+from worker.accounting.pricing import usd_text
 from worker.keys import Keys
-from worker.pricing import usd_text
 from worker.store import text
 
 #: The counters of one model in a usage hash (field ``<model>|<name>``).
