@@ -1,4 +1,6 @@
-"""``python -m bench [--quick] [--only overhead,streaming,fanout,traffic,ratelimit] [--repeat N]``
+"""``python -m bench [--quick] [--only SCENARIOS] [--repeat N]``
+
+Scenarios: burst, gateway, overhead, streaming, fanout, traffic, ratelimit (all by default).
 
 Runs each scenario against its own Redis, simulator and workers, prints a table of medians
 with the baselines measured in the same run and the ratios, saves everything as JSON
@@ -19,17 +21,19 @@ from typing import Any
 
 import psutil
 
-from bench import fanout, overhead, streaming, traffic
+from bench import burst, fanout, overhead, streaming, traffic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 FULL = {
+    "burst": {"jobs": 300},
     "overhead": {"jobs": 5000, "concurrency": 100},
     "streaming": {"jobs": 10, "tokens": 1000, "tps": 100, "throughput_jobs": 20},
     "fanout": {"jobs": 2000, "concurrencies": [100, 200, 500, 1000], "processes": [1, 2]},
     "traffic": {"backlog": 200},
 }
 QUICK = {
+    "burst": {"jobs": 100},
     "overhead": {"jobs": 500, "concurrency": 50},
     "streaming": {"jobs": 4, "tokens": 200, "tps": 100, "throughput_jobs": 8},
     "fanout": {"jobs": 200, "concurrencies": [50, 100, 200], "processes": [1, 2]},
@@ -46,6 +50,8 @@ def table(results: dict[str, Any]) -> str:
         "| measure | llm-worker | baseline (same run) | ratio | target |",
         "|---|---|---|---|---|",
     ]
+    if "burst" in results:
+        lines += burst_rows(results["burst"])
     if "overhead" in results:
         o = results["overhead"]
         s = o["summary"]
@@ -123,6 +129,40 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def burst_rows(b: dict[str, Any]) -> list[str]:
+    s = b["summary"]
+    what = f"{b['jobs']} x {b['job_s']:.0f} s streams at once, `llm-worker run` defaults"
+    return [
+        _row(
+            f"burst: {what} ({b['worker_processes']} process(es)): wall s; peak RSS MB",
+            f"{s['wall_s']:.2f}; {b['peak_rss_mb']:.0f}",
+            f"direct client, all at once: {s['direct_wall_s']:.2f}; "
+            f"{s['direct_peak_rss_mb']:.0f}",
+            f"{s['vs_direct']:.2f}x direct (median of per-round ratios)",
+            "<= 1.2x direct, <= 500 MB",
+        ),
+        _row(
+            "burst: CPU ms per streamed job (worker processes; Redis and simulator apart)",
+            f"{s['worker_cpu_ms_per_job']:.2f} (Redis {s['redis_cpu_ms_per_job']:.2f}, "
+            f"simulator {s['simulator_cpu_ms_per_job']:.2f})",
+            f"direct client {s['direct_cpu_ms_per_job']:.2f}",
+            f"{s['cpu_vs_direct']:.2f}x direct",
+            "<= 1.5x direct",
+        ),
+    ]
+
+
+def profile_text(b: dict[str, Any]) -> str:
+    p = b.get("profile")
+    if not p:
+        return "burst profile: skipped (py-spy missing or not permitted)"
+    lines = [f"burst profile (py-spy, {p['samples']} samples of the worker processes):"]
+    lines += [f"  {share:6.1%}  {name}" for name, share in p["categories"].items()]
+    lines.append("  top of the stack:")
+    lines += [f"  {share:6.1%}  {name}" for name, share in p["top_functions"].items()]
+    return "\n".join(lines)
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -174,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "quick": opts.quick,
     }
+    if "burst" in wanted:
+        results["burst"] = burst.run(repeat=repeat, **sizes["burst"])  # type: ignore[arg-type]
     if "overhead" in wanted:
         results["overhead"] = overhead.run(repeat=repeat, **sizes["overhead"])  # type: ignore[arg-type]
     if "streaming" in wanted:
@@ -184,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         results["traffic"] = traffic.run(**sizes["traffic"])  # type: ignore[arg-type]
     text = table(results)
     print(text)
+    if "burst" in results:
+        print("\n" + profile_text(results["burst"]))
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     opts.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nresults: {opts.out}")

@@ -2,7 +2,7 @@
 
 Run as ``python -m bench.direct URL API_KEY JOBS CONCURRENCY PROMPT`` in its own process (so
 that its CPU time and peak RSS are its own); prints one JSON line: wall time, events read,
-and, for prompts with ``stamp=1``, each delta's delay from leaving the simulator.
+the CPU time it used reading them, and, for prompts with ``stamp=1``, each delta's delay from leaving the simulator.
 """
 
 from __future__ import annotations
@@ -55,9 +55,10 @@ async def run(url: str, api_key: str, jobs: int, concurrency: int, prompt: str) 
         limits=limits,
         timeout=httpx.Timeout(60, pool=None),
     ) as http:
-        started = time.monotonic()
+        started, cpu = time.monotonic(), time.process_time()
         await asyncio.gather(*(_one(http, request, gate, out) for _ in range(jobs)))
         out["wall_s"] = time.monotonic() - started
+        out["cpu_s"] = time.process_time() - cpu
     return out
 
 

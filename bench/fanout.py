@@ -23,7 +23,8 @@ JOB_S = (TOKENS - 1) / TPS
 PROMPT = f"fan out [[sim tokens={TOKENS} tps={TPS}]]"
 
 
-def _direct(stack: Stack, jobs: int, concurrency: int) -> dict[str, Any]:
+def direct_run(stack: Stack, jobs: int, concurrency: int) -> dict[str, Any]:
+    """``bench.direct`` in its own process: its result line, plus its peak RSS."""
     args = [sys.executable, "-m", "bench.direct", stack.sim_url, API_KEY]
     args += [str(jobs), str(concurrency), PROMPT]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE)
@@ -71,7 +72,7 @@ def run(
             for _ in range(repeat):
                 for p in counts:
                     rounds[p].append(_ours(stack, jobs, concurrency, p))
-                directs.append(_direct(stack, jobs, concurrency))
+                directs.append(direct_run(stack, jobs, concurrency))
             for p in counts:
                 points.append(
                     _point(

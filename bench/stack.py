@@ -143,6 +143,7 @@ class Stack:
         return proc
 
     def worker_env(self, **settings: Any) -> dict[str, str]:
+        """The environment of a worker: this stack's Redis and simulator, and ``settings``."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_WORKER_")}
         env.update(
             {
@@ -178,14 +179,23 @@ class Stack:
 
     @contextmanager
     def llmw_run(
-        self, *, concurrency: int, processes: int, queue: str, **settings: Any
+        self,
+        *,
+        concurrency: int | None,
+        processes: int | None,
+        queue: str,
+        **settings: Any,
     ) -> Iterator[Process]:
-        """``llm-worker run --processes N`` (gevent), each process with ``concurrency`` jobs;
-        the returned process's CPU time and RSS include its worker processes."""
-        args = [sys.executable, "-m", "worker.cli", "run", "--pool", "gevent"]
-        args += ["--concurrency", str(concurrency), "--processes", str(processes)]
-        args += ["--queue", queue, "--loglevel", "WARNING"]
-        env = self.worker_env(concurrency=concurrency, queue=queue, **settings)
+        """``llm-worker run --processes N`` (gevent), each process with ``concurrency`` jobs
+        (``None``: the default, as a user who sets nothing gets it); the returned process's CPU
+        time and RSS include its worker processes."""
+        args = [sys.executable, "-m", "worker.cli", "run", "--queue", queue, "--loglevel", "WARNING"]
+        if concurrency is not None:
+            args += ["--concurrency", str(concurrency), "--pool", "gevent"]
+            settings["concurrency"] = concurrency
+        if processes is not None:
+            args += ["--processes", str(processes)]
+        env = self.worker_env(queue=queue, **settings)
         proc = Process(args, env, "llm-worker-run")
         try:
             yield proc

@@ -21,6 +21,10 @@ from worker.broker import (
 from worker.settings import Settings, load_settings
 
 
+#: Pools that must be patched in before anything else is imported (Celery's own set).
+GREEN_POOLS = frozenset({"gevent", "eventlet"})
+
+
 def restore_interval_s(visibility_s: float) -> float:
     """How often a worker sweeps for lapsed deliveries and refreshes its own: often enough
     that a refresh never misses the visibility timeout, and a lapsed one is found soon."""
@@ -102,7 +106,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": False,
         "worker_consumer": "worker.runtime.task:Consumer",
         "worker_concurrency": settings.concurrency,
-        "worker_pool": settings.pool,
+        # A green pool is chosen by `-P` (`llm-worker run` passes it after patching), never by
+        # this setting: a worker that read it would run gevent unpatched (Celery warns so at
+        # every start). Plain `celery -A worker.celery_app worker` needs `-P gevent`.
+        **({} if settings.pool in GREEN_POOLS else {"worker_pool": settings.pool}),
         "include": ["worker.runtime.task", "worker.runtime.sweeper"],
         "enable_utc": True,
     }

@@ -486,9 +486,8 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat list 
     run.add_argument("--concurrency", type=int)
     run.add_argument(
         "--processes",
-        type=int,
         help="worker processes, each with --concurrency jobs, under one supervisor "
-        "(gevent, threads, solo; default 1)",
+        "(gevent, threads, solo; default auto: one per usable core)",
     )
     run.add_argument("--queue")
     run.add_argument("--loglevel")

@@ -6,6 +6,8 @@ edge (the CLI, the Celery app's configure hook, :class:`worker.Client`) and pass
 
 from __future__ import annotations
 
+import math
+import os
 import re
 from collections.abc import Mapping
 from functools import cached_property
@@ -20,6 +22,7 @@ from pydantic import (
     SecretStr,
     UrlConstraints,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -61,6 +64,22 @@ MAX_FALLBACK_MODELS = 8
 #: A tenant's queued jobs at most, unless TENANT_MAX_QUEUED says otherwise: one full Message
 #: Batch (100,000 requests) fits.
 DEFAULT_TENANT_MAX_QUEUED = 100_000
+
+
+def usable_cpus() -> int:
+    """The cores this process may use: its CPU affinity, within a cgroup's CPU quota (a
+    container limited to 2 CPUs on a 64-core host counts 2)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # cgroup v1, or no limit
+    return max(1, cpus)
 
 
 class RateLimit(BaseModel):
@@ -181,7 +200,8 @@ class Settings(BaseSettings):
     concurrency: int = Field(default=200, ge=1, le=10_000)
     # `llm-worker run` starts this many worker processes, each with CONCURRENCY jobs, under
     # one supervisor that serves /metrics and /healthz for all (gevent, threads, solo).
-    processes: int = Field(default=1, ge=1, le=64)
+    # "auto" (the default): one per usable core (prefork: 1, it forks its own children).
+    processes: int = Field(default=0, ge=1, le=64, validate_default=True)
     metrics_port: int = Field(default=9464, ge=0, le=65_535)
     health_stale_s: PositiveSeconds = 30.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
@@ -401,6 +421,17 @@ class Settings(BaseSettings):
                     f"limit key {key[:40]!r} must be a model name, a metadata limit_key or "
                     "'default' (1-200 characters)"
                 )
+        return value
+
+    @field_validator("processes", mode="before")
+    @classmethod
+    def _auto_processes(cls, value: Any, info: ValidationInfo) -> Any:
+        if (value == 0 and not isinstance(value, bool)) or (
+            isinstance(value, str) and value.strip().lower() == "auto"
+        ):
+            if info.data.get("pool", "gevent") == "prefork":
+                return 1
+            return min(64, usable_cpus())
         return value
 
     @field_validator("log_level", mode="before")
