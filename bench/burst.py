@@ -13,20 +13,48 @@ where the worker's CPU goes (:mod:`bench.profile`).
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
+
+import orjson
 
 from bench import profile as prof
 from bench.fanout import PROMPT, TOKENS, TPS, direct_run
 from bench.jobs import request, stage_ours
 from bench.stack import Process, Stack
-from bench.stats import median
+from bench.stats import median, percentile
+from worker.keys import Keys
 
 QUEUE = "q-burst"
 WARM_JOBS = 512  # more than the default slots of any core count here: every process warms up
 
 
+def _timeline(stack: Stack, ids: list[str], released_at: float) -> dict[str, float]:
+    """When the jobs started (their ``started`` event) and ended, after the release."""
+    keys = Keys("llmw")
+    pipe = stack.redis.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.xrange(keys.events(job_id), count=1)
+        pipe.xrevrange(keys.events(job_id), count=1)
+    replies = pipe.execute()
+    starts, runs = [], []
+    for first, last in zip(replies[::2], replies[1::2], strict=True):
+        if not first or not last:
+            continue
+        begun = orjson.loads(first[0][1][b"data"])["ts"]
+        starts.append(begun - released_at)
+        runs.append(orjson.loads(last[0][1][b"data"])["ts"] - begun)
+    return {
+        "start_p50_s": percentile(starts, 50),
+        "start_p90_s": percentile(starts, 90),
+        "start_max_s": max(starts, default=float("nan")),
+        "run_p50_s": percentile(runs, 50),
+        "run_max_s": max(runs, default=float("nan")),
+    }
+
+
 def _ours(stack: Stack, worker: Process, jobs: int, *, profile: bool = False) -> dict[str, Any]:
-    stage_ours(stack, QUEUE, [request(PROMPT, stream=True)] * jobs)
+    ids = stage_ours(stack, QUEUE, [request(PROMPT, stream=True)] * jobs)
     cpu, redis_cpu, sim_cpu = worker.cpu_s(), stack.redis_cpu_s(), stack.simulator.cpu_s()
     stacks: list[str] | None = None
     recorder = None
@@ -38,10 +66,12 @@ def _ours(stack: Stack, worker: Process, jobs: int, *, profile: bool = False) ->
 
         recorder = threading.Thread(target=sample, daemon=True)
         recorder.start()
+    released_at = time.time()
     started = stack.release(QUEUE)
     wall = stack.drain(QUEUE, worker, 600) - started
     out: dict[str, Any] = {
         "wall_s": wall,
+        **_timeline(stack, ids, released_at),
         "worker_cpu_ms_per_job": (worker.cpu_s() - cpu) * 1000 / jobs,
         "redis_cpu_ms_per_job": (stack.redis_cpu_s() - redis_cpu) * 1000 / jobs,
         "simulator_cpu_ms_per_job": (stack.simulator.cpu_s() - sim_cpu) * 1000 / jobs,

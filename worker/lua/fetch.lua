@@ -9,8 +9,11 @@
 -- ARGV[2] tenant weights JSON ({"tenant": weight}; 1 when absent)
 -- ARGV[3] the most messages filed from one kombu list per call
 -- ARGV[3+i] the traffic base name (TrafficKeys.base) of the queue KEYS[i] belongs to
--- Returns {queue key, message}: the message now in that key's inbox; or false.
+-- ARGV[3+n+1] the most messages to take (the consumer's free slots, bounded); 1 if absent
+-- Returns {queue key, message, ...}: up to that many messages of one queue, in the order
+-- served, now in that key's inbox; or false. An item that is no kombu envelope comes alone.
 local n = #KEYS / 2
+local most = tonumber(ARGV[3 + n + 1]) or 1
 local aging = tonumber(ARGV[1]) or 0
 local weights = cjson.decode(ARGV[2])
 local limit = tonumber(ARGV[3]) or 100
@@ -116,11 +119,15 @@ for i = 1, n do
   local base = ARGV[3 + i]
   if not seen[base] then -- a queue's first key is its plain list: its inbox takes the message
     seen[base] = true
-    local p = pick(base)
-    if p then
+    local out = {KEYS[i]}
+    while #out <= most do -- each turn by priority, aging and fair share, as for one
+      local p = pick(base)
+      if not p then break end
       local item = serve(base, p, KEYS[n + i])
-      if item then return {KEYS[i], item} end
+      if not item then break end
+      out[#out + 1] = item
     end
+    if #out > 1 then return out end
   end
 end
 return false
