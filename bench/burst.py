@@ -26,6 +26,7 @@ from bench.stats import median, percentile
 from worker.keys import Keys
 
 QUEUE = "q-burst"
+PROFILE_LEAD_S = 2.0
 WARM_JOBS = 512  # more than the default slots of any core count here: every process warms up
 
 
@@ -62,10 +63,11 @@ def _ours(stack: Stack, worker: Process, jobs: int, *, profile: bool = False) ->
 
         def sample() -> None:
             nonlocal stacks
-            stacks = prof.record(worker.proc.pid, TOKENS / TPS + 3)
+            stacks = prof.record(worker.proc.pid, PROFILE_LEAD_S + TOKENS / TPS + 2)
 
         recorder = threading.Thread(target=sample, daemon=True)
         recorder.start()
+        time.sleep(PROFILE_LEAD_S)  # py-spy attaches to every process before the release
     released_at = time.time()
     started = stack.release(QUEUE)
     wall = stack.drain(QUEUE, worker, 600) - started

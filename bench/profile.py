@@ -73,8 +73,10 @@ def summarise(lines: list[str], *, top: int = 12) -> dict[str, Any]:
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
+        frames = [f for f in stack.split(";") if not f.startswith("process ")]
+        if not frames:
+            continue
         total += count
-        frames = stack.split(";")
         by_leaf[_short(frames[-1])] += count
         by_category[_category(frames)] += count
     if not total:

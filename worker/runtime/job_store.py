@@ -102,8 +102,8 @@ class WorkerStore(JobStore):
         self._finish = client.register_script(ending_script("finish.lua"))
         self._renew = client.register_script(load_lua("renew.lua"))
         self._release = client.register_script(load_lua("release.lua"))
-        self._append_body = load_lua("append.lua")
         self._writer = GroupCommitter(client)
+        self._append_sha = self._writer.script(load_lua("append.lua"))
 
     def claim(
         self,
@@ -206,8 +206,8 @@ class WorkerStore(JobStore):
         k = self.keys
         flat = [part for item in (hash_fields or {}).items() for part in item]
         command = (
-            "EVAL",
-            self._append_body,
+            "EVALSHA",
+            self._append_sha,
             3,
             k.job(job_id),
             k.events(job_id),
