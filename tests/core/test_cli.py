@@ -14,7 +14,7 @@ import httpx
 import pytest
 import redis
 
-from tests.support import ROOT, WorkerProcess, worker_env
+from tests.support import ROOT, WorkerProcess, wait_for, worker_env
 from worker.dev.embedded import EmbeddedRedis
 
 pytestmark = pytest.mark.integration
@@ -44,7 +44,7 @@ def test_run_without_api_key_exits_with_a_clear_error(redis_url: str) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--processes", "two"], "invalid int value"),
+        (["--processes", "two"], "LLM_WORKER_PROCESSES"),
         (["--processes", "0"], "LLM_WORKER_PROCESSES"),
         (["--processes", "2", "--pool", "prefork"], "prefork already runs CONCURRENCY processes"),
     ],
@@ -132,7 +132,8 @@ def test_watch_status_and_cancel_of_unknown_job_fail_cleanly(worker: WorkerProce
 def test_llm_worker_run_with_the_gevent_pool_completes_jobs(
     redis_url: str, simulator_url: str
 ) -> None:
-    """`llm-worker run` as a subprocess (gevent pool) serves jobs and its health endpoints."""
+    """`llm-worker run` as a subprocess (gevent pool, a process per core) serves jobs and its
+    health endpoints."""
     import httpx
 
     env = worker_env(redis_url, simulator_url, queue="llmw-run-e2e", pool="gevent", concurrency=20)
@@ -140,6 +141,12 @@ def test_llm_worker_run_with_the_gevent_pool_completes_jobs(
     try:
         proc.ready(timeout_s=60)
         port = env["LLM_WORKER_METRICS_PORT"]
+        # The canary proves one process consumes; the others may still be starting.
+        wait_for(
+            lambda: httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200,
+            60,
+            "every worker process ready",
+        )
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
         assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
@@ -149,6 +156,28 @@ def test_llm_worker_run_with_the_gevent_pool_completes_jobs(
         )
     finally:
         proc.stop()
+
+
+@pytest.mark.parametrize("processes", ["1", "auto"])
+def test_a_worker_starts_without_warnings(
+    redis_url: str, simulator_url: str, processes: str
+) -> None:
+    """`llm-worker run` (one process, and one per core) starts and serves a job without a
+    warning of ours or Celery's; as root only Celery's superuser warning, which docs explain."""
+    env = worker_env(redis_url, simulator_url, queue=f"clean-start-{processes}", concurrency=5)
+    env["LLM_WORKER_LOG_LEVEL"] = "INFO"
+    proc = WorkerProcess([sys.executable, "-m", "worker.cli", "run", "--processes", processes], env)
+    try:
+        proc.ready(timeout_s=60)
+    finally:
+        proc.stop()
+    log = proc.log_path.read_text(errors="replace")  # the start and the warm shutdown
+    assert "worker_pool setting" not in log
+    lines = [line for line in log.splitlines() if "warn" in line.lower()]
+    if os.geteuid() == 0:  # Celery's SecurityWarning: see docs/deployment.md
+        lines = [line for line in lines if "superuser privileges" not in line]
+        lines = [line for line in lines if "_warn_or_raise_security_error" not in line]
+    assert lines == []
 
 
 def test_demo_runs_fifty_jobs_and_exits_zero(tmp_path: object) -> None:

@@ -409,3 +409,38 @@ def test_settings_round_trip_keeps_the_catalogue() -> None:
     s = load_settings(models={"m": {"max_tokens": 3, "aliases": ["mm"]}}, allowed_models="m,x")
     again = load_settings(**dict(s))
     assert again.catalogue == s.catalogue
+
+
+def test_processes_default_to_one_per_usable_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PROCESSES is `auto` by default: one per usable core; prefork (which forks its own) 1."""
+    monkeypatch.setattr("worker.settings.usable_cpus", lambda: 3)
+    assert load_settings().processes == 3
+    monkeypatch.setenv("LLM_WORKER_PROCESSES", "auto")
+    assert load_settings().processes == 3
+    assert load_settings(pool="prefork").processes == 1
+    monkeypatch.setenv("LLM_WORKER_PROCESSES", "2")
+    assert load_settings().processes == 2
+    monkeypatch.setattr("worker.settings.usable_cpus", lambda: 200)
+    monkeypatch.delenv("LLM_WORKER_PROCESSES")
+    assert load_settings().processes == 64  # the setting's own bound
+
+
+def test_usable_cpus_follow_the_affinity_and_the_cgroup_quota(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The core count is the CPU affinity's, within a cgroup's `cpu.max` quota."""
+    import worker.settings as settings_module
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3}, raising=False)
+    quota = tmp_path / "cpu.max"
+    real_path = settings_module.Path
+
+    def fake_path(name: str) -> Path:
+        return quota if name == "/sys/fs/cgroup/cpu.max" else real_path(name)
+
+    monkeypatch.setattr(settings_module, "Path", fake_path)
+    assert settings_module.usable_cpus() == 4  # no cgroup file: the affinity
+    quota.write_text("150000 100000\n")
+    assert settings_module.usable_cpus() == 2  # 1.5 CPUs: rounded up
+    quota.write_text("max 100000\n")
+    assert settings_module.usable_cpus() == 4

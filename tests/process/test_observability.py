@@ -42,6 +42,7 @@ def start_worker(
     **settings: Any,
 ) -> WorkerProcess:
     tag = uuid.uuid4().hex[:8]
+    settings.setdefault("processes", 1)  # one process (not one per core) unless a test says
     worker = worker_env(
         redis_url,
         simulator_url,

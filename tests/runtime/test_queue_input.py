@@ -163,3 +163,31 @@ def test_our_envelope_matches_what_celery_publishes(redis_url: str) -> None:
     for key in ("task", "id", "root_id", "retries", "lang", "llmw_priority", "llmw_tenant"):
         assert ours["headers"][key] == theirs["headers"][key]
     r.close()
+
+
+def test_garbage_fetched_with_jobs_is_dropped_and_the_jobs_run(
+    client: Client, worker: WorkerProcess
+) -> None:
+    """One fetch takes several messages at once; an item among them that is not a message is
+    dead-lettered and dropped, and the jobs beside it run (none is left in the inbox)."""
+    from worker.client.sync import Client as SyncClient
+
+    staging = client.settings.queue + "-held"
+    held = SyncClient(client.settings.model_copy(update={"queue": staging}))
+    try:
+        first, second = held.submit_many(
+            [make_request("one [[sim tokens=3]]"), make_request("two [[sim tokens=3]]")]
+        )
+        raw_first, raw_second = held.redis.rpop(staging), held.redis.rpop(staging)
+    finally:
+        held.close()
+    assert raw_first and raw_second
+    dead_before = client.redis.xlen(client.keys.dead_letters)
+    # One LPUSH: the idle worker's blocking fetch takes the first, its next fetch the others.
+    client.redis.lpush(client.settings.queue, raw_first, b"not a message", raw_second)
+    for job_id in (first.job_id, second.job_id):
+        assert Job(client, job_id).result(timeout=30)["type"] == "message"
+    assert worker.proc.poll() is None
+    assert client.redis.xlen(client.keys.dead_letters) == dead_before + 1
+    inboxes = client.redis.smembers("_kombu.inboxes")
+    assert all(client.redis.llen(inbox) == 0 for inbox in inboxes)

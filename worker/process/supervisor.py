@@ -1,7 +1,8 @@
-"""``llm-worker run --processes N``: N worker processes under one supervisor.
+"""``llm-worker run --processes N``: N worker processes under one supervisor (by default one
+per usable core, ``LLM_WORKER_PROCESSES=auto``).
 
-One gevent process runs about 200 streams before its CPU is the limit (README,
-"Performance"); more processes use more cores. The supervisor:
+One gevent process runs about 200 streams before its CPU is the limit (docs/performance.md);
+more processes use more cores. The supervisor:
 
 - starts N ``llm-worker run`` processes with the same settings, each with ``CONCURRENCY``
   jobs and no HTTP server of its own, writing its metrics to a shared directory
