@@ -140,8 +140,7 @@ def burst_rows(b: dict[str, Any]) -> list[str]:
         _row(
             f"burst: {what} ({b['worker_processes']} process(es)): wall s; peak RSS MB",
             f"{s['wall_s']:.2f}; {b['peak_rss_mb']:.0f}",
-            f"direct client, all at once: {s['direct_wall_s']:.2f}; "
-            f"{s['direct_peak_rss_mb']:.0f}",
+            f"direct client, all at once: {s['direct_wall_s']:.2f}; {s['direct_peak_rss_mb']:.0f}",
             f"{s['vs_direct']:.2f}x direct (median of per-round ratios)",
             "<= 1.2x direct, <= 500 MB",
         ),

@@ -2,7 +2,8 @@
 
 Run as ``python -m bench.direct URL API_KEY JOBS CONCURRENCY PROMPT`` in its own process (so
 that its CPU time and peak RSS are its own); prints one JSON line: wall time, events read,
-the CPU time it used reading them, and, for prompts with ``stamp=1``, each delta's delay from leaving the simulator.
+the CPU time it used reading them, and, for prompts with ``stamp=1``, each delta's delay from
+leaving the simulator.
 """
 
 from __future__ import annotations

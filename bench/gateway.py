@@ -90,9 +90,7 @@ def _round(
         d_times.append(_time_once(direct, "/messages", body, stages))
         g_times.append(_time_once(gateway, "/v1/messages", body, stages))
     d, g = median(d_times) * 1000, median(g_times) * 1000
-    return {"direct_p50_ms": d, "gateway_p50_ms": g, "added_p50_ms": g - d} | _stages(
-        stack, stages
-    )
+    return {"direct_p50_ms": d, "gateway_p50_ms": g, "added_p50_ms": g - d} | _stages(stack, stages)
 
 
 def _stages(stack: Stack, stages: list[tuple[str, float, float]]) -> dict[str, float]:
@@ -147,7 +145,5 @@ def run(*, requests: int, repeat: int) -> dict[str, Any]:
                 worker.check()
                 rounds["message"].append(_round(stack, direct, gateway, requests, False))
                 rounds["first_chunk"].append(_round(stack, direct, gateway, requests, True))
-    summary = {
-        kind: {k: median([r[k] for r in rs]) for k in rs[0]} for kind, rs in rounds.items()
-    }
+    summary = {kind: {k: median([r[k] for r in rs]) for k in rs[0]} for kind, rs in rounds.items()}
     return {"requests": requests, "repeat": repeat, "rounds": rounds, "summary": summary}

@@ -189,7 +189,16 @@ class Stack:
         """``llm-worker run --processes N`` (gevent), each process with ``concurrency`` jobs
         (``None``: the default, as a user who sets nothing gets it); the returned process's CPU
         time and RSS include its worker processes."""
-        args = [sys.executable, "-m", "worker.cli", "run", "--queue", queue, "--loglevel", "WARNING"]
+        args = [
+            sys.executable,
+            "-m",
+            "worker.cli",
+            "run",
+            "--queue",
+            queue,
+            "--loglevel",
+            "WARNING",
+        ]
         if concurrency is not None:
             args += ["--concurrency", str(concurrency), "--pool", "gevent"]
             settings["concurrency"] = concurrency

@@ -20,7 +20,6 @@ from worker.broker import (
 )
 from worker.settings import Settings, load_settings
 
-
 #: Pools that must be patched in before anything else is imported (Celery's own set).
 GREEN_POOLS = frozenset({"gevent", "eventlet"})
 

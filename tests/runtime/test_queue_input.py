@@ -181,7 +181,8 @@ def test_garbage_fetched_with_jobs_is_dropped_and_the_jobs_run(
         raw_first, raw_second = held.redis.rpop(staging), held.redis.rpop(staging)
     finally:
         held.close()
-    assert raw_first and raw_second
+    assert raw_first
+    assert raw_second
     dead_before = client.redis.xlen(client.keys.dead_letters)
     # One LPUSH: the idle worker's blocking fetch takes the first, its next fetch the others.
     client.redis.lpush(client.settings.queue, raw_first, b"not a message", raw_second)
