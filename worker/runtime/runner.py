@@ -129,7 +129,7 @@ class JobRunner:
         self._pending = Pending()
         #: What the job hash counts once the task releases the job (a postponed attempt).
         self.released_attempts: int | None = None
-        self._chunks_published: Any = None
+        self._chunks_published: tuple[str, Any] | None = None
 
     # -- writing events ------------------------------------------------------------------
 
@@ -636,9 +636,10 @@ class JobRunner:
                 first_token = False
         chunks = coalesce(batch)
         self._publish([self._event(ev.CHUNK, attempt, event=chunk) for chunk in chunks], wait=False)
-        if self._chunks_published is None:
-            # Bound once per job: labels() per network read was 10% of a burst's CPU.
-            self._chunks_published = m.CHUNKS_PUBLISHED.labels(self.model)
-        self._chunks_published.inc(len(chunks))
+        if self._chunks_published is None or self._chunks_published[0] != self.model:
+            # Bound once per model (a fallback changes it): labels() per network read was 10%
+            # of a burst's CPU.
+            self._chunks_published = (self.model, m.CHUNKS_PUBLISHED.labels(self.model))
+        self._chunks_published[1].inc(len(chunks))
         assert snapshot is not None  # a batch is never empty
         return snapshot
