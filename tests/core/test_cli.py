@@ -163,7 +163,8 @@ def test_a_worker_starts_without_warnings(
     redis_url: str, simulator_url: str, processes: str
 ) -> None:
     """`llm-worker run` (one process, and one per core) starts and serves a job without a
-    warning of ours or Celery's; as root only Celery's superuser warning, which docs explain."""
+    warning of ours, Celery's (a green pool chosen by setting) or gevent's (patched after ssl
+    was imported); as root only Celery's superuser warning, which the docs explain."""
     env = worker_env(redis_url, simulator_url, queue=f"clean-start-{processes}", concurrency=5)
     env["LLM_WORKER_LOG_LEVEL"] = "INFO"
     proc = WorkerProcess([sys.executable, "-m", "worker.cli", "run", "--processes", processes], env)
