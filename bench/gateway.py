@@ -23,19 +23,22 @@ import orjson
 from bench.jobs import request
 from bench.stack import API_KEY, Process, Stack, wait_for
 from bench.stats import median
+from worker.client.core import qualified_id
 from worker.dev.embedded import free_port
 from worker.gateway.app import JOB_ID_HEADER
 from worker.keys import Keys
 
 PROMPT = "Say ten words [[sim tokens=10]]"
 GATEWAY_KEY = "sk-bench-gateway-0000"
+#: The gateway key's tenant: the job's Redis id is ``<tenant>/<the id the client sees>``.
+TENANT = "bench"
 QUEUE = "q-gateway"
 
 
 @contextmanager
 def _gateway(stack: Stack) -> Iterator[str]:
     port = free_port()
-    env = stack.worker_env(queue=QUEUE, gateway_api_keys=GATEWAY_KEY)
+    env = stack.worker_env(queue=QUEUE, gateway_api_keys=f"{TENANT}:{GATEWAY_KEY}")
     args = [sys.executable, "-m", "worker.cli", "gateway", "--port", str(port)]
     proc = Process(args, env, "gateway")
     url = f"http://127.0.0.1:{port}"
@@ -67,7 +70,8 @@ def _time_once(
             raise RuntimeError(f"not a message: {response.text[:200]}")
         took = time.perf_counter() - started
         if JOB_ID_HEADER in response.headers:
-            stages.append((response.headers[JOB_ID_HEADER], sent, sent + took))
+            job_id = qualified_id(TENANT, response.headers[JOB_ID_HEADER])
+            stages.append((job_id, sent, sent + took))
         return took
     with client.stream("POST", path, json=body) as response:
         response.raise_for_status()
