@@ -382,6 +382,7 @@ def test_llm_worker_run_on_amqp_is_healthy_and_reports_its_outbox(
     queue = f"llmw-run-{uuid.uuid4().hex[:8]}"
     env = worker_env(redis_url, simulator_url, broker_url=rabbitmq.url, queue=queue)
     args = [sys.executable, "-m", "worker.cli", "run", "--pool", "gevent", "--concurrency", "20"]
+    args += ["--processes", "1"]  # one process: /healthz at once after the canary
     worker = WorkerProcess(args, env).ready()
     try:
         with Client(settings_from_env(env)) as client:
