@@ -107,7 +107,8 @@ def task_message(job_id: str, payload: dict[str, Any], *, queue: str) -> bytes:
 
 
 def is_redis_broker(url: str) -> bool:
-    return url.split(":", 1)[0] in {"redis", "rediss", "unix"}
+    """A Redis broker: one server, or a master found through Sentinel."""
+    return url.split(":", 1)[0] in {"redis", "rediss", "unix", "sentinel"}
 
 
 def is_amqp_broker(url: str) -> bool:

@@ -54,6 +54,7 @@ def redis_transport_options(settings: Settings) -> dict[str, Any]:
         # Traffic classes, read by our transport's fetch (docs/traffic-classes.md).
         "priority_aging_s": settings.priority_aging_s,
         "tenant_weights": dict(settings.tenant_weights),
+        **sentinel_transport_options(settings),
     }
 
 
@@ -78,11 +79,17 @@ def amqp_config(settings: Settings) -> dict[str, Any]:
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The runtime defaults: late acks, prefetch 1, JSON only, our own results in Redis."""
     broker = settings.effective_broker_url
-    hardened = broker.split("://", 1)[0] in {"redis", "rediss"}
-    config: dict[str, Any] = {
+    scheme = broker.split("://", 1)[0]
+    transport = {
         # Our subclass of kombu's Redis transport survives garbage on the queue.
-        "broker_transport": "worker.runtime.transport:Transport" if hardened else None,
+        "redis": "worker.runtime.transport:Transport",
+        "rediss": "worker.runtime.transport:Transport",
+        "sentinel": "worker.runtime.transport:SentinelTransport",
+    }.get(scheme)
+    config: dict[str, Any] = {
+        "broker_transport": transport,
         "broker_url": broker,
+        **_sentinel_config(settings, scheme),
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": (
             redis_transport_options(settings) if is_redis_broker(broker) else {}
@@ -115,6 +122,26 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     if is_amqp_broker(broker):
         config.update(amqp_config(settings))
     return config
+
+
+def _sentinel_config(settings: Settings, scheme: str) -> dict[str, Any]:
+    """Under Sentinel: the Redis password (kept out of the URL, which Celery prints) and,
+    merged into the transport options by :func:`celery_config`, the service name and the
+    Sentinels' password."""
+    if scheme == "sentinel" and settings.redis_password is not None:
+        return {"broker_password": settings.redis_password.get_secret_value()}
+    return {}
+
+
+def sentinel_transport_options(settings: Settings) -> dict[str, Any]:
+    if not settings.effective_broker_url.startswith("sentinel://"):
+        return {}
+    options: dict[str, Any] = {"master_name": settings.redis_sentinel_master}
+    kwargs: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
+    if settings.redis_sentinel_password is not None:
+        kwargs["password"] = settings.redis_sentinel_password.get_secret_value()
+    options["sentinel_kwargs"] = kwargs
+    return options
 
 
 class LLMWorkerCelery(Celery):

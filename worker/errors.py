@@ -27,7 +27,9 @@ if TYPE_CHECKING:
     from pydantic import ValidationError
 
 # Fields whose values must never be repeated in an error message.
-_SECRET_FIELDS = frozenset({"api_key", "gateway_api_keys"})
+_SECRET_FIELDS = frozenset(
+    {"api_key", "gateway_api_keys", "redis_password", "redis_sentinel_password"}
+)
 
 
 class LLMWorkerError(Exception):
@@ -63,7 +65,9 @@ class SettingsError(LLMWorkerError):
             # Only a located error's input is that field's value; a cross-field error's input
             # is every setting, the API key included.
             if loc and field not in _SECRET_FIELDS and "input" in error:
-                shown = repr(error["input"])
+                from worker.redis_urls import mask_credentials
+
+                shown = mask_credentials(repr(error["input"]))
                 message += f"; got {shown[:80]}"
             problems.append((name, message))
         return cls(problems)

@@ -17,9 +17,11 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AnyUrl,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
+    TypeAdapter,
     UrlConstraints,
     ValidationError,
     ValidationInfo,
@@ -40,21 +42,42 @@ from worker.catalogue import (
     alias_map,
 )
 from worker.errors import SettingsError
+from worker.redis_urls import is_sentinel_url, parse_sentinel_url
 
 ENV_PREFIX = "LLM_WORKER_"
 #: Queue names and key prefixes: letters, digits, ``_ . : -``, nothing after (``\Z``).
 NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}\Z"
 
-RedisUrl = Annotated[
-    AnyUrl, UrlConstraints(allowed_schemes=["redis", "rediss", "unix"], host_required=False)
-]
-BrokerUrl = Annotated[
-    AnyUrl,
-    UrlConstraints(
-        allowed_schemes=["redis", "rediss", "unix", "amqp", "amqps", "pyamqp", "memory"],
-        host_required=False,
-    ),
-]
+_PlainRedisUrl = TypeAdapter(
+    Annotated[
+        AnyUrl, UrlConstraints(allowed_schemes=["redis", "rediss", "unix"], host_required=False)
+    ]
+)
+_PlainBrokerUrl = TypeAdapter(
+    Annotated[
+        AnyUrl,
+        UrlConstraints(
+            allowed_schemes=["redis", "rediss", "unix", "amqp", "amqps", "pyamqp", "memory"],
+            host_required=False,
+        ),
+    ]
+)
+
+
+def _url_checker(plain: TypeAdapter[AnyUrl]) -> Any:
+    """A URL as text: kombu's Sentinel form (``sentinel://h:p;sentinel://h:p/db``), checked
+    and normalised, or a plain URL checked by ``plain``."""
+
+    def check(value: Any) -> str:
+        if isinstance(value, str) and is_sentinel_url(value):
+            return parse_sentinel_url(value).normalised()
+        return str(plain.validate_python(value))
+
+    return check
+
+
+RedisUrl = Annotated[str, BeforeValidator(_url_checker(_PlainRedisUrl))]
+BrokerUrl = Annotated[str, BeforeValidator(_url_checker(_PlainBrokerUrl))]
 HttpUrl = Annotated[AnyUrl, UrlConstraints(allowed_schemes=["http", "https"])]
 PositiveSeconds = Annotated[float, Field(gt=0)]
 #: A tenant's name (the producers' rule, worker.client.core.TENANT_PATTERN).
@@ -107,11 +130,21 @@ class Settings(BaseSettings):
         regex_engine="python-re",
     )
 
-    redis_url: RedisUrl = AnyUrl("redis://localhost:6379/0")
+    redis_url: RedisUrl = "redis://localhost:6379/0"
     broker_url: BrokerUrl | None = None
     # With a broker other than the results Redis: how long a job's message may wait in the
     # outbox for the broker's confirmation before a worker's sweeper publishes it again.
     outbox_grace_s: PositiveSeconds = 5.0
+    # Redis under Sentinel: the master's service name, needed with a sentinel:// URL; the
+    # Sentinels' password (their requirepass) and the Redis servers' password, both secrets.
+    # REDIS_PASSWORD also serves a plain redis:// URL that carries none.
+    redis_sentinel_master: str | None = Field(default=None, pattern=NAME_PATTERN)
+    redis_sentinel_password: SecretStr | None = None
+    redis_password: SecretStr | None = None
+    # Job creation and terminal writes wait (Redis WAIT) until this many replicas have them,
+    # for at most REDIS_REPLICAS_ACK_TIMEOUT_S; 0: no wait. See docs/high-availability.md.
+    redis_min_replicas_ack: int = Field(default=0, ge=0, le=16)
+    redis_replicas_ack_timeout_s: PositiveSeconds = 2.0
     api_base_url: HttpUrl = AnyUrl("https://api.woagent.net")
     api_key: SecretStr | None = None
     # The catalogue: every model's max_tokens maximum (and context window, aliases); JSON,
@@ -330,6 +363,16 @@ class Settings(BaseSettings):
             return None
         return value
 
+    @field_validator(
+        "redis_sentinel_password", "redis_password", "redis_sentinel_master", mode="before"
+    )
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        # docker-compose and the chart pass unset optional values as empty strings.
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
     @field_validator("api_key", mode="before")
     @classmethod
     def _empty_key_is_none(cls, value: Any) -> Any:
@@ -441,6 +484,16 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_relations(self) -> Settings:
+        sentinel_urls = [
+            name
+            for name, url in (("REDIS_URL", self.redis_url), ("BROKER_URL", self.broker_url))
+            if url is not None and is_sentinel_url(url)
+        ]
+        if sentinel_urls and not self.redis_sentinel_master:
+            raise ValueError(
+                f"{ENV_PREFIX}REDIS_SENTINEL_MASTER must name the Sentinel service (e.g. "
+                f"mymaster) when {ENV_PREFIX}{sentinel_urls[0]} is a sentinel:// URL"
+            )
         if self.backoff_max_s < self.backoff_base_s:
             raise ValueError("backoff_max_s must be at least backoff_base_s")
         if self.processes > 1 and self.pool == "prefork":

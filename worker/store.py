@@ -17,6 +17,7 @@ import orjson
 import redis
 
 from worker.accounting.tenancy import split_qualified_id
+from worker.connections import ReplicaAck
 from worker.keys import Keys
 
 LUA_DIR = Path(__file__).parent / "lua"
@@ -99,10 +100,18 @@ def bounded_payload(payload: Any, limit: int) -> bytes:
 class JobStore:
     """Job state under one key prefix, as producers use it. Safe to share between threads."""
 
-    def __init__(self, client: redis.Redis[bytes], keys: Keys, *, result_ttl_s: int) -> None:
+    def __init__(
+        self,
+        client: redis.Redis[bytes],
+        keys: Keys,
+        *,
+        result_ttl_s: int,
+        replica_ack: ReplicaAck | None = None,
+    ) -> None:
         self.redis = client
         self.keys = keys
         self.result_ttl_s = result_ttl_s
+        self.replica_ack = replica_ack or ReplicaAck()
         self._submit = client.register_script(load_lua("submit.lua"))
         self._cancel = client.register_script(ending_script("cancel.lua"))
 
@@ -112,7 +121,12 @@ class JobStore:
     def cancel(self, job_id: str) -> str:
         """``cancelled`` (was queued), ``requested`` (running), ``missing`` or ``ended:<state>``."""
         keys, args = cancel_call(self.keys, job_id, result_ttl_s=self.result_ttl_s)
-        return text(self._cancel(keys=keys, args=args))
+        if not self.replica_ack:
+            return text(self._cancel(keys=keys, args=args))
+        pipe = self.redis.pipeline(transaction=False)
+        self._cancel(keys=keys, args=args, client=pipe)
+        self.replica_ack.add(pipe)
+        return text(self.replica_ack.check(pipe.execute(), f"the cancel of job {job_id!r}")[0])
 
     def job_hash(self, job_id: str) -> dict[str, str] | None:
         return decode_hash(self.redis.hgetall(self.keys.job(job_id)))

@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aredis
 
+from worker import connections
 from worker import events as ev
 from worker import metrics as m
 from worker.client import core as p
@@ -57,19 +58,14 @@ class AsyncClient:
         self.keys = Keys(settings.key_prefix)
         # No connection is opened here: redis.asyncio connects on first use, in the loop
         # that uses it.
-        if max_connections is None:
-            self.redis: aredis.Redis[bytes] = aredis.Redis.from_url(
-                str(settings.redis_url), socket_keepalive=True
-            )
-        else:
-            pool: aredis.BlockingConnectionPool[Any] = aredis.BlockingConnectionPool.from_url(
-                str(settings.redis_url),
-                max_connections=max_connections,
-                timeout=connection_wait_s,
-                socket_keepalive=True,
-                client_name=client_name,
-            )
-            self.redis = aredis.Redis(connection_pool=pool)
+        self.redis: aredis.Redis[bytes] = connections.async_redis_client(
+            settings,
+            max_connections=max_connections,
+            wait_s=connection_wait_s,
+            client_name=client_name,
+        )
+        self.replica_ack = connections.ReplicaAck.from_settings(settings)
+        self._topology_checked = False
         self._submit = self.redis.register_script(load_lua("submit.lua"))
         self._cancel = self.redis.register_script(ending_script("cancel.lua"))
         self._same_redis = settings.effective_broker_url == str(settings.redis_url)
@@ -169,10 +165,14 @@ class AsyncClient:
             same_redis=self._same_redis,
             batch_id=batch_id,
         )
+        if not self._topology_checked:
+            await connections.async_refuse_cluster(self.redis)
+            self._topology_checked = True
         pipe = self.redis.pipeline(transaction=False)
         for call in calls:
             await self._submit(keys=call.keys, args=call.args, client=pipe)
-        results = await pipe.execute()
+        self.replica_ack.add(pipe)
+        results = self.replica_ack.check(await pipe.execute(), p.submission_name(len(calls)))
         created = p.created_flags(calls, results)
         new_jobs = [
             (request["model"], opts.tenant)
@@ -264,7 +264,13 @@ class AsyncJob:
         ended already."""
         c = self.client
         keys, args = cancel_call(c.keys, self.job_id, result_ttl_s=c.settings.result_ttl_s)
-        return p.cancel_result(self.job_id, text(await c._cancel(keys=keys, args=args)))
+        if not c.replica_ack:
+            return p.cancel_result(self.job_id, text(await c._cancel(keys=keys, args=args)))
+        pipe = c.redis.pipeline(transaction=False)
+        await c._cancel(keys=keys, args=args, client=pipe)
+        c.replica_ack.add(pipe)
+        results = c.replica_ack.check(await pipe.execute(), f"the cancel of job {self.job_id!r}")
+        return p.cancel_result(self.job_id, text(results[0]))
 
     # The sync client's signature, kept on purpose: one API for both (ASYNC109 would have
     # callers wrap every call in asyncio.timeout instead).

@@ -616,6 +616,11 @@ def is_repeat(event: dict[str, Any], seen: SeqTracker) -> bool:
     return False
 
 
+def submission_name(count: int) -> str:
+    """How an error names a submission of ``count`` jobs."""
+    return "the submitted job" if count == 1 else f"the {count} submitted jobs"
+
+
 def client_settings(
     settings: Settings | None, *, redis_url: str | None, broker_url: str | None
 ) -> Settings:

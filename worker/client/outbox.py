@@ -41,6 +41,7 @@ from worker.broker import (
     task_headers,
     task_message,
 )
+from worker.connections import redis_client
 from worker.keys import Keys
 from worker.settings import Settings
 from worker.store import load_lua, text
@@ -311,9 +312,11 @@ def make_publisher(settings: Settings) -> Publisher:
     if is_amqp_broker(url):
         return AmqpPublisher(url, settings.queue)
     if is_redis_broker(url):
-        client = redis.Redis.from_url(
-            url,
-            socket_keepalive=True,
+        # One try per publish (the sweeper publishes again); under Sentinel, the master of now.
+        client = redis_client(
+            settings,
+            url=url,
+            retry_s=0,
             socket_connect_timeout=CONNECT_TIMEOUT_S,
             socket_timeout=CONFIRM_TIMEOUT_S,
         )

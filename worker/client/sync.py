@@ -15,8 +15,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import orjson
-import redis
 
+from worker import connections
 from worker import events as ev
 from worker import metrics as m
 from worker.client import core as p
@@ -49,8 +49,15 @@ class Client:
         m.add_model_labels(settings.catalogue.label_names())
         m.add_tenant_labels(settings.tenant_names())
         self.keys = Keys(self.settings.key_prefix)
-        self.redis = redis.Redis.from_url(str(self.settings.redis_url), socket_keepalive=True)
-        self.store = JobStore(self.redis, self.keys, result_ttl_s=self.settings.result_ttl_s)
+        self.redis = connections.redis_client(settings)
+        self.replica_ack = connections.ReplicaAck.from_settings(settings)
+        self.store = JobStore(
+            self.redis,
+            self.keys,
+            result_ttl_s=self.settings.result_ttl_s,
+            replica_ack=self.replica_ack,
+        )
+        self._topology_checked = False
         self._same_redis = self.settings.effective_broker_url == str(self.settings.redis_url)
         # With a broker elsewhere, messages go through the queue's outbox (worker.client.outbox);
         # the publisher connects on first use.
@@ -142,11 +149,15 @@ class Client:
         calls = p.submit_calls(
             self.settings, self.keys, submission, now=now, same_redis=self._same_redis
         )
+        if not self._topology_checked:
+            connections.refuse_cluster(self.redis)
+            self._topology_checked = True
         script = self.store.submit_script()
         pipe = self.redis.pipeline(transaction=False)
         for call in calls:
             script(keys=call.keys, args=call.args, client=pipe)
-        results = pipe.execute()
+        self.replica_ack.add(pipe)
+        results = self.replica_ack.check(pipe.execute(), p.submission_name(len(calls)))
         created = p.created_flags(calls, results)
         new_jobs = [
             (request["model"], opts.tenant)

@@ -64,8 +64,10 @@ class EmbeddedRedis:
         port: int | None = None,
         appendonly: bool = False,
         data_dir: Path | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.binary = find_redis_server(source)
+        self.extra_args = extra_args
         self.port = port or free_port()
         self.appendonly = appendonly
         self._own_dir = data_dir is None
@@ -95,6 +97,7 @@ class EmbeddedRedis:
             "warning",
             "--maxmemory-policy",
             "noeviction",
+            *self.extra_args,
         ]
         log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 - lives as long as the server
         self.process = subprocess.Popen(

@@ -93,9 +93,13 @@ def _scrape_gauges(settings: Settings, alive: Callable[[], bool]) -> ScrapeGauge
     import redis
 
     from worker.broker import is_redis_broker
+    from worker.connections import redis_client
 
     def client(url: str) -> redis.Redis[bytes]:
-        return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        # One try per scrape or probe: a Redis that does not answer now is "not ready" now.
+        return redis_client(
+            settings, url=url, retry_s=0, socket_timeout=2, socket_connect_timeout=2
+        )
 
     broker_url = settings.effective_broker_url
     return ScrapeGauges(

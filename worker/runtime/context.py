@@ -6,7 +6,6 @@ Built on first use in each process (prefork children build their own after the f
 from __future__ import annotations
 
 import os
-import random
 import socket
 import threading
 import time
@@ -14,10 +13,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import redis
-from redis.backoff import AbstractBackoff
-from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
-from redis.retry import Retry
 
+from worker import connections
 from worker import metrics as m
 from worker.broker import UNACKED_INDEX_KEY, is_redis_broker
 from worker.keys import Keys
@@ -28,48 +25,16 @@ from worker.runtime.upstream import UpstreamClient
 from worker.settings import Settings
 
 
-class WindowBackoff(AbstractBackoff):
-    """Doubling waits from 0.1 s up to 2 s, jittered; :func:`retries_for` counts how many of
-    them cover a retry window."""
-
-    CAP_S = 2.0
-    BASE_S = 0.1
-
-    def reset(self) -> None:
-        pass
-
-    def compute(self, failures: int) -> float:
-        step = min(self.CAP_S, self.BASE_S * 2 ** min(failures, 16))
-        return float(step / 2 + random.uniform(0, step / 2))
-
-
-def retries_for(window_s: float) -> int:
-    """Retries whose longest waits add up to ``window_s`` (the window is a bound, not a sum
-    of the jittered waits, which are between half and all of each step)."""
-    total, failures = 0.0, 0
-    while total < window_s:
-        failures += 1
-        total += min(WindowBackoff.CAP_S, WindowBackoff.BASE_S * 2 ** min(failures, 16))
-    return failures
-
-
 def redis_client(
     settings: Settings, *, url: str | None = None, max_connections: int | None = None
 ) -> redis.Redis[bytes]:
-    """A client whose pool blocks rather than fails when every connection is busy, and that
-    rides out a Redis restart (refused connections, then LOADING while the AOF replays) for
-    ``REDIS_RETRY_S``; every write we retry is idempotent or a script that checks state first.
-    """
-    pool = redis.BlockingConnectionPool.from_url(
-        url or str(settings.redis_url),
-        max_connections=max_connections or settings.concurrency + 16,
-        timeout=30,
-        socket_keepalive=True,
-        health_check_interval=25,
-        retry=Retry(WindowBackoff(), retries_for(settings.redis_retry_s)),
-        retry_on_error=[ConnectionError, TimeoutError, BusyLoadingError],
+    """The worker's client: a pool that blocks rather than fails when every connection is
+    busy, and that rides out a Redis restart or a Sentinel failover for ``REDIS_RETRY_S``
+    (:mod:`worker.connections`); every write we retry is idempotent or a script that checks
+    state first."""
+    return connections.redis_client(
+        settings, url=url, max_connections=max_connections or settings.concurrency + 16
     )
-    return redis.Redis(connection_pool=pool)
 
 
 @dataclass
@@ -127,12 +92,14 @@ class DeliveryClock:
 
 def build_runtime(settings: Settings) -> Runtime:
     client = redis_client(settings)
+    connections.refuse_cluster(client)
     store = WorkerStore(
         client,
         Keys(settings.key_prefix),
         result_ttl_s=settings.result_ttl_s,
         dead_letters_max=settings.dead_letters_max,
         dead_letter_payload_bytes=settings.dead_letter_payload_bytes,
+        replica_ack=connections.ReplicaAck.from_settings(settings),
     )
     clock = delivery_clock(settings, client)
     return Runtime(

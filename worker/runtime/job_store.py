@@ -12,9 +12,11 @@ from typing import Any
 
 import orjson
 import redis
+import structlog
 
 from worker import events as ev
 from worker.accounting.pricing import USAGE_RETENTION_S
+from worker.connections import ReplicaAck, ReplicationShort
 from worker.errors import LLMWorkerError
 from worker.keys import Keys
 from worker.runtime.group_commit import GroupCommitter, Pending
@@ -26,6 +28,8 @@ from worker.store import (
     queued_key,
     text,
 )
+
+log = structlog.get_logger("worker.runtime.job_store")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +96,9 @@ class WorkerStore(JobStore):
         result_ttl_s: int,
         dead_letters_max: int = 10_000,
         dead_letter_payload_bytes: int = 65_536,
+        replica_ack: ReplicaAck | None = None,
     ) -> None:
-        super().__init__(client, keys, result_ttl_s=result_ttl_s)
+        super().__init__(client, keys, result_ttl_s=result_ttl_s, replica_ack=replica_ack)
         #: The dead-letter stream is bounded in entries and in each entry's payload, so its
         #: memory is bounded (Redis runs with noeviction).
         self.dead_letters_max = dead_letters_max
@@ -268,9 +273,10 @@ class WorkerStore(JobStore):
                 spend.cost_pusd,
                 USAGE_RETENTION_S,
             ]
-        ended = self._finish(
-            keys=keys,
-            args=[
+        ended = self._end(
+            job_id,
+            keys,
+            [
                 event["type"],
                 ev.dumps(event),
                 orjson.dumps(message) if message is not None else "",
@@ -292,6 +298,22 @@ class WorkerStore(JobStore):
         if int(ended) == -1:
             raise LeaseLost(job_id)
         return bool(ended)
+
+    def _end(self, job_id: str, keys: list[str], args: list[Any]) -> Any:
+        """Run ``finish.lua``; with REDIS_MIN_REPLICAS_ACK, then wait for the replicas. The
+        job has ended either way: a short wait is logged, not raised (the end is on the
+        master; failing the job for it would be wrong)."""
+        if not self.replica_ack:
+            return self._finish(keys=keys, args=args)
+        pipe = self.redis.pipeline(transaction=False)
+        self._finish(keys=keys, args=args, client=pipe)
+        self.replica_ack.add(pipe)
+        results = pipe.execute()
+        try:
+            self.replica_ack.check(results, f"the end of job {job_id!r}")
+        except ReplicationShort as exc:
+            log.warning("job_end_not_replicated", job_id=job_id, acked=exc.acked, wanted=exc.wanted)
+        return results[0]
 
     def dead_letter(self, *, job_id: str, reason: str, payload: Any) -> None:
         """Keep what could not be run, with why, for ``llm-worker dlq``."""

@@ -385,6 +385,18 @@ class Transport(kombu_redis.Transport):
         self.cycle = MultiChannelPoller()
 
 
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """Our channel (inboxes, kept deliveries, unreadable items) on a master found through
+    Sentinel: kombu's ``SentinelChannel`` supplies the pool (``master_name`` from the
+    transport options), ours everything else. After a failover each new connection asks the
+    Sentinels for the master; the consumer's reconnect (Celery's) builds fresh ones."""
+
+
+class SentinelTransport(Transport):
+    Channel = SentinelChannel
+    default_port = kombu_redis.SentinelTransport.default_port
+
+
 def _not_a_message(exc: BaseException) -> None:
     log.error("queue_item_not_a_message", error=f"{type(exc).__name__}: {exc}"[:300])
     _dead_letter_unreadable(repr(exc)[:300])
