@@ -200,6 +200,18 @@ def _no_idle_wait_on_the_events_connection(**_: Any) -> None:
     setattr(loops, "_quick_drain", quick_drain)  # noqa: B010 (untyped in the stubs)
 
 
+@signals.worker_init.connect
+def _refuse_redis_cluster(**_: Any) -> None:
+    """A worker on a Redis Cluster stops at start, saying why (not at its first job)."""
+    from worker.connections import RedisClusterUnsupported, check_not_cluster
+
+    try:
+        check_not_cluster(app.settings or load_settings())
+    except RedisClusterUnsupported as exc:
+        # SystemExit: Celery logs and swallows an Exception raised by a signal receiver.
+        raise SystemExit(f"llm-worker: {exc}") from None
+
+
 @signals.setup_logging.connect
 def _configure_logging(**_: Any) -> None:
     """A worker started with plain ``celery -A worker.celery_app worker`` logs as ``llm-worker

@@ -330,8 +330,14 @@ def cmd_gateway(args: argparse.Namespace) -> int:
             markup=False,
         )
         return EXIT_USAGE
+    from worker.connections import RedisClusterUnsupported, check_not_cluster
     from worker.gateway.app import serve
 
+    try:
+        check_not_cluster(settings)
+    except RedisClusterUnsupported as exc:
+        _console(stderr=True).print(f"llm-worker gateway: {exc}", markup=False)
+        return EXIT_USAGE
     port = settings.gateway_port if args.port is None else args.port
     _console(stderr=True).print(f"gateway on http://{args.host}:{port}", markup=False)
     serve(settings, host=args.host, port=port)

@@ -25,10 +25,11 @@ import redis
 import redis.asyncio as aredis
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelConnectionPool
+from redis.asyncio.sentinel import SentinelManagedConnection as AsyncSentinelManagedConnection
 from redis.backoff import AbstractBackoff
 from redis.exceptions import BusyLoadingError, ConnectionError, ReadOnlyError, TimeoutError
 from redis.retry import Retry
-from redis.sentinel import Sentinel, SentinelConnectionPool
+from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
 from worker.errors import LLMWorkerError
 from worker.redis_urls import is_sentinel_url, parse_sentinel_url
@@ -91,6 +92,44 @@ def retries_for(window_s: float) -> int:
         failures += 1
         total += min(WindowBackoff.CAP_S, WindowBackoff.BASE_S * 2 ** min(failures, 16))
     return failures
+
+
+class SentinelConnection(SentinelManagedConnection):
+    """redis-py's Sentinel connection asks the Sentinels for the master only when its pool
+    hands it out; a connection that a retry reuses after a disconnect (``send_command`` on a
+    closed socket) reconnects to the address it had, the dead master, for the whole retry
+    window (measured: jobs stalled past two minutes after a failover). Here every reconnect
+    asks the Sentinels first."""
+
+    def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if getattr(self, "_sock", None):
+            return
+        if retry_socket_connect:  # a reconnect from outside connect_to: ask the Sentinels
+            self.connect()
+            return
+        # (The redis stubs predate connect_check_health, redis-py 6's.)
+        super().connect_check_health(  # type: ignore[misc]
+            check_health=check_health, retry_socket_connect=False
+        )
+
+
+class AsyncSentinelConnection(AsyncSentinelManagedConnection):
+    """The asyncio twin of :class:`SentinelConnection`."""
+
+    async def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if self.is_connected:
+            return
+        if retry_socket_connect:
+            await self.connect()
+            return
+        await super().connect_check_health(  # type: ignore[misc]
+            check_health=check_health,
+            retry_socket_connect=False,
+        )
 
 
 class BlockingSentinelPool(SentinelConnectionPool, redis.BlockingConnectionPool):
@@ -183,7 +222,10 @@ def redis_client(
         )
         pool_class = BlockingSentinelPool if max_connections is not None else SentinelConnectionPool
         client: redis.Redis[bytes] = sentinel.master_for(
-            _master_name(settings), connection_pool_class=pool_class, **options
+            _master_name(settings),
+            connection_pool_class=pool_class,
+            connection_class=SentinelConnection,
+            **options,
         )
         return client
     if urlsplit(url).password is None and settings.redis_password is not None:
@@ -225,7 +267,10 @@ def async_redis_client(
             else AsyncSentinelConnectionPool
         )
         client: aredis.Redis[bytes] = sentinel.master_for(
-            _master_name(settings), connection_pool_class=pool_class, **options
+            _master_name(settings),
+            connection_pool_class=pool_class,
+            connection_class=AsyncSentinelConnection,
+            **options,
         )
         return client
     if urlsplit(url).password is None and settings.redis_password is not None:
@@ -247,6 +292,25 @@ def refuse_cluster(client: redis.Redis[Any]) -> None:
     """Raise :class:`RedisClusterUnsupported` when ``client``'s server runs in cluster mode."""
     if _is_cluster(client.info("cluster")):
         raise RedisClusterUnsupported()
+
+
+def check_not_cluster(settings: Settings) -> None:
+    """At a service's start: raise :class:`RedisClusterUnsupported` when the Redis (or the
+    Redis broker) runs in cluster mode. A server that does not answer now is left to the
+    service's own retries (each client checks again on first use)."""
+    urls = {settings.redis_url, settings.effective_broker_url}
+    for url in sorted(urls):
+        if url.split(":", 1)[0] not in {"redis", "rediss", "unix", "sentinel"}:
+            continue
+        client = redis_client(
+            settings, url=url, retry_s=0, socket_timeout=5, socket_connect_timeout=5
+        )
+        try:
+            refuse_cluster(client)
+        except redis.RedisError:
+            pass
+        finally:
+            client.close()
 
 
 async def async_refuse_cluster(client: aredis.Redis[Any]) -> None:

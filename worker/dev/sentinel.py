@@ -68,18 +68,20 @@ class SentinelGroup:
                         start_new_session=True,
                     )
                 )
-        self._wait(self._settled, timeout_s, "the Sentinels to see the master, replica and each other")
+        self._wait(
+            self._settled, timeout_s, "the Sentinels to see the master, replica and each other"
+        )
         return self
 
     def sentinel(self, index: int = 0) -> redis.Redis[str]:
-        return redis.Redis(
-            port=self.sentinel_ports[index], socket_timeout=2, decode_responses=True
-        )
+        return redis.Redis(port=self.sentinel_ports[index], socket_timeout=2, decode_responses=True)
 
     def master_port(self) -> int:
         """The master's port, as the first Sentinel names it."""
         with self.sentinel() as client:
-            _host, port = client.sentinel_get_master_addr_by_name(self.master_name)
+            _host, port = client.execute_command(
+                "SENTINEL GET-MASTER-ADDR-BY-NAME", self.master_name
+            )
         return int(port)
 
     def server_on(self, port: int) -> EmbeddedRedis:
@@ -89,7 +91,7 @@ class SentinelGroup:
         others = len(self.sentinel_ports) - 1
         for index in range(len(self.sentinel_ports)):
             with self.sentinel(index) as client:
-                state = client.sentinel_master(self.master_name)
+                state = client.execute_command("SENTINEL MASTER", self.master_name)
             if int(state["num-other-sentinels"]) < others or int(state["num-slaves"]) < 1:
                 return False
         # Synced, not only connected: a replica still loading the first copy has nothing.
@@ -117,7 +119,9 @@ class SentinelGroup:
         def moved() -> bool:
             for index in range(len(self.sentinel_ports)):
                 with self.sentinel(index) as client:
-                    _host, port = client.sentinel_get_master_addr_by_name(self.master_name)
+                    _host, port = client.execute_command(
+                        "SENTINEL GET-MASTER-ADDR-BY-NAME", self.master_name
+                    )
                 if int(port) == old_port:
                     return False
             return True

@@ -48,6 +48,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from orjson import dumps as json_bytes
 
+from worker.connections import SentinelConnection
 from worker.keys import TrafficKeys
 from worker.process.liveness import STATE
 from worker.store import load_lua
@@ -390,6 +391,8 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
     Sentinel: kombu's ``SentinelChannel`` supplies the pool (``master_name`` from the
     transport options), ours everything else. After a failover each new connection asks the
     Sentinels for the master; the consumer's reconnect (Celery's) builds fresh ones."""
+
+    connection_class = SentinelConnection
 
 
 class SentinelTransport(Transport):
