@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio as aredis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelConnectionPool
 from redis.asyncio.sentinel import SentinelManagedConnection as AsyncSentinelManagedConnection
@@ -152,12 +153,13 @@ def _options(
     max_connections: int | None,
     wait_s: float | None,
     extra: dict[str, Any],
+    retry_class: type[Retry] | type[AsyncRetry] = Retry,
 ) -> dict[str, Any]:
     window = settings.redis_retry_s if retry_s is None else retry_s
     options: dict[str, Any] = {
         "socket_keepalive": True,
         "health_check_interval": 25,
-        "retry": Retry(WindowBackoff(), retries_for(window) if window > 0 else 0),
+        "retry": retry_class(WindowBackoff(), retries_for(window) if window > 0 else 0),
         "retry_on_error": list(RETRY_ON),
         **extra,
     }
@@ -250,7 +252,12 @@ def async_redis_client(
     event loop that uses it."""
     url = url or settings.redis_url
     options = _options(
-        settings, retry_s=retry_s, max_connections=max_connections, wait_s=wait_s, extra=extra
+        settings,
+        retry_s=retry_s,
+        max_connections=max_connections,
+        wait_s=wait_s,
+        extra=extra,
+        retry_class=AsyncRetry,
     )
     if is_sentinel_url(url):
         parsed = parse_sentinel_url(url)

@@ -16,6 +16,7 @@ import pytest
 
 from tests.support import (
     WorkerProcess,
+    events_so_far,
     make_request,
     streaming,
     terminals,
@@ -24,7 +25,7 @@ from tests.support import (
 )
 from worker import AsyncClient
 from worker import events as ev
-from worker.client.sync import Client
+from worker.client.sync import Client, Job
 from worker.connections import RedisClusterUnsupported, ReplicationShort
 from worker.dev.embedded import EmbeddedRedis, free_port
 from worker.dev.sentinel import SentinelGroup
@@ -77,7 +78,7 @@ def test_a_master_killed_mid_run_fails_over_and_every_job_completes_once(
             deadline = time.monotonic() + 120
             new = group.wait_for_failover(old, 60)
             assert new != old
-            messages = [job.result(timeout=max(1.0, deadline - time.monotonic())) for job in jobs]
+            messages = _results(jobs, deadline, worker)
             histories = [list(job.events(timeout=10)) for job in jobs]
             assert all(m["usage"]["output_tokens"] == 80 for m in messages)
             for events in histories:
@@ -89,6 +90,21 @@ def test_a_master_killed_mid_run_fails_over_and_every_job_completes_once(
             assert after.result(timeout=60)["usage"]["output_tokens"] == 2
     finally:
         worker.stop()
+
+
+def _results(jobs: list[Job], deadline: float, worker: WorkerProcess) -> list[dict[str, Any]]:
+    """Every job's message by ``deadline``; a job that has not ended fails the test with its
+    record and the worker's log."""
+    messages = []
+    for job in jobs:
+        try:
+            messages.append(job.result(timeout=max(1.0, deadline - time.monotonic())))
+        except TimeoutError:
+            kinds = [e["type"] for e in events_so_far(job) if e["type"] != ev.CHUNK]
+            raise AssertionError(
+                f"{job.job_id} did not end: {job.status()} {kinds}\n{worker.log()[-4000:]}"
+            ) from None
+    return messages
 
 
 def _submit_until(
