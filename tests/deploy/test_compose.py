@@ -256,3 +256,61 @@ def test_rabbitmq_profile_wires_the_worker_to_a_durable_rabbitmq() -> None:
     default = compose_config()["services"]["worker"]["environment"]
     assert default["LLM_WORKER_BROKER_URL"] == default["LLM_WORKER_REDIS_URL"]
     assert load_settings(broker_url=url).effective_broker_url == url
+
+
+@pytest.fixture(scope="module")
+def sentinel_config() -> dict[str, Any]:
+    """The documented Sentinel setup: --profile sentinel."""
+    return compose_config("--profile", "sentinel", env={"LLM_WORKER_API_KEY": "sk-x"})
+
+
+SENTINEL_SERVICES = {
+    "redis-master",
+    "redis-replica",
+    "sentinel-1",
+    "sentinel-2",
+    "sentinel-3",
+    "worker-sentinel",
+}
+
+
+def test_sentinel_profile_runs_a_master_a_replica_three_sentinels_and_a_worker(
+    config: dict[str, Any], sentinel_config: dict[str, Any]
+) -> None:
+    """The profile validates; its services (each with a healthcheck) stay out of the default
+    stack; the replica follows the master and every Sentinel watches it with quorum 2."""
+    # (docker-compose config lists every service; the profile keeps these out of `up`.)
+    assert all(config["services"][name]["profiles"] == ["sentinel"] for name in SENTINEL_SERVICES)
+    assert "profiles" not in config["services"]["worker"]
+    services = sentinel_config["services"]
+    assert SENTINEL_SERVICES <= set(services)
+    for name in SENTINEL_SERVICES:
+        assert services[name]["profiles"] == ["sentinel"], name
+        assert services[name]["healthcheck"]["test"][0] in {"CMD", "CMD-SHELL"}, name
+    assert "--replicaof redis-master 6379" in " ".join(command_words(services["redis-replica"]))
+    for name in ("redis-master", "redis-replica"):
+        assert "--maxmemory-policy noeviction" in " ".join(command_words(services[name]))
+    for name in ("sentinel-1", "sentinel-2", "sentinel-3"):
+        script = " ".join(command_words(services[name]))
+        assert "sentinel monitor llmw redis-master 6379 2" in script
+        assert "--sentinel" in script
+        assert services[name]["environment"]["SENTINEL_NAME"] == name
+
+
+def test_sentinel_worker_finds_the_master_through_the_three_sentinels(
+    sentinel_config: dict[str, Any],
+) -> None:
+    """worker-sentinel's settings load: a sentinel:// URL naming the three Sentinels and the
+    service name they monitor."""
+    from worker.redis_urls import parse_sentinel_url
+    from worker.settings import settings_from_env
+
+    worker = sentinel_config["services"]["worker-sentinel"]
+    env = {k: str(v) for k, v in worker["environment"].items()}
+    settings = settings_from_env(env)
+    assert settings.redis_sentinel_master == "llmw"
+    hosts = parse_sentinel_url(settings.redis_url).hosts
+    assert hosts == (("sentinel-1", 26379), ("sentinel-2", 26379), ("sentinel-3", 26379))
+    assert settings.redis_min_replicas_ack == 0
+    for name in ("sentinel-1", "sentinel-2", "sentinel-3", "redis-replica"):
+        assert worker["depends_on"][name]["condition"] == "service_healthy"
