@@ -496,11 +496,73 @@ BAD_VALUES = [
         id="keda-without-password",
     ),
     pytest.param(
+        {"redis": {"url": "sentinel://s1:26379;sentinel://s2:26379"}},
+        ["set redis.sentinel.master"],
+        id="sentinel-without-master",
+    ),
+    pytest.param(
+        {"config": {"LLM_WORKER_REDIS_PASSWORD": "pw"}},
+        ["config.LLM_WORKER_REDIS_PASSWORD is not allowed"],
+        id="redis-password-in-config",
+    ),
+    pytest.param(
+        {
+            "redis": {"url": "sentinel://s1:26379", "sentinel": {"master": "m"}},
+            "autoscaling": {"keda": {"enabled": True}},
+        },
+        ["KEDA's redis trigger needs one host:port"],
+        id="keda-with-sentinel",
+    ),
+    pytest.param(
         {"podDisruptionBudget": {"minAvailable": 1}},
         ["podDisruptionBudget: set either minAvailable or maxUnavailable"],
         id="pdb-both",
     ),
 ]
+
+
+def test_sentinel_setup_passes_the_master_name_and_both_passwords_from_secrets() -> None:
+    """A sentinel:// redis.url with its service name and password Secrets: the URL stays in
+    the chart's Secret, the passwords come from the named Secrets, never the ConfigMap, and the
+    worker's settings load from what the chart renders."""
+    url = "sentinel://s1:26379;sentinel://s2:26379;sentinel://s3:26379/0"
+    objects = render(
+        {
+            "redis": {
+                "url": url,
+                "sentinel": {"master": "mymaster", "passwordSecret": {"name": "sentinel-auth"}},
+                "passwordSecret": {"name": "redis-auth", "key": "pw"},
+            }
+        }
+    )
+    env = env_by_name(worker_container(objects))
+    assert env["LLM_WORKER_REDIS_SENTINEL_MASTER"]["value"] == "mymaster"
+    assert env["LLM_WORKER_REDIS_SENTINEL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "sentinel-auth",
+        "key": "sentinel-password",
+    }
+    assert env["LLM_WORKER_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "redis-auth",
+        "key": "pw",
+    }
+    secret = only(objects, "Secret")
+    assert base64.b64decode(secret["data"]["redis-url"]).decode() == url
+    assert not any("PASSWORD" in key for key in config_data(objects))
+    from worker.settings import settings_from_env
+
+    rendered_env = {
+        **config_data(objects),
+        "LLM_WORKER_REDIS_URL": url,
+        "LLM_WORKER_REDIS_SENTINEL_MASTER": env["LLM_WORKER_REDIS_SENTINEL_MASTER"]["value"],
+    }
+    loaded = settings_from_env(rendered_env)
+    assert loaded.redis_sentinel_master == "mymaster"
+
+
+def test_no_sentinel_env_by_default(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Without Sentinel values the worker gets no Sentinel or password variables."""
+    env = env_by_name(worker_container(rendered["defaults"]))
+    assert not {n for n in env if "SENTINEL" in n or n == "LLM_WORKER_REDIS_PASSWORD"}
 
 
 @pytest.mark.parametrize(("values", "fragments"), BAD_VALUES)

@@ -160,6 +160,19 @@ Checks that the schema cannot express; each failure names the values to change.
 {{- if not (or .Values.redis.url .Values.redis.existingSecret .Values.redis.embedded.enabled) }}
 {{- fail "no Redis configured: set redis.url, redis.existingSecret or redis.embedded.enabled" }}
 {{- end }}
+{{- $sentinelUrl := and .Values.redis.url (not .Values.redis.existingSecret) (not .Values.redis.embedded.enabled) (hasPrefix "sentinel://" .Values.redis.url) }}
+{{- if and $sentinelUrl (not .Values.redis.sentinel.master) }}
+{{- fail "redis.url is a sentinel:// URL: set redis.sentinel.master to the Sentinel service name (e.g. mymaster)" }}
+{{- end }}
+{{- if hasKey .Values.config "LLM_WORKER_REDIS_PASSWORD" }}
+{{- fail "config.LLM_WORKER_REDIS_PASSWORD is not allowed (a ConfigMap is not secret): set redis.passwordSecret" }}
+{{- end }}
+{{- if hasKey .Values.config "LLM_WORKER_REDIS_SENTINEL_PASSWORD" }}
+{{- fail "config.LLM_WORKER_REDIS_SENTINEL_PASSWORD is not allowed (a ConfigMap is not secret): set redis.sentinel.passwordSecret" }}
+{{- end }}
+{{- if and $sentinelUrl .Values.autoscaling.keda.enabled (not .Values.autoscaling.keda.redis.address) (not .Values.autoscaling.keda.redis.authSecret.addressKey) }}
+{{- fail "autoscaling.keda with a sentinel:// redis.url: KEDA's redis trigger needs one host:port, set autoscaling.keda.redis.address (or authSecret.addressKey)" }}
+{{- end }}
 {{- if and .Values.autoscaling.hpa.enabled .Values.autoscaling.keda.enabled }}
 {{- fail "autoscaling.hpa.enabled and autoscaling.keda.enabled are mutually exclusive: enable at most one (KEDA creates its own HPA)" }}
 {{- end }}
@@ -182,7 +195,7 @@ Checks that the schema cannot express; each failure names the values to change.
 {{- if and (not (include "llm-worker.kedaAddress" .)) (not $keda.redis.authSecret.addressKey) }}
 {{- fail "autoscaling.keda.redis.address is required when the Redis URL comes from redis.existingSecret (or set autoscaling.keda.redis.authSecret.addressKey)" }}
 {{- end }}
-{{- if and .Values.redis.url (not .Values.redis.existingSecret) (not .Values.redis.embedded.enabled) (urlParse .Values.redis.url).userinfo (not $keda.redis.authSecret.passwordKey) }}
+{{- if and .Values.redis.url (not .Values.redis.existingSecret) (not .Values.redis.embedded.enabled) (not (hasPrefix "sentinel://" .Values.redis.url)) (urlParse .Values.redis.url).userinfo (not $keda.redis.authSecret.passwordKey) }}
 {{- fail "redis.url carries a password that KEDA cannot read: set autoscaling.keda.redis.authSecret.name and .passwordKey" }}
 {{- end }}
 {{- end }}
