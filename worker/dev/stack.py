@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from worker.dev.embedded import EmbeddedRedis, free_port
+from worker.redis_urls import mask_credentials
 from worker.settings import ENV_PREFIX, Settings, load_settings, settings_from_env
 
 SIMULATOR_KEY = "sk-simulator-local"
@@ -76,7 +77,7 @@ class DevStack:
             env[f"{ENV_PREFIX}REDIS_URL"] = self.redis.url
             self.say(f"redis      {self.redis.url} (embedded: {self.redis.binary})")
         else:
-            self.say(f"redis      {base.redis_url} (from {ENV_PREFIX}REDIS_URL)")
+            self.say(f"redis      {mask_credentials(base.redis_url)} (from {ENV_PREFIX}REDIS_URL)")
         if base.api_key is None:
             port = free_port()
             sim = self._spawn(
