@@ -51,8 +51,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         from celery import maybe_patch_concurrency
 
         maybe_patch_concurrency(["celery", "worker", "-P", settings.pool])
+    # (After the patch: redis imports ssl, which gevent must patch first.)
+    from worker.connections import RedisClusterUnsupported, check_not_cluster
     from worker.process.main import run_worker
 
+    try:
+        check_not_cluster(settings)
+    except RedisClusterUnsupported as exc:
+        _console(stderr=True).print(f"llm-worker run: {exc}", markup=False)
+        return EXIT_USAGE
     return run_worker(settings)
 
 

@@ -90,7 +90,7 @@ class Redactor:
 def configure_logging(settings: Settings) -> None:
     """Configure structlog and the stdlib root logger once, for the whole process."""
     # The gateway's producer keys too (a bare key, or the part after ``name:``).
-    secrets = [settings.api_key_value() or ""] + [
+    secrets = settings.secret_values() + [
         spec.get_secret_value().rpartition(":")[2] for spec in settings.gateway_api_keys
     ]
     shared: list[Any] = [

@@ -6,6 +6,7 @@ edge (the CLI, the Celery app's configure hook, :class:`worker.Client`) and pass
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -13,6 +14,7 @@ from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import (
     AnyUrl,
@@ -580,6 +582,18 @@ class Settings(BaseSettings):
 
     def api_key_value(self) -> str | None:
         return self.api_key.get_secret_value() if self.api_key else None
+
+    def secret_values(self) -> list[str]:
+        """Every secret these settings hold (the API key, the Redis and Sentinel passwords,
+        a password inside a Redis or broker URL), for the log redactor."""
+        values = [self.api_key_value() or ""]
+        for secret in (self.redis_password, self.redis_sentinel_password):
+            values.append(secret.get_secret_value() if secret is not None else "")
+        for url in (self.redis_url, self.broker_url or ""):
+            for part in url.split(";"):
+                with contextlib.suppress(ValueError):
+                    values.append(unquote(urlsplit(part).password or ""))
+        return [value for value in values if value]
 
 
 def settings_from_env(env: Mapping[str, str]) -> Settings:

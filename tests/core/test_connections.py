@@ -208,3 +208,19 @@ def test_replica_ack_checks_the_wait_reply_and_strips_it() -> None:
     assert (caught.value.acked, caught.value.wanted) == (1, 2)
     assert ReplicaAck().check([b"created"], "the job") == [b"created"]
     assert not ReplicaAck()
+
+
+def test_the_log_redactor_knows_every_redis_secret() -> None:
+    """Both passwords and a password inside a URL are redacted from log lines."""
+    from worker.logs import Redactor
+
+    settings = load_settings(
+        redis_url="sentinel://:url-secret@a:1;sentinel://b:2",
+        redis_sentinel_master="m",
+        redis_password="hunter2",
+        redis_sentinel_password="swordfish",
+    )
+    assert set(settings.secret_values()) == {"url-secret", "hunter2", "swordfish"}
+    redact = Redactor(settings.secret_values(), log_content=False)
+    line = redact(None, "info", {"event": "auth hunter2 swordfish url-secret"})
+    assert line["event"] == "auth [redacted] [redacted] [redacted]"

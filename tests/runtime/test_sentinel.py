@@ -16,6 +16,7 @@ import pytest
 
 from tests.support import (
     WorkerProcess,
+    celery_worker_args,
     events_so_far,
     make_request,
     streaming,
@@ -198,11 +199,11 @@ def test_a_redis_in_cluster_mode_is_refused_with_the_reason(tmp_path: Path) -> N
             build_runtime(settings)
 
         env = worker_env(server.url, "http://127.0.0.1:9")
-        worker = _run(env, concurrency=2)
-        try:
-            wait_for(lambda: worker.proc.poll() is not None, 60, "the worker to refuse to start")
-            log = worker.log()
-        finally:
-            worker.stop()
-        assert worker.proc.returncode != 0
-        assert "cluster mode" in log, log[-2000:]
+        for worker in (_run(env, concurrency=2), WorkerProcess(celery_worker_args(), env)):
+            try:
+                wait_for(lambda w=worker: w.proc.poll() is not None, 60, "the worker to refuse")
+                log = worker.log()
+            finally:
+                worker.stop()
+            assert worker.proc.returncode != 0
+            assert "cluster mode" in log, log[-2000:]

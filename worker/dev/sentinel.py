@@ -16,7 +16,13 @@ from pathlib import Path
 
 import redis
 
-from worker.dev.embedded import EmbeddedRedis, EmbeddedRedisError, find_redis_server, free_port
+from worker.dev.embedded import (
+    EmbeddedRedis,
+    EmbeddedRedisError,
+    Source,
+    find_redis_server,
+    free_port,
+)
 
 #: Quick enough for a test, slow enough that a busy machine is not taken for a dead one.
 DOWN_AFTER_MS = 2000
@@ -24,10 +30,18 @@ FAILOVER_TIMEOUT_MS = 10_000
 
 
 class SentinelGroup:
-    def __init__(self, base_dir: Path, *, master_name: str = "llmw", sentinels: int = 3) -> None:
+    def __init__(
+        self,
+        base_dir: Path,
+        *,
+        master_name: str = "llmw",
+        sentinels: int = 3,
+        source: Source = "auto",
+    ) -> None:
         self.base_dir = base_dir
         self.master_name = master_name
-        self.binary = find_redis_server()
+        self.source: Source = source
+        self.binary = find_redis_server(source)
         self.servers: list[EmbeddedRedis] = []
         self.sentinel_ports = [free_port() for _ in range(sentinels)]
         self.sentinels: list[subprocess.Popen[bytes]] = []
@@ -39,7 +53,7 @@ class SentinelGroup:
     def _server(self, name: str, *extra: str) -> EmbeddedRedis:
         folder = self.base_dir / name
         folder.mkdir(parents=True, exist_ok=True)
-        return EmbeddedRedis(data_dir=folder, extra_args=extra)
+        return EmbeddedRedis(source=self.source, data_dir=folder, extra_args=extra)
 
     def start(self, timeout_s: float = 30.0) -> SentinelGroup:
         master = self._server("master").start()
