@@ -203,7 +203,7 @@ def _no_idle_wait_on_the_events_connection(**_: Any) -> None:
 @signals.worker_init.connect
 def _refuse_redis_cluster(**_: Any) -> None:
     """A worker on a Redis Cluster stops at start, saying why (not at its first job)."""
-    from worker.connections import RedisClusterUnsupported, check_not_cluster
+    from worker.connections.clients import RedisClusterUnsupported, check_not_cluster
 
     try:
         check_not_cluster(app.settings or load_settings())

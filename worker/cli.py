@@ -52,7 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         maybe_patch_concurrency(["celery", "worker", "-P", settings.pool])
     # (After the patch: redis imports ssl, which gevent must patch first.)
-    from worker.connections import RedisClusterUnsupported, check_not_cluster
+    from worker.connections.clients import RedisClusterUnsupported, check_not_cluster
     from worker.process.main import run_worker
 
     try:
@@ -337,7 +337,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
             markup=False,
         )
         return EXIT_USAGE
-    from worker.connections import RedisClusterUnsupported, check_not_cluster
+    from worker.connections.clients import RedisClusterUnsupported, check_not_cluster
     from worker.gateway.app import serve
 
     try:

@@ -65,7 +65,7 @@ class SettingsError(LLMWorkerError):
             # Only a located error's input is that field's value; a cross-field error's input
             # is every setting, the API key included.
             if loc and field not in _SECRET_FIELDS and "input" in error:
-                from worker.redis_urls import mask_credentials
+                from worker.connections.urls import mask_credentials
 
                 shown = mask_credentials(repr(error["input"]))
                 message += f"; got {shown[:80]}"

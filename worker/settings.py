@@ -43,8 +43,8 @@ from worker.catalogue import (
     ModelSpec,
     alias_map,
 )
+from worker.connections.urls import is_sentinel_url, parse_sentinel_url
 from worker.errors import SettingsError
-from worker.redis_urls import is_sentinel_url, parse_sentinel_url
 
 ENV_PREFIX = "LLM_WORKER_"
 #: Queue names and key prefixes: letters, digits, ``_ . : -``, nothing after (``\Z``).

@@ -17,7 +17,7 @@ import orjson
 import redis
 
 from worker.accounting.tenancy import split_qualified_id
-from worker.connections import ReplicaAck
+from worker.connections.clients import ReplicaAck
 from worker.keys import Keys
 
 LUA_DIR = Path(__file__).parent / "lua"

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from worker.celery_app import celery_config
-from worker.connections import (
+from worker.connections.clients import (
     AsyncBlockingSentinelPool,
     AsyncSentinelConnection,
     BlockingSentinelPool,
@@ -20,8 +20,8 @@ from worker.connections import (
     redis_client,
     retries_for,
 )
+from worker.connections.urls import mask_credentials, parse_sentinel_url
 from worker.errors import SettingsError
-from worker.redis_urls import mask_credentials, parse_sentinel_url
 from worker.settings import load_settings
 
 SENTINELS = "sentinel://10.0.0.1:26379;sentinel://10.0.0.2:26380;sentinel://s3"

@@ -302,7 +302,7 @@ def test_sentinel_worker_finds_the_master_through_the_three_sentinels(
 ) -> None:
     """worker-sentinel's settings load: a sentinel:// URL naming the three Sentinels and the
     service name they monitor."""
-    from worker.redis_urls import parse_sentinel_url
+    from worker.connections.urls import parse_sentinel_url
     from worker.settings import settings_from_env
 
     worker = sentinel_config["services"]["worker-sentinel"]

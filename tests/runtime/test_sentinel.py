@@ -27,7 +27,7 @@ from tests.support import (
 from worker import AsyncClient
 from worker import events as ev
 from worker.client.sync import Client, Job
-from worker.connections import RedisClusterUnsupported, ReplicationShort
+from worker.connections.clients import RedisClusterUnsupported, ReplicationShort
 from worker.dev.embedded import EmbeddedRedis, free_port
 from worker.dev.sentinel import SentinelGroup
 from worker.settings import load_settings, settings_from_env

@@ -21,11 +21,11 @@ from typing import Any
 import orjson
 import redis.asyncio as aredis
 
-from worker import connections
 from worker import events as ev
 from worker import metrics as m
 from worker.client import core as p
 from worker.client.outbox import OutboxItem, Publisher, error_summary, make_publisher
+from worker.connections import clients as connections
 from worker.errors import JobNotFound
 from worker.keys import Keys
 from worker.settings import Settings
@@ -148,6 +148,9 @@ class AsyncClient:
             fallback_models=fallback_models,
             default_priority=default_priority,
         )
+        if not self._topology_checked:  # once per client, before its first write
+            await connections.async_refuse_cluster(self.redis)
+            self._topology_checked = True
         now = time.time()
         reads = p.budget_reads(
             self.settings, self.keys, [o.tenant for o in submission.options], now
@@ -165,9 +168,6 @@ class AsyncClient:
             same_redis=self._same_redis,
             batch_id=batch_id,
         )
-        if not self._topology_checked:
-            await connections.async_refuse_cluster(self.redis)
-            self._topology_checked = True
         pipe = self.redis.pipeline(transaction=False)
         for call in calls:
             await self._submit(keys=call.keys, args=call.args, client=pipe)

@@ -41,7 +41,7 @@ from worker.broker import (
     task_headers,
     task_message,
 )
-from worker.connections import redis_client
+from worker.connections.clients import redis_client
 from worker.keys import Keys
 from worker.settings import Settings
 from worker.store import load_lua, text

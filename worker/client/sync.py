@@ -16,12 +16,12 @@ from typing import Any
 
 import orjson
 
-from worker import connections
 from worker import events as ev
 from worker import metrics as m
 from worker.client import core as p
 from worker.client.core import JOB_ID_PATTERN, MAX_METADATA_BYTES, request_sha
 from worker.client.outbox import Outbox, OutboxItem, Publisher, error_summary, make_publisher
+from worker.connections import clients as connections
 from worker.errors import JobNotFound
 from worker.keys import Keys
 from worker.settings import Settings
@@ -136,6 +136,9 @@ class Client:
         return self._enqueue(submission)
 
     def _enqueue(self, submission: p.Submission) -> list[Job]:
+        if not self._topology_checked:  # once per client, before its first write
+            connections.refuse_cluster(self.redis)
+            self._topology_checked = True
         now = time.time()
         reads = p.budget_reads(
             self.settings, self.keys, [o.tenant for o in submission.options], now
@@ -149,9 +152,6 @@ class Client:
         calls = p.submit_calls(
             self.settings, self.keys, submission, now=now, same_redis=self._same_redis
         )
-        if not self._topology_checked:
-            connections.refuse_cluster(self.redis)
-            self._topology_checked = True
         script = self.store.submit_script()
         pipe = self.redis.pipeline(transaction=False)
         for call in calls:

@@ -18,8 +18,8 @@ from typing import Any
 
 import httpx
 
+from worker.connections.urls import mask_credentials
 from worker.dev.embedded import EmbeddedRedis, free_port
-from worker.redis_urls import mask_credentials
 from worker.settings import ENV_PREFIX, Settings, load_settings, settings_from_env
 
 SIMULATOR_KEY = "sk-simulator-local"

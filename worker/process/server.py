@@ -93,7 +93,7 @@ def _scrape_gauges(settings: Settings, alive: Callable[[], bool]) -> ScrapeGauge
     import redis
 
     from worker.broker import is_redis_broker
-    from worker.connections import redis_client
+    from worker.connections.clients import redis_client
 
     def client(url: str) -> redis.Redis[bytes]:
         # One try per scrape or probe: a Redis that does not answer now is "not ready" now.

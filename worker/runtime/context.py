@@ -14,9 +14,9 @@ from functools import cached_property
 
 import redis
 
-from worker import connections
 from worker import metrics as m
 from worker.broker import UNACKED_INDEX_KEY, is_redis_broker
+from worker.connections import clients as connections
 from worker.keys import Keys
 from worker.ratelimit.gate import RateLimitGate
 from worker.runtime.job_store import WorkerStore

@@ -16,7 +16,7 @@ import structlog
 
 from worker import events as ev
 from worker.accounting.pricing import USAGE_RETENTION_S
-from worker.connections import ReplicaAck, ReplicationShort
+from worker.connections.clients import ReplicaAck, ReplicationShort
 from worker.errors import LLMWorkerError
 from worker.keys import Keys
 from worker.runtime.group_commit import GroupCommitter, Pending

@@ -48,7 +48,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from orjson import dumps as json_bytes
 
-from worker.connections import SentinelConnection
+from worker.connections.clients import SentinelConnection
 from worker.keys import TrafficKeys
 from worker.process.liveness import STATE
 from worker.store import load_lua

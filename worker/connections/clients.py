@@ -32,8 +32,8 @@ from redis.exceptions import BusyLoadingError, ConnectionError, ReadOnlyError, T
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
+from worker.connections.urls import is_sentinel_url, parse_sentinel_url
 from worker.errors import LLMWorkerError
-from worker.redis_urls import is_sentinel_url, parse_sentinel_url
 
 if TYPE_CHECKING:
     from worker.settings import Settings
