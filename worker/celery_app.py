@@ -84,7 +84,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Our subclass of kombu's Redis transport survives garbage on the queue.
         "redis": "worker.runtime.transport:Transport",
         "rediss": "worker.runtime.transport:Transport",
-        "sentinel": "worker.runtime.transport:SentinelTransport",
+        "sentinel": SENTINEL_TRANSPORT,
     }.get(scheme)
     config: dict[str, Any] = {
         "broker_transport": transport,
@@ -133,9 +133,20 @@ def _sentinel_config(settings: Settings, scheme: str) -> dict[str, Any]:
     return {}
 
 
+SENTINEL_TRANSPORT = "worker.runtime.transport:SentinelTransport"
+
+
 def sentinel_transport_options(settings: Settings) -> dict[str, Any]:
     if not settings.effective_broker_url.startswith("sentinel://"):
         return {}
+    # kombu treats the Sentinels of the URL as failover alternates: after a lost connection
+    # it switches to the next one, resolving the transport again from its scheme, which
+    # replaced ours with kombu's stock Sentinel transport (measured: the worker then consumed
+    # without our inbox give-back, restore schedule and liveness, and a message was stranded
+    # in an inbox for good). The alias makes that switch land on ours.
+    from kombu.transport import TRANSPORT_ALIASES
+
+    TRANSPORT_ALIASES["sentinel"] = SENTINEL_TRANSPORT
     options: dict[str, Any] = {"master_name": settings.redis_sentinel_master}
     kwargs: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
     if settings.redis_sentinel_password is not None:

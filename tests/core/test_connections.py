@@ -183,6 +183,23 @@ def test_the_celery_broker_uses_our_sentinel_transport_with_its_secrets() -> Non
     assert "secret" not in config["broker_url"]
 
 
+def test_a_failover_switch_between_sentinels_keeps_our_transport() -> None:
+    """kombu switches to the next Sentinel of the URL after a lost connection, resolving the
+    transport from the scheme again: it must still be ours (hardening, liveness)."""
+    from worker.celery_app import app
+    from worker.runtime.transport import SentinelTransport
+
+    app.use_settings(_sentinel_settings())
+    connection = app.connection_for_write()
+    try:
+        assert isinstance(connection.transport, SentinelTransport)
+        connection.switch(connection.alt[1])
+        assert isinstance(connection.transport, SentinelTransport)
+        assert connection.port == 26380
+    finally:
+        connection.release()
+
+
 def test_the_sentinel_channel_keeps_our_hardening() -> None:
     """Our Channel's inbox moves and kept deliveries come first in the Sentinel channel's
     order, and its connections ask the Sentinels on every reconnect."""

@@ -65,8 +65,9 @@ def test_a_master_killed_mid_run_fails_over_and_every_job_completes_once(
 ) -> None:
     """40 streaming jobs; the master SIGKILLed mid-run: the Sentinels promote the replica,
     every job ends completed with exactly one terminal event within 120 s, and the worker
-    stays up, healthy and consuming."""
-    env = _env(group, simulator_url)
+    stays up, healthy and consuming (on our transport: it alone reports liveness, and
+    /healthz turns 503 after HEALTH_STALE_S without it)."""
+    env = _env(group, simulator_url, health_stale_s=3)
     worker = _run(env).ready()
     try:
         with Client(settings_from_env(env)) as client:

@@ -293,6 +293,34 @@ class Channel(kombu_redis.Channel):
             with self.conn_or_acquire() as client:
                 client.zadd(self.unacked_index_key, dict.fromkeys(tags, time()), xx=True)
 
+    def give_back_stranded(self) -> None:
+        """On the restore schedule, with no fetch of this channel in flight: its inboxes
+        should be empty. What one holds was moved there by a fetch whose reply never reached
+        us, on a connection that was then re-established without restarting the channel
+        (measured: a message stranded for good when a Sentinel failover cut a fetch), and it
+        goes back to its queue. At worst a message is delivered twice; its lease and end
+        absorb that."""
+        if getattr(self, "_in_poll", None) or self._fetched is not None:
+            return
+        keys = sorted(self._own_inboxes_checked)
+        if not keys:
+            return
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.llen(self.inbox(key))
+            lengths = pipe.execute()
+            for key, length in zip(keys, lengths, strict=True):
+                if not length:
+                    continue
+                inbox = self.inbox(key)
+                pipe = client.pipeline()
+                pipe.eval(_GIVE_BACK, 3, inbox, key, INBOXES_KEY)  # (which unlists it)
+                pipe.sadd(INBOXES_KEY, inbox)
+                moved = pipe.execute()[0]
+                if moved:
+                    log.warning("inbox_given_back", inbox=inbox, messages=int(moved))
+
     def _inbox_ttl_s(self) -> int:
         # Refreshed every unacked_restore_interval (1-10 s); a consumer loop stalled longer
         # than this has its inbox given back, which at worst delivers a message twice.
@@ -344,8 +372,10 @@ class MultiChannelPoller(kombu_redis.MultiChannelPoller):
         return super().get(callback, timeout)
 
     def on_poll_start(self) -> None:
-        super().on_poll_start()
+        # Before kombu sends this poll's fetches: a channel with no fetch in flight has an
+        # empty inbox unless something was stranded there (see give_back_stranded).
         self._restore_on_schedule()
+        super().on_poll_start()
         for channel in getattr(self, "_channels", ()):
             # Every prefetch slot is taken: kombu sends no BRPOP until a job is acked, and a
             # worker busy with long jobs is healthy, as long as its loop still polls.
@@ -374,6 +404,8 @@ class MultiChannelPoller(kombu_redis.MultiChannelPoller):
         self.maybe_restore_messages()
         try:
             channels[0].keep_inboxes()
+            for channel in channels:
+                channel.give_back_stranded()
         except channels[0].connection_errors:
             log.debug("inbox_upkeep_skipped")
 
