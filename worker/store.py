@@ -17,7 +17,7 @@ import orjson
 import redis
 
 from worker.accounting.tenancy import split_qualified_id
-from worker.connections.clients import ReplicaAck
+from worker.connections.clients import ReplicaAck, execute_pipeline
 from worker.keys import Keys
 
 LUA_DIR = Path(__file__).parent / "lua"
@@ -123,10 +123,13 @@ class JobStore:
         keys, args = cancel_call(self.keys, job_id, result_ttl_s=self.result_ttl_s)
         if not self.replica_ack:
             return text(self._cancel(keys=keys, args=args))
-        pipe = self.redis.pipeline(transaction=False)
-        self._cancel(keys=keys, args=args, client=pipe)
-        self.replica_ack.add(pipe)
-        return text(self.replica_ack.check(pipe.execute(), f"the cancel of job {job_id!r}")[0])
+
+        def fill(pipe: Any) -> None:
+            self._cancel(keys=keys, args=args, client=pipe)
+            self.replica_ack.add(pipe)
+
+        replies = execute_pipeline(self.redis, fill)
+        return text(self.replica_ack.check(replies, f"the cancel of job {job_id!r}")[0])
 
     def job_hash(self, job_id: str) -> dict[str, str] | None:
         return decode_hash(self.redis.hgetall(self.keys.job(job_id)))

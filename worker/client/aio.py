@@ -168,11 +168,14 @@ class AsyncClient:
             same_redis=self._same_redis,
             batch_id=batch_id,
         )
-        pipe = self.redis.pipeline(transaction=False)
-        for call in calls:
-            await self._submit(keys=call.keys, args=call.args, client=pipe)
-        self.replica_ack.add(pipe)
-        results = self.replica_ack.check(await pipe.execute(), p.submission_name(len(calls)))
+
+        async def fill(pipe: Any) -> None:
+            for call in calls:
+                await self._submit(keys=call.keys, args=call.args, client=pipe)
+            self.replica_ack.add(pipe)
+
+        replies = await connections.async_execute_pipeline(self.redis, fill)
+        results = self.replica_ack.check(replies, p.submission_name(len(calls)))
         created = p.created_flags(calls, results)
         new_jobs = [
             (request["model"], opts.tenant)
@@ -266,10 +269,13 @@ class AsyncJob:
         keys, args = cancel_call(c.keys, self.job_id, result_ttl_s=c.settings.result_ttl_s)
         if not c.replica_ack:
             return p.cancel_result(self.job_id, text(await c._cancel(keys=keys, args=args)))
-        pipe = c.redis.pipeline(transaction=False)
-        await c._cancel(keys=keys, args=args, client=pipe)
-        c.replica_ack.add(pipe)
-        results = c.replica_ack.check(await pipe.execute(), f"the cancel of job {self.job_id!r}")
+
+        async def fill(pipe: Any) -> None:
+            await c._cancel(keys=keys, args=args, client=pipe)
+            c.replica_ack.add(pipe)
+
+        replies = await connections.async_execute_pipeline(c.redis, fill)
+        results = c.replica_ack.check(replies, f"the cancel of job {self.job_id!r}")
         return p.cancel_result(self.job_id, text(results[0]))
 
     # The sync client's signature, kept on purpose: one API for both (ASYNC109 would have

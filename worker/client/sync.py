@@ -153,11 +153,14 @@ class Client:
             self.settings, self.keys, submission, now=now, same_redis=self._same_redis
         )
         script = self.store.submit_script()
-        pipe = self.redis.pipeline(transaction=False)
-        for call in calls:
-            script(keys=call.keys, args=call.args, client=pipe)
-        self.replica_ack.add(pipe)
-        results = self.replica_ack.check(pipe.execute(), p.submission_name(len(calls)))
+
+        def fill(pipe: Any) -> None:
+            for call in calls:
+                script(keys=call.keys, args=call.args, client=pipe)
+            self.replica_ack.add(pipe)
+
+        replies = connections.execute_pipeline(self.redis, fill)
+        results = self.replica_ack.check(replies, p.submission_name(len(calls)))
         created = p.created_flags(calls, results)
         new_jobs = [
             (request["model"], opts.tenant)

@@ -16,7 +16,7 @@ import structlog
 
 from worker import events as ev
 from worker.accounting.pricing import USAGE_RETENTION_S
-from worker.connections.clients import ReplicaAck, ReplicationShort
+from worker.connections.clients import ReplicaAck, ReplicationShort, execute_pipeline
 from worker.errors import LLMWorkerError
 from worker.keys import Keys
 from worker.runtime.group_commit import GroupCommitter, Pending
@@ -305,10 +305,12 @@ class WorkerStore(JobStore):
         master; failing the job for it would be wrong)."""
         if not self.replica_ack:
             return self._finish(keys=keys, args=args)
-        pipe = self.redis.pipeline(transaction=False)
-        self._finish(keys=keys, args=args, client=pipe)
-        self.replica_ack.add(pipe)
-        results = pipe.execute()
+
+        def fill(pipe: Any) -> None:
+            self._finish(keys=keys, args=args, client=pipe)
+            self.replica_ack.add(pipe)
+
+        results = execute_pipeline(self.redis, fill)
         try:
             self.replica_ack.check(results, f"the end of job {job_id!r}")
         except ReplicationShort as exc:
