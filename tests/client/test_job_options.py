@@ -60,7 +60,7 @@ def test_a_bad_option_writes_nothing(client: Client) -> None:
 
 def _cli(worker: WorkerProcess, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_WORKER_")}
-    env["LLM_WORKER_REDIS_URL"] = worker.settings().redis_url.unicode_string()
+    env["LLM_WORKER_REDIS_URL"] = str(worker.settings().redis_url)
     env["LLM_WORKER_QUEUE"] = worker.settings().queue
     return subprocess.run(
         [sys.executable, "-m", "worker.cli", *args],
