@@ -212,6 +212,9 @@ def test_the_sentinel_channel_keeps_our_hardening() -> None:
     assert transport.SentinelChannel._fetch_start is transport.Channel._fetch_start
     assert transport.SentinelChannel.QoS is transport.QoS
     assert transport.SentinelChannel.connection_class is SentinelConnection
+    options = transport.SentinelChannel.from_transport_options
+    assert {"master_name", "sentinel_kwargs"} <= set(options)
+    assert set(transport.Channel.from_transport_options) <= set(options)
     assert transport.SentinelTransport.default_port == 26379
 
 

@@ -425,6 +425,12 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
     Sentinels for the master; the consumer's reconnect (Celery's) builds fresh ones."""
 
     connection_class = SentinelConnection
+    # Ours (traffic classes) and kombu's Sentinel options (master_name, sentinel_kwargs...).
+    from_transport_options = tuple(
+        dict.fromkeys(
+            Channel.from_transport_options + kombu_redis.SentinelChannel.from_transport_options
+        )
+    )
 
 
 class SentinelTransport(Transport):
