@@ -55,7 +55,7 @@ class SentinelGroup:
         folder.mkdir(parents=True, exist_ok=True)
         return EmbeddedRedis(source=self.source, data_dir=folder, extra_args=extra)
 
-    def start(self, timeout_s: float = 30.0) -> SentinelGroup:
+    def start(self, timeout_s: float = 60.0) -> SentinelGroup:
         master = self._server("master").start()
         self.servers.append(master)
         replica = self._server("replica", "--replicaof", "127.0.0.1", str(master.port)).start()
@@ -102,6 +102,11 @@ class SentinelGroup:
         return next(s for s in self.servers if s.port == port)
 
     def _settled(self) -> bool:
+        for proc, port in zip(self.sentinels, self.sentinel_ports, strict=True):
+            if proc.poll() is not None:  # e.g. its port was taken meanwhile: say so now
+                log = self.base_dir / f"sentinel-{port}" / "sentinel.log"
+                tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                raise EmbeddedRedisError(f"the Sentinel on port {port} exited:\n{tail}")
         others = len(self.sentinel_ports) - 1
         for index in range(len(self.sentinel_ports)):
             with self.sentinel(index) as client:
@@ -156,8 +161,25 @@ class SentinelGroup:
             except (redis.RedisError, OSError):
                 pass
             if time.monotonic() > deadline:
-                raise EmbeddedRedisError(f"timed out after {timeout_s} s waiting for {what}")
+                raise EmbeddedRedisError(
+                    f"timed out after {timeout_s} s waiting for {what}; {self._states()}"
+                )
             time.sleep(0.1)
+
+    def _states(self) -> str:
+        """What each Sentinel sees of the master, for an error message."""
+        seen = []
+        for index, port in enumerate(self.sentinel_ports):
+            try:
+                with self.sentinel(index) as client:
+                    state = client.execute_command("SENTINEL MASTER", self.master_name)
+                seen.append(
+                    f"{port}: flags={state.get('flags')} "
+                    f"others={state.get('num-other-sentinels')} replicas={state.get('num-slaves')}"
+                )
+            except (redis.RedisError, OSError) as exc:
+                seen.append(f"{port}: {type(exc).__name__}")
+        return "; ".join(seen)
 
     def stop(self) -> None:
         for proc in self.sentinels:
