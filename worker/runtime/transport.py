@@ -300,7 +300,7 @@ class Channel(kombu_redis.Channel):
         (measured: a message stranded for good when a Sentinel failover cut a fetch), and it
         goes back to its queue. At worst a message is delivered twice; its lease and end
         absorb that."""
-        if getattr(self, "_in_poll", None) or self._fetched is not None:
+        if getattr(self, "_in_poll", None):  # (a fetch's reply is handled in one go)
             return
         keys = sorted(self._own_inboxes_checked)
         if not keys:
