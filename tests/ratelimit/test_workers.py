@@ -171,7 +171,15 @@ def test_four_workers_use_the_whole_limit_and_never_exceed_it(stack: Stack) -> N
         jobs = client.submit_many(
             [make_request(f"load {i}", stream=i % 2 == 0, max_tokens=8) for i in range(count)]
         )
-        wait_for(lambda: len(_workers_of(client, jobs)) == 4, 20, "all four workers at work")
+        # Each worker takes as many jobs as it has free slots in one fetch, and a job's
+        # record names its worker only while it runs: gather the names as they show.
+        seen: set[str] = set()
+
+        def all_four_at_work() -> bool:
+            seen.update(_workers_of(client, jobs))
+            return len(seen) == 4
+
+        wait_for(all_four_at_work, 20, "all four workers at work")
         results = _wait_all(jobs, timeout_s=MEASURE_S + 30)
     assert all(r["stop_reason"] in {"end_turn", "max_tokens"} for r in results)
     stats = stack.stats()
