@@ -77,6 +77,13 @@ def test_panel_ids_are_unique() -> None:
     assert len(ids) == len(set(ids))
 
 
+def test_every_panel_has_a_numeric_place_on_the_grid() -> None:
+    """Each panel's gridPos is four whole numbers (Grafana cannot lay out anything else)."""
+    for panel in _dashboard()["panels"]:
+        grid = panel["gridPos"]
+        assert {k: type(grid.get(k)) for k in "hwxy"} == dict.fromkeys("hwxy", int), panel["title"]
+
+
 def test_dashboard_queries_use_only_exported_metrics(
     exported_series: dict[str, tuple[str, ...]],
     promql_metric_names: Callable[[str], set[str]],

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import signal
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -454,3 +456,25 @@ def test_each_request_is_logged_with_its_tenant_never_the_key_or_prompt(
     assert by_route[("unmatched", 401)]["tenant"] is None
     for secret in (KEYS[A], "wrong-key-123", prompt):
         assert secret not in text
+
+
+def test_a_tenant_at_its_budget_is_a_429_while_another_still_submits(
+    worker: WorkerProcess, client: Client
+) -> None:
+    """With UA's spend today at its daily budget, the gateway refuses UA's submit with a 429
+    rate_limit_error that names the budget, writes nothing, and still runs UB's request."""
+    budgets = json.dumps({UA: {"usd_per_day": 1}, UB: {"usd_per_day": 1}})
+    proc, url = start_gateway(worker, [UA, UB], LLM_WORKER_BUDGETS=budgets)
+    try:
+        today = datetime.now(UTC).strftime("%Y-%m-%d")
+        client.redis.set(client.keys.spend(UA, today), 10**12)  # 1 USD in pico-dollars
+        before, queued = written_keys(client), client.redis.llen(client.settings.queue)
+        refused = call(url, UA, "POST", "/v1/messages", json=make_request("over", stream=False))
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+        assert "budget" in refused.json()["error"]["message"]
+        assert new_keys(client, before, queued) == set()
+        served = call(url, UB, "POST", "/v1/messages", json=make_request("fine", stream=False))
+        assert served.status_code == 200, served.text
+    finally:
+        stop_process(proc)
