@@ -274,3 +274,33 @@ def sse_body(*events: dict[str, Any]) -> bytes:
         b"event: " + str(e["type"]).encode() + b"\ndata: " + orjson.dumps(e) + b"\n\n"
         for e in events
     )
+
+
+def start_gateway_process(
+    env: dict[str, str], log_path: Path | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """``llm-worker gateway`` in its own process with ``env``, on a free port, once it answers
+    ``/healthz``; its stderr to ``log_path`` (else kept for the error if it exits at start)."""
+    port = free_port()
+    log = log_path.open("wb") if log_path else subprocess.PIPE
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "gateway", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            if log_path is not None:
+                raise RuntimeError(f"gateway exited: {log_path.read_text()}")
+            raise RuntimeError(proc.stderr.read().decode() if proc.stderr else "gateway exited")
+        try:
+            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(up, 30, "the gateway")
+    return proc, url

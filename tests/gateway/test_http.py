@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,18 +12,17 @@ import httpx
 import pytest
 
 from tests.support import (
-    ROOT,
     WorkerProcess,
     celery_worker_args,
     make_request,
     new_keys,
+    start_gateway_process,
     stop_process,
     wait_for,
     worker_env,
     written_keys,
 )
 from worker.client.sync import Client
-from worker.dev.embedded import free_port
 from worker.gateway.relay import message_events
 
 pytestmark = pytest.mark.integration
@@ -47,7 +45,6 @@ TOOL: dict[str, Any] = {
 def start_gateway(worker: WorkerProcess, **extra: str) -> tuple[subprocess.Popen[bytes], str]:
     """The gateway in its own process, on the worker's Redis, with two producer keys: one
     named (tenant GATEWAY_TENANT), one bare."""
-    port = free_port()
     env = {
         **worker.env,
         "LLM_WORKER_GATEWAY_API_KEYS": f"{GATEWAY_TENANT}:{GATEWAY_KEY}, second-key",
@@ -55,25 +52,7 @@ def start_gateway(worker: WorkerProcess, **extra: str) -> tuple[subprocess.Popen
         "LLM_WORKER_GATEWAY_MAX_BODY_BYTES": "262144",
         **extra,
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "gateway", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stderr.read().decode() if proc.stderr else "gateway exited")
-        try:
-            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_for(up, 30, "the gateway")
-    return proc, url
+    return start_gateway_process(env)
 
 
 @pytest.fixture(scope="module")

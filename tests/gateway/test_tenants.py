@@ -10,7 +10,6 @@ import hashlib
 import json
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -22,16 +21,15 @@ import orjson
 import pytest
 
 from tests.support import (
-    ROOT,
     WorkerProcess,
     make_request,
     new_keys,
+    start_gateway_process,
     stop_process,
     wait_for,
     written_keys,
 )
 from worker.client.sync import Client
-from worker.dev.embedded import free_port
 from worker.errors import QuotaExceeded
 from worker.settings import settings_from_env
 
@@ -54,34 +52,12 @@ def start_gateway(
 ) -> tuple[subprocess.Popen[bytes], str]:
     """The gateway in its own process on the worker's Redis, with these tenants' keys (and
     ``extra`` settings; "" removes one); its log to ``log_path``."""
-    port = free_port()
     env = {
         **worker.env,
         "LLM_WORKER_GATEWAY_API_KEYS": key_specs({name: KEYS[name] for name in tenants}),
         **extra,
     }
-    env = {k: v for k, v in env.items() if v != ""}
-    log = log_path.open("wb") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "gateway", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            text = log_path.read_text() if log_path else ""
-            raise RuntimeError(f"gateway exited: {text}")
-        try:
-            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_for(up, 30, "the gateway")
-    return proc, url
+    return start_gateway_process({k: v for k, v in env.items() if v != ""}, log_path)
 
 
 @pytest.fixture(scope="module")

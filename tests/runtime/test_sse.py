@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.support import MESSAGE_START
 from worker.errors import TransientUpstreamError
 from worker.runtime.sse import DONE, MalformedStreamError, ServerSentEvent, SSEDecoder, parse_event
 
@@ -25,19 +26,7 @@ def _realistic_stream() -> bytes:
     lines: list[str] = [": stream opened by proxy", ""]
     lines += _event_lines(
         "message_start",
-        {
-            "type": "message_start",
-            "message": {
-                "id": "msg_1",
-                "type": "message",
-                "role": "assistant",
-                "model": "m",
-                "content": [],
-                "stop_reason": None,
-                "stop_sequence": None,
-                "usage": {"input_tokens": 3, "output_tokens": 1},
-            },
-        },
+        MESSAGE_START,
     )
     lines += _event_lines("ping", {"type": "ping"})
     lines += _event_lines(
