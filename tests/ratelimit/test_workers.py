@@ -167,12 +167,21 @@ def test_four_workers_use_the_whole_limit_and_never_exceed_it(stack: Stack) -> N
     httpx.post(f"{stack.simulator_url}/stats/reset", timeout=10)
     per_window = int(MEASURE_S / PERIOD_S)
     count = per_window * RPM + RPM // 2  # more than 30 s can take: the limit is the bottleneck
+    # A quarter of the load on each worker's own queue: every worker is at work by
+    # construction. (On the shared queue three workers' 40 slots each, plus the first window's
+    # 20 calls, can hold all 130 jobs, and which worker gets none is a race.)
+    jobs: list[Job] = []
+    for index, queue in enumerate(stack.queues):
+        with stack.client(queue) as client:
+            jobs += client.submit_many(
+                [
+                    make_request(f"load {i}", stream=i % 2 == 0, max_tokens=8)
+                    for i in range(index, count, len(stack.queues))
+                ]
+            )
     with stack.client() as client:
-        jobs = client.submit_many(
-            [make_request(f"load {i}", stream=i % 2 == 0, max_tokens=8) for i in range(count)]
-        )
-        # Each worker takes as many jobs as it has free slots in one fetch, and a job's
-        # record names its worker only while it runs: gather the names as they show.
+        jobs = [Job(client, job.job_id) for job in jobs]
+        # A job's record names its worker only while it runs: gather the names as they show.
         seen: set[str] = set()
 
         def all_four_at_work() -> bool:
