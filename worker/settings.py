@@ -261,6 +261,12 @@ class Settings(BaseSettings):
     # one while it waits); past it a request waits GATEWAY_REDIS_WAIT_S, then gets a 503.
     gateway_redis_connections: int = Field(default=1000, ge=4, le=100_000)
     gateway_redis_wait_s: PositiveSeconds = 5.0
+    # The gateway's fast path (docs/gateway.md): a /v1/messages job that nothing of its
+    # priority or higher waits ahead of, and that the rate limiter admits at once, is run by
+    # the gateway itself (written first, its message kept for a worker should the gateway
+    # die), at most this many at once; off, every job goes through the queue.
+    gateway_fast_path: bool = True
+    gateway_fast_path_jobs: int = Field(default=64, ge=1, le=10_000)
     gateway_port: int = Field(default=8000, ge=0, le=65_535)
 
     @field_validator("allowed_models", mode="before")

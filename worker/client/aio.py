@@ -73,8 +73,17 @@ class AsyncClient:
         # The publishers are synchronous (kombu's AMQP client): they run in a worker thread.
         self._publisher: Publisher | None = None
         self._outbox_keys = (self.keys.outbox(settings.queue), self.keys.outbox_message)
+        #: Writes a request does not wait for (see :meth:`submit_held`).
+        self._background: set[asyncio.Future[Any]] = set()
+
+    def _counted(self, task: asyncio.Future[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("submitted_count_failed error=%s", type(task.exception()).__name__)
 
     async def close(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         # types-redis predates aclose(); close() is its deprecated alias in redis-py 5+.
         await self.redis.aclose()  # type: ignore[attr-defined]
         if self._publisher is not None:
@@ -148,6 +157,40 @@ class AsyncClient:
             fallback_models=fallback_models,
             default_priority=default_priority,
         )
+        jobs, _held = await self._submit_prepared(submission, batch_id=batch_id)
+        return jobs
+
+    async def submit_held(
+        self,
+        request: Mapping[str, Any],
+        *,
+        job_id: str | None = None,
+        priority: int | None = None,
+        tenant: str | None = None,
+        deadline_s: float | None = None,
+        fallback_models: Sequence[str] | None = None,
+    ) -> tuple[AsyncJob, dict[str, Any] | None]:
+        """As :meth:`submit`, in the gateway's fast-path form (``submit.lua``): the job, and
+        its message payload when the script kept the message in the queue's outbox for the
+        caller to run the job itself (nothing of its priority or higher waits), else None (the
+        job is queued, or existed already). Only with the broker on this Redis."""
+        submission = p.prepare_submission(
+            self.settings,
+            [request],
+            [job_id],
+            None,
+            priority=priority,
+            tenant=tenant,
+            deadline_s=deadline_s,
+            fallback_models=None if fallback_models is None else [list(fallback_models)],
+            default_priority=p.DEFAULT_PRIORITY,
+        )
+        jobs, held = await self._submit_prepared(submission, fast_path=self._same_redis)
+        return jobs[0], held[0]
+
+    async def _submit_prepared(
+        self, submission: p.Submission, *, batch_id: str | None = None, fast_path: bool = False
+    ) -> tuple[list[AsyncJob], list[dict[str, Any] | None]]:
         if not self._topology_checked:  # once per client, before its first write
             await connections.async_refuse_cluster(self.redis)
             self._topology_checked = True
@@ -167,6 +210,7 @@ class AsyncClient:
             now=now,
             same_redis=self._same_redis,
             batch_id=batch_id,
+            fast_path=fast_path,
         )
 
         async def fill(pipe: Any) -> None:
@@ -190,13 +234,23 @@ class AsyncClient:
             counts = self.redis.pipeline(transaction=False)
             for field, count in p.count_submitted(new_jobs).items():
                 counts.hincrby(self.keys.submitted_counts(self.settings.queue), field, count)
-            await counts.execute()
+            if fast_path:
+                # A metric's counter, not the job: not worth a round trip of the request's.
+                task = asyncio.ensure_future(counts.execute())
+                self._background.add(task)
+                task.add_done_callback(self._counted)
+            else:
+                await counts.execute()
         if not self._same_redis:
             await self._send_elsewhere(p.to_publish(calls, results, created))
         over_quota = p.quota_refusal(calls, results)
         if over_quota is not None:
             raise over_quota
-        return [AsyncJob(self, job_id) for job_id in submission.ids]
+        held = [
+            call.payload if new and len(result) > 1 and int(result[1]) == 1 else None
+            for call, result, new in zip(calls, results, created, strict=True)
+        ]
+        return [AsyncJob(self, job_id) for job_id in submission.ids], held
 
     async def _send_elsewhere(self, items: list[OutboxItem]) -> None:
         """As :meth:`worker.client.sync.Client._send_elsewhere`: publish, then take what the

@@ -32,7 +32,7 @@ from worker.errors import (
     QuotaExceeded,
     RequestInvalid,
 )
-from worker.keys import Keys
+from worker.keys import Keys, TrafficKeys
 from worker.ratelimit.cost import submit_problem
 from worker.request import validate_request
 from worker.settings import Settings, load_settings
@@ -364,9 +364,12 @@ def submit_calls(
     now: float,
     same_redis: bool,
     batch_id: str | None = None,
+    fast_path: bool = False,
 ) -> list[ScriptCall]:
     """The arguments of ``submit.lua`` for every job (see the script for their meaning):
     with ``same_redis`` the message goes onto the queue, else into the queue's outbox.
+    ``fast_path`` (with ``same_redis``): the gateway's form, which keeps the message in the
+    outbox when nothing of the job's priority or higher waits (the gateway then runs it).
 
     ``batch_id``: the gateway Message Batch the jobs belong to (their ends are counted there).
     """
@@ -389,9 +392,13 @@ def submit_calls(
         if opts.fallback_models is not None:
             payload["fallback_models"] = list(opts.fallback_models)
         item = OutboxItem(job_id, payload, opts.priority)
+        fast_args: list[Any] = []
         if same_redis:
             script_keys = [keys.job(job_id), settings.queue]
             message = task_message(job_id, payload, queue=settings.queue)
+            if fast_path:
+                script_keys += [keys.outbox(settings.queue), keys.outbox_message(job_id)]
+                fast_args = [item.dumps(), TrafficKeys(settings.queue).base]
         else:
             script_keys = [
                 keys.job(job_id),
@@ -419,6 +426,7 @@ def submit_calls(
                     else orjson.dumps(list(opts.fallback_models)),
                     job_id,
                     *quota_args(settings, keys, opts.tenant),
+                    *fast_args,
                 ],
                 payload=payload,
                 item=item,
@@ -469,6 +477,10 @@ def to_publish(
     return items
 
 
+#: Where ``submit.lua``'s ARGV[14], the tenant's quota, is in :attr:`ScriptCall.args`.
+QUOTA_ARG = 13
+
+
 def quota_refusal(calls: list[ScriptCall], results: list[Any]) -> QuotaExceeded | None:
     """The error for the jobs a tenant's quota refused (raise it once the created ones are
     enqueued), or None."""
@@ -479,7 +491,9 @@ def quota_refusal(calls: list[ScriptCall], results: list[Any]) -> QuotaExceeded 
         call.job_id for call, result in zip(calls, results, strict=True) if int(result[0]) == 1
     ]
     tenant = split_qualified_id(refused[0].job_id)[0] or ""
-    return QuotaExceeded(tenant, int(refused[0].args[-1]), [c.job_id for c in refused], created)
+    return QuotaExceeded(
+        tenant, int(refused[0].args[QUOTA_ARG]), [c.job_id for c in refused], created
+    )
 
 
 def submitted_field(model: str, tenant: str | None) -> str:

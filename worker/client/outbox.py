@@ -12,9 +12,16 @@ One Redis step cannot both create the record and enqueue on another server, so:
 A producer that dies between 1 and 3, or a broker that is down, leaves the message in the
 outbox: every worker runs a sweeper (:mod:`worker.runtime.sweeper`) that publishes again the
 messages waiting longer than ``OUTBOX_GRACE_S``, one worker at a time. A resubmit of an id
-still in the outbox publishes it again at once. A message can thus be published twice (a
-producer slower than the grace, a confirmation lost with its connection); the second delivery
-meets the job's lease (running) or its end (ended) and does not run it again.
+still in the outbox publishes it again at once.
+
+The gateway's fast path (:mod:`worker.gateway.fast_path`) uses the same outbox with the broker
+on the results Redis: its job's message is kept there while the gateway runs the job itself,
+and taken out when the job ends (or pushed onto the queue when the gateway hands it back); if
+the gateway dies, its lease lapses and a sweeper publishes the message.
+
+A message can thus be published twice (a producer slower than the grace, a confirmation lost
+with its connection, a gateway that hands a job back as a sweeper publishes it); the second
+delivery meets the job's lease (running) or its end (ended) and does not run it again.
 """
 
 from __future__ import annotations
@@ -109,21 +116,31 @@ class Outbox:
         return [text(job_id) for job_id in raw]
 
     def pending(self, job_ids: Sequence[str]) -> tuple[list[OutboxItem], list[str]]:
-        """Of ``job_ids``: the items of jobs still queued, and the ids whose entry is stale
-        (the job started or ended, its record or message expired) and should just go."""
+        """Of ``job_ids``: the items to publish, and the ids whose entry is stale and should
+        just go (the job ended, its record or message expired).
+
+        To publish: a job still queued, and a running job whose lease lapsed (its runner
+        died with no message on the queue: the gateway's fast path, or a producer that died
+        between publish and confirmation; a second copy meets the job's lease or end). A
+        running job whose lease is alive is neither: its entry stays, looked at again after
+        another grace, until the job ends."""
         pipe = self.redis.pipeline(transaction=False)
+        pipe.time()
         for job_id in job_ids:
-            pipe.hget(self.keys.job(job_id), "state")
+            pipe.hmget(self.keys.job(job_id), ["state", "lease_until"])
             pipe.get(self.keys.outbox_message(job_id))
         replies = pipe.execute()
+        seconds, micros = replies[0]
+        now_ms = int(seconds) * 1000 + int(micros) // 1000  # the clock leases are kept in
         items: list[OutboxItem] = []
         stale: list[str] = []
         for index, job_id in enumerate(job_ids):
-            state, raw = replies[2 * index], replies[2 * index + 1]
+            (state, lease_until), raw = replies[1 + 2 * index], replies[2 + 2 * index]
             item = OutboxItem.loads(job_id, raw)
-            if item is None or state is None or text(state) != "queued":
+            state_text = text(state) if state is not None else None
+            if item is None or state_text not in {"queued", "running"}:
                 stale.append(job_id)
-            else:
+            elif state_text == "queued" or int(text(lease_until or b"0") or 0) <= now_ms:
                 items.append(item)
         return items, stale
 

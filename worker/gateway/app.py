@@ -45,6 +45,7 @@ from worker.errors import (
 from worker.gateway import relay
 from worker.gateway.auth import KeyRing
 from worker.gateway.batches import BatchStore, parse_requests
+from worker.gateway.fast_path import FastPath, Outcome
 from worker.gateway.guard import (
     Busy,
     Guard,
@@ -61,6 +62,9 @@ PRIORITY_HEADER = "llm-worker-priority"
 DEADLINE_HEADER = "llm-worker-deadline"
 #: The job's fallback models, comma-separated, in order (replacing LLM_WORKER_FALLBACKS').
 FALLBACK_HEADER = "llm-worker-fallback-models"
+#: Response header: ``gateway`` when the gateway ran the job itself (its fast path; for a
+#: stream: took it to run), ``queue`` when a worker did.
+PATH_HEADER = "llm-worker-path"
 
 
 #: The gateway's Redis connections carry this name (CLIENT LIST shows how many it holds).
@@ -159,6 +163,9 @@ class Gateway:
         )
         self.batches = BatchStore(self.client)
         self.wait_s = settings.job_deadline_s + 60
+        self.fast_path = FastPath(settings)
+        #: Fast-path jobs running in the background (a streamed request's, read from Redis).
+        self._background: set[asyncio.Future[Outcome]] = set()
 
     # -- edges -------------------------------------------------------------------------------
 
@@ -205,7 +212,7 @@ class Gateway:
         if streamed:
             self.streams.take(tenant_of(request))  # before the job exists: a 429 writes nothing
         try:
-            job = await self._submit(
+            job, ran = await self._submit_and_run(
                 request,
                 body,
                 job_id=job_id,
@@ -218,9 +225,31 @@ class Gateway:
                 self.streams.give(tenant_of(request))
             raise
         if streamed:
-            return self._anthropic_stream(request, job, after="0-0", slot_taken=True)
+            if ran is not None:
+                # The job runs here; the stream reads its events from Redis as for a queued
+                # job (their stream ids are what a client resumes from).
+                self._background.add(ran)
+                ran.add_done_callback(self._background.discard)
+            return self._anthropic_stream(
+                request, job, after="0-0", slot_taken=True, ran_here=ran is not None
+            )
+        return await self._answer(job, ran, wait_s)
+
+    async def _answer(
+        self, job: AsyncJob, ran: asyncio.Future[Outcome] | None, wait_s: float
+    ) -> Response:
+        """A non-streamed request's answer: from the gateway's own run of the job when it
+        ended it, else from the job's end as Redis tells it."""
+        ran_here = False
         try:
-            message = await job.result(timeout=wait_s)
+            message = None
+            if ran is not None:
+                outcome = await asyncio.shield(ran)
+                if outcome.event is not None:
+                    ran_here = True
+                    message = p.outcome(job.job_id, outcome.event)
+            if message is None:
+                message = await job.result(timeout=wait_s)
         except JobFailed as exc:
             kind = ev.FAILED
             if isinstance(exc, JobCancelled):
@@ -231,7 +260,7 @@ class Gateway:
                 {"type": kind, "error": exc.error}, upstream=self.settings.upstream_name
             )
             status = relay.http_status(exc.error, kind)
-            headers = self._headers(job)
+            headers = self._headers(job, ran_here=ran_here)
             if kind == ev.EXPIRED:
                 # The SDKs retry a 504 as a new request, i.e. a new job past the same deadline.
                 headers[SHOULD_RETRY_HEADER] = "false"
@@ -249,7 +278,7 @@ class Gateway:
         except JobNotFound:
             # The job's records vanished while we waited (expired, or Redis lost them).
             raise _not_found(_plain(job)) from None
-        return _json(message, headers=self._headers(job))
+        return _json(message, headers=self._headers(job, ran_here=ran_here))
 
     async def _resume(self, request: Request, last_event_id: str) -> Response:
         """A dropped stream, resumed after the frame ``last_event_id`` names."""
@@ -284,11 +313,63 @@ class Gateway:
         request.state.job_id = _plain(job)
         return job
 
-    def _headers(self, job: AsyncJob) -> dict[str, str]:
-        return {JOB_ID_HEADER: _plain(job), "request-id": _plain(job)}
+    async def _submit_and_run(
+        self,
+        request: Request,
+        body: dict[str, Any],
+        *,
+        job_id: str | None,
+        priority: int | None,
+        deadline_s: float | None,
+        fallbacks: list[str] | None,
+    ) -> tuple[AsyncJob, asyncio.Future[Outcome] | None]:
+        """The caller's job, and its run by this gateway when the fast path took it
+        (:mod:`worker.gateway.fast_path`), else None: the queue runs it."""
+        if not self.fast_path.take():
+            job = await self._submit(
+                request,
+                body,
+                job_id=job_id,
+                priority=priority,
+                deadline_s=deadline_s,
+                fallbacks=fallbacks,
+            )
+            return job, None
+        try:
+            job, payload = await self.client.submit_held(
+                body,
+                job_id=job_id,
+                priority=priority,
+                deadline_s=deadline_s,
+                fallback_models=fallbacks,
+                tenant=tenant_of(request),
+            )
+        except (RequestInvalid, BudgetExceeded, JobConflict, QuotaExceeded) as exc:
+            self.fast_path.give()
+            raise submit_problem(exc, job_id) from None
+        except BaseException:
+            self.fast_path.give()
+            raise
+        request.state.job_id = _plain(job)
+        if payload is None:
+            self.fast_path.give()  # queued behind others, or an existing job
+            return job, None
+        return job, self.fast_path.start(job.job_id, payload)
+
+    def _headers(self, job: AsyncJob, *, ran_here: bool | None = None) -> dict[str, str]:
+        headers = {JOB_ID_HEADER: _plain(job), "request-id": _plain(job)}
+        if ran_here is not None:
+            headers[PATH_HEADER] = "gateway" if ran_here else "queue"
+        return headers
 
     def _anthropic_stream(
-        self, request: Request, job: AsyncJob, *, after: str, slot_taken: bool = False
+        self,
+        request: Request,
+        job: AsyncJob,
+        *,
+        after: str,
+        slot_taken: bool = False,
+        ran_here: bool | None = None,
     ) -> Response:
         async def frames() -> AsyncIterator[bytes]:
             # Frames carry only chunk ids: a client resuming after one holds output already.
@@ -301,7 +382,8 @@ class Gateway:
                 if state.done:
                     return
 
-        return self._stream(request, frames(), self._headers(job), slot_taken=slot_taken)
+        headers = self._headers(job, ran_here=ran_here)
+        return self._stream(request, frames(), headers, slot_taken=slot_taken)
 
     def _stream(
         self,
@@ -535,6 +617,8 @@ def create_app(settings: Settings) -> Starlette:
         yield
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.remove_signal_handler(signal.SIGHUP)
+        # Jobs the gateway runs end or go back to the queue (SHUTDOWN_GRACE_S) before it stops.
+        await asyncio.to_thread(gateway.fast_path.close)
         await gateway.client.close()
 
     routes = [

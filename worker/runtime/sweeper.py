@@ -8,6 +8,10 @@ the one worker that takes the tick's lock publishes every message older than
 ``OUTBOX_GRACE_S`` again, and drops the entries of jobs that started or ended meanwhile. A
 copy published twice is delivered twice and run once: the second delivery meets the job's
 lease or its end.
+
+With the broker on the results Redis the outbox holds only the gateway's fast-path jobs
+(:mod:`worker.gateway.fast_path`): a message whose job is running under a live lease stays;
+once that lease lapses (the gateway died), the message is published and a worker takes over.
 """
 
 from __future__ import annotations
@@ -112,8 +116,8 @@ def _start_sweeper(sender: Any = None, **_: Any) -> None:
     from worker.settings import load_settings
 
     settings = app.settings or load_settings()
-    if settings.effective_broker_url == str(settings.redis_url):
-        return  # one Redis: a job and its message are created in one step, nothing to sweep
+    # With the broker on the results Redis, only the gateway's fast path keeps messages in
+    # the outbox (its jobs, should the gateway die mid-call); a tick costs one script call.
     sweeper = OutboxSweeper(
         settings,
         redis_client(settings, max_connections=4),

@@ -1,0 +1,267 @@
+"""The gateway's fast path: a ``/v1/messages`` job run by the gateway itself, not the queue.
+
+Through the queue, one request crosses four processes (gateway, Redis, a worker, the
+upstream) and about eight round trips in sequence; the queue hop and Celery's dispatch were
+most of what the gateway added (docs/performance.md). When a job may run at once anyway, the
+gateway runs it in-process with the worker's own code:
+
+1. ``submit.lua`` writes the job as for any producer (record, tenant quota, budget check,
+   idempotent id), in its fast-path form: if nothing of the job's priority or higher waits on
+   the queue, the Celery message is kept in the queue's *outbox* instead of being pushed;
+   otherwise it is queued as usual and this module is not involved;
+2. the gateway claims the job as a worker does (``claim.lua``: its lease, the ``started``
+   event) and runs :class:`~worker.runtime.runner.JobRunner` in a thread: the shared rate
+   limiter, events in the job's stream, retries, fallbacks, cancel, deadline, usage and cost,
+   all as in a worker; its first reservation of the limiter does not wait;
+3. at the job's end the message leaves the outbox and the terminal event is handed to the
+   request, which answers from it (a streamed request reads the job's events from Redis as
+   on the queue path).
+
+Durability: the job is written before the call, and its message is in Redis. If the gateway
+dies, its lease lapses (``LEASE_TTL_S``) and a worker's outbox sweeper publishes the message
+(:mod:`worker.runtime.sweeper`); a worker takes the job over as from a worker that died. If
+the limiter would make the job wait, or the gateway shuts down, or anything goes wrong here,
+the job is handed back (lease released, message pushed onto the queue) and the request waits
+for it as on the queue path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from worker.broker import task_message
+from worker.keys import Keys
+from worker.ratelimit.gate import JobPostponed
+from worker.runtime.context import Runtime, build_runtime
+from worker.runtime.leases import new_token
+from worker.runtime.runner import HandBack, JobRunner
+from worker.settings import Settings
+
+log = structlog.get_logger("worker.gateway.fast_path")
+
+
+#: The interpreter's thread switch interval with the fast path on (see FastPath).
+SWITCH_INTERVAL_S = 0.0005
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a fast-path job left the gateway: ``event`` is its terminal event when the gateway
+    ended it; None when the job went to the queue or was ended by someone else (the request
+    then reads the end from Redis)."""
+
+    event: dict[str, Any] | None
+
+
+class GatewayRunner(JobRunner):
+    """The worker's runner, keeping the terminal event it wrote; its first reservation of the
+    rate limiter does not wait (a wait is the queue's to do: the job is handed back)."""
+
+    terminal: dict[str, Any] | None = None
+    _reserved_once = False
+    _last_event: dict[str, Any] | None = None
+
+    def _event(self, type_: str, attempt: int, **fields: Any) -> dict[str, Any]:
+        event = super()._event(type_, attempt, **fields)
+        self._last_event = event
+        return event
+
+    def _finish(self, type_: str, attempt: int, **kwargs: Any) -> bool:
+        ended = super()._finish(type_, attempt, **kwargs)
+        if ended:
+            self.terminal = self._last_event
+        return ended
+
+    def _reserve(self, attempt: int) -> Any:
+        if self._reserved_once:
+            return super()._reserve(attempt)
+        self._reserved_once = True
+        # A deadline of now bounds the limiter's wait to zero: granted at once, or postponed.
+        deadline_at, self.deadline_at = self.deadline_at, time.time()
+        try:
+            return super()._reserve(attempt)
+        finally:
+            self.deadline_at = deadline_at
+
+
+class FastPath:
+    """Runs held jobs in threads of the gateway, at most ``GATEWAY_FAST_PATH_JOBS`` at once."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        same_redis = settings.effective_broker_url == str(settings.redis_url)
+        self.enabled = settings.gateway_fast_path and same_redis
+        self.capacity = settings.gateway_fast_path_jobs
+        self.running = 0
+        self._rt: Runtime | None = None
+        self._rt_lock = threading.Lock()
+        if self.enabled:
+            # The jobs' threads share the GIL with the event loop: at the default 5 ms a busy
+            # thread can hold a request's next step back that long (a streamed answer's next
+            # chunk); 0.5 ms bounds it.
+            sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
+        self._pool = ThreadPoolExecutor(
+            max_workers=self.capacity, thread_name_prefix="llmw-fast-path"
+        )
+
+    # -- places (on the event loop) ----------------------------------------------------------
+
+    def take(self) -> bool:
+        """Take a place for one job; False when the fast path is off or full."""
+        if not self.enabled or self.running >= self.capacity:
+            return False
+        self.running += 1
+        return True
+
+    def give(self) -> None:
+        self.running -= 1
+
+    def start(self, job_id: str, payload: dict[str, Any]) -> asyncio.Future[Outcome]:
+        """Run the held job ``job_id`` in a thread: the future is its outcome, set as soon as
+        the job ends (the outbox is tidied after it); its place is given back after that."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Outcome] = loop.create_future()
+
+        def tell(outcome: Outcome) -> None:
+            loop.call_soon_threadsafe(_set_result, answer, outcome)
+
+        ran = asyncio.wrap_future(self._pool.submit(self._run, job_id, payload, tell), loop=loop)
+        ran.add_done_callback(lambda _: self.give())
+        return answer
+
+    # -- the job (in a thread) ---------------------------------------------------------------
+
+    def runtime(self) -> Runtime:
+        with self._rt_lock:
+            if self._rt is None:
+                self._rt = build_runtime(self.settings)
+            return self._rt
+
+    def _run(self, job_id: str, payload: dict[str, Any], tell: Callable[[Outcome], None]) -> None:
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(job_id=job_id, runner="gateway")
+        outcome = Outcome(None)
+        try:
+            rt = self.runtime()
+            token = new_token(rt.hostname)
+            outcome = self._run_claimed(rt, job_id, payload, token)
+        except Exception:
+            # A bug of ours or Redis away: the job goes to a worker ("run twice rather than
+            # never"); if even that fails, the lease lapses and a sweeper publishes it.
+            log.exception("fast_path_crashed")
+            try:
+                self._hand_back(rt, job_id, payload, token, attempts=None)
+            except Exception:
+                log.exception("fast_path_hand_back_failed")
+        finally:
+            tell(outcome)
+        if outcome.event is not None:
+            try:
+                self._done(rt, job_id)
+            except Exception as exc:  # the entry waits: a sweeper drops it (the job ended)
+                log.warning("fast_path_outbox_not_cleared", error=type(exc).__name__)
+
+    def _run_claimed(
+        self, rt: Runtime, job_id: str, payload: dict[str, Any], token: str
+    ) -> Outcome:
+        settings = self.settings
+        request = payload["request"]
+        model = str(request["model"])
+        structlog.contextvars.bind_contextvars(model=model)
+        own = payload.get("fallback_models")
+        fallbacks = tuple(own) if own is not None else settings.fallbacks.get(model, ())
+        claim = rt.store.claim(
+            job_id,
+            worker=rt.hostname,
+            model=model,
+            ttl_s=int(settings.job_deadline_s + settings.result_ttl_s),
+            token=token,
+            lease_ttl_s=settings.lease_ttl_s,
+            max_deliveries=settings.max_deliveries,
+            start_attempt=True,
+            submitted_at=payload.get("submitted_at"),
+            deadline_at=payload.get("deadline_at"),
+        )
+        if claim.state_before not in {"queued", "missing"}:
+            # Ended already (a cancel came first), or someone else runs it: nothing of ours
+            # (an ended job's outbox entry goes with the sweeper's next look).
+            return Outcome(None)
+        handle = rt.leases.register(job_id, token)
+        runner = GatewayRunner(
+            rt,
+            job_id,
+            request,
+            claim,
+            handle,
+            submitted_at=payload.get("submitted_at"),
+            payload=payload,
+            fallbacks=fallbacks,
+        )
+        try:
+            runner.run()
+        except (HandBack, JobPostponed) as exc:
+            self._hand_back(rt, job_id, payload, token, attempts=runner.released_attempts)
+            log.info("fast_path_handed_back", reason=type(exc).__name__)
+            return Outcome(None)
+        finally:
+            rt.leases.unregister(handle)
+        if runner.terminal is None:
+            return Outcome(None)  # someone else ended it (a cancel): the request reads it
+        return Outcome(runner.terminal)
+
+    def _done(self, rt: Runtime, job_id: str) -> None:
+        """The job ended: its message leaves the outbox."""
+        pipe = rt.store.redis.pipeline(transaction=True)
+        pipe.zrem(self.keys.outbox(self.settings.queue), job_id)
+        pipe.delete(self.keys.outbox_message(job_id))
+        pipe.execute()
+
+    def _hand_back(
+        self,
+        rt: Runtime,
+        job_id: str,
+        payload: dict[str, Any],
+        token: str,
+        *,
+        attempts: int | None,
+    ) -> None:
+        """Give the job to the queue: release the lease (queued again), push the message and
+        take it out of the outbox, in that order (a sweeper between the two publishes a copy,
+        which meets the job's lease or end)."""
+        rt.store.release(job_id, token, attempts=attempts)
+        queue = self.settings.queue
+        pipe = rt.store.redis.pipeline(transaction=True)
+        pipe.lpush(queue, task_message(job_id, payload, queue=queue))
+        pipe.zrem(self.keys.outbox(queue), job_id)
+        pipe.delete(self.keys.outbox_message(job_id))
+        pipe.execute()
+
+    # -- the gateway's end -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Warm shutdown: jobs waiting (backoff) are handed back now, running ones when
+        ``SHUTDOWN_GRACE_S`` runs out; returns once every job has ended or gone back."""
+        rt = self._rt
+        if rt is not None:
+            rt.leases.drain(self.settings.shutdown_grace_s)
+        self._pool.shutdown(wait=True)
+        if rt is not None:
+            rt.close()
+
+
+def _set_result(future: asyncio.Future[Outcome], outcome: Outcome) -> None:
+    if not future.done():
+        future.set_result(outcome)
+
+
+__all__ = ["FastPath", "GatewayRunner", "Outcome"]
