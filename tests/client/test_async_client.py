@@ -256,3 +256,18 @@ def test_events_timeout_raises_timeout_error(run: Any) -> None:
         await job.cancel()
 
     run(body)
+
+
+def test_a_submit_after_redis_lost_its_scripts_loads_them_and_succeeds(run: Any) -> None:
+    """The submit pipeline calls its scripts by SHA (no SCRIPT EXISTS round trip first): after
+    a SCRIPT FLUSH (as after a Redis restart or failover) it loads them and the job runs."""
+
+    async def body(ac: AsyncClient) -> tuple[bool, dict[str, Any]]:
+        await ac.redis.script_flush()  # type: ignore[no-untyped-call]
+        job = await ac.submit(make_request("after a flush", stream=False, max_tokens=8))
+        loaded = await ac.redis.script_exists(getattr(ac._submit, "sha"))  # noqa: B009
+        return bool(loaded[0]), await job.result(timeout=30)
+
+    loaded, message = run(body)
+    assert loaded
+    assert message["type"] == "message"

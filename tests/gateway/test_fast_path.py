@@ -34,6 +34,7 @@ from worker.client.aio import AsyncClient
 from worker.client.sync import Client, Job
 from worker.gateway.app import JOB_ID_HEADER, PATH_HEADER, PRIORITY_HEADER
 from worker.keys import TrafficKeys
+from worker.runtime.job_store import claim_call, parse_claim
 from worker.settings import settings_from_env
 
 pytestmark = pytest.mark.integration
@@ -347,16 +348,38 @@ def test_only_waiting_jobs_of_equal_or_higher_priority_stop_the_fast_path(
         held = []
         async with AsyncClient(settings) as producer:
             r = producer.redis
+
+            def claim_with(job_id: str, payload: dict[str, Any]) -> tuple[list[str], list[Any]]:
+                return claim_call(
+                    producer.keys,
+                    job_id,
+                    worker="test:1",
+                    model=MODEL,
+                    ttl_s=60,
+                    token=uuid.uuid4().hex,
+                    lease_ttl_s=2,
+                    max_deliveries=5,
+                    start_attempt=True,
+                    result_ttl_s=60,
+                    held_in=producer.keys.outbox(queue),
+                )
+
+            async def taken(priority: int) -> bool:
+                _job, _payload, raw = await producer.submit_held(
+                    body, priority=priority, claim_with=claim_with
+                )
+                return parse_claim(raw).state_before == "queued"
+
             await r.zadd(traffic.turns(2), {"": 0})
-            held.append((await producer.submit_held(body, priority=5))[1] is not None)
+            held.append(await taken(5))
             await r.zadd(traffic.turns(9), {"": 0})
-            held.append((await producer.submit_held(body, priority=5))[1] is not None)
+            held.append(await taken(5))
             queued = await r.llen(queue)  # the job just queued; a worker takes it:
             await r.delete(traffic.turns(9), queue)
-            held.append((await producer.submit_held(body, priority=5))[1] is not None)
+            held.append(await taken(5))
             await r.delete(traffic.turns(2))
             await r.lpush(queue, b"{}")
-            held.append((await producer.submit_held(body, priority=0))[1] is not None)
+            held.append(await taken(0))
             held.append(queued == 1 and await r.zcard(producer.keys.outbox(queue)) == 2)
             await r.delete(queue, producer.keys.outbox(queue))
         return held

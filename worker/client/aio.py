@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -32,6 +32,9 @@ from worker.settings import Settings
 from worker.store import cancel_call, decode_hash, ending_script, load_lua, text
 
 log = logging.getLogger("worker.client")
+
+#: Builds a claim to send with a submit: ``(job_id, payload) -> (keys, args)`` of ``claim.lua``.
+ClaimWith = Callable[[str, dict[str, Any]], tuple[list[str], list[Any]]]
 
 
 class AsyncClient:
@@ -68,6 +71,7 @@ class AsyncClient:
         self._topology_checked = False
         self._submit = self.redis.register_script(load_lua("submit.lua"))
         self._cancel = self.redis.register_script(ending_script("cancel.lua"))
+        self._claim = self.redis.register_script(load_lua("claim.lua"))
         self._same_redis = settings.effective_broker_url == str(settings.redis_url)
         # With a broker elsewhere, messages go through the queue's outbox (client/outbox.py).
         # The publishers are synchronous (kombu's AMQP client): they run in a worker thread.
@@ -157,7 +161,7 @@ class AsyncClient:
             fallback_models=fallback_models,
             default_priority=default_priority,
         )
-        jobs, _held = await self._submit_prepared(submission, batch_id=batch_id)
+        jobs, _payloads, _claim = await self._submit_prepared(submission, batch_id=batch_id)
         return jobs
 
     async def submit_held(
@@ -169,11 +173,13 @@ class AsyncClient:
         tenant: str | None = None,
         deadline_s: float | None = None,
         fallback_models: Sequence[str] | None = None,
-    ) -> tuple[AsyncJob, dict[str, Any] | None]:
-        """As :meth:`submit`, in the gateway's fast-path form (``submit.lua``): the job, and
-        its message payload when the script kept the message in the queue's outbox for the
-        caller to run the job itself (nothing of its priority or higher waits), else None (the
-        job is queued, or existed already). Only with the broker on this Redis."""
+        claim_with: ClaimWith,
+    ) -> tuple[AsyncJob, dict[str, Any], Any]:
+        """As :meth:`submit`, in the gateway's fast-path form of ``submit.lua`` (only with
+        the broker on this Redis), and in the same round trip the claim ``claim_with(job_id,
+        payload)`` returns (``claim.lua``'s keys and arguments, guarded to take only a job
+        whose message the outbox holds): the job, its message payload and the claim's raw
+        reply (``not_held`` when the job was queued or existed already)."""
         submission = p.prepare_submission(
             self.settings,
             [request],
@@ -185,12 +191,19 @@ class AsyncClient:
             fallback_models=None if fallback_models is None else [list(fallback_models)],
             default_priority=p.DEFAULT_PRIORITY,
         )
-        jobs, held = await self._submit_prepared(submission, fast_path=self._same_redis)
-        return jobs[0], held[0]
+        jobs, payloads, claim = await self._submit_prepared(
+            submission, fast_path=self._same_redis, claim_with=claim_with
+        )
+        return jobs[0], payloads[0], claim
 
     async def _submit_prepared(
-        self, submission: p.Submission, *, batch_id: str | None = None, fast_path: bool = False
-    ) -> tuple[list[AsyncJob], list[dict[str, Any] | None]]:
+        self,
+        submission: p.Submission,
+        *,
+        batch_id: str | None = None,
+        fast_path: bool = False,
+        claim_with: ClaimWith | None = None,
+    ) -> tuple[list[AsyncJob], list[dict[str, Any]], Any]:
         if not self._topology_checked:  # once per client, before its first write
             await connections.async_refuse_cluster(self.redis)
             self._topology_checked = True
@@ -213,13 +226,23 @@ class AsyncClient:
             fast_path=fast_path,
         )
 
-        async def fill(pipe: Any) -> None:
+        claim = None if claim_with is None else claim_with(calls[0].job_id, calls[0].payload)
+
+        # types-redis does not know AsyncScript.sha (redis-py computes it from the text).
+        submit_sha, claim_sha = getattr(self._submit, "sha"), getattr(self._claim, "sha")  # noqa: B009
+
+        def fill(pipe: Any) -> None:
             for call in calls:
-                await self._submit(keys=call.keys, args=call.args, client=pipe)
+                pipe.evalsha(submit_sha, len(call.keys), *call.keys, *call.args)
+            if claim is not None:
+                pipe.evalsha(claim_sha, len(claim[0]), *claim[0], *claim[1])
             self.replica_ack.add(pipe)
 
-        replies = await connections.async_execute_pipeline(self.redis, fill)
+        replies = await connections.async_execute_scripts(
+            self.redis, fill, [self._submit, self._claim]
+        )
         results = self.replica_ack.check(replies, p.submission_name(len(calls)))
+        claimed = results.pop() if claim is not None else None
         created = p.created_flags(calls, results)
         new_jobs = [
             (request["model"], opts.tenant)
@@ -246,11 +269,8 @@ class AsyncClient:
         over_quota = p.quota_refusal(calls, results)
         if over_quota is not None:
             raise over_quota
-        held = [
-            call.payload if new and len(result) > 1 and int(result[1]) == 1 else None
-            for call, result, new in zip(calls, results, created, strict=True)
-        ]
-        return [AsyncJob(self, job_id) for job_id in submission.ids], held
+        payloads = [call.payload for call in calls]
+        return [AsyncJob(self, job_id) for job_id in submission.ids], payloads, claimed
 
     async def _send_elsewhere(self, items: list[OutboxItem]) -> None:
         """As :meth:`worker.client.sync.Client._send_elsewhere`: publish, then take what the

@@ -17,7 +17,7 @@ docs/high-availability.md.
 from __future__ import annotations
 
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -324,6 +324,28 @@ async def async_execute_pipeline(
         except NoScriptError:
             if attempt == 2:
                 raise
+    raise AssertionError("unreachable")
+
+
+async def async_execute_scripts(
+    client: aredis.Redis[Any], fill: Callable[[Any], None], scripts: Sequence[Any]
+) -> list[Any]:
+    """As :func:`async_execute_pipeline`, for a pipeline ``fill`` queues ``EVALSHA`` calls of
+    ``scripts`` on directly: redis-py's pipeline asks ``SCRIPT EXISTS`` for its registered
+    scripts before every execute, one round trip more on each; here a ``NOSCRIPT`` (a Redis
+    restarted or failed over since) loads them, and the pipeline runs once more (a script
+    call that ran before the retry answers the same again: submit and claim are
+    idempotent)."""
+    for attempt in (1, 2):
+        pipe = client.pipeline(transaction=False)
+        fill(pipe)
+        try:
+            return list(await pipe.execute())
+        except NoScriptError:
+            if attempt == 2:
+                raise
+            for script in scripts:
+                await client.script_load(script.script)  # type: ignore[no-untyped-call]
     raise AssertionError("unreachable")
 
 

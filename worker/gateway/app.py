@@ -54,6 +54,7 @@ from worker.gateway.guard import (
     tenant_of,
 )
 from worker.gateway.openapi import openapi_document
+from worker.runtime.job_store import parse_claim
 from worker.settings import Settings
 
 JOB_ID_HEADER = "llm-worker-job-id"
@@ -335,14 +336,16 @@ class Gateway:
                 fallbacks=fallbacks,
             )
             return job, None
+        token = self.fast_path.new_token()
         try:
-            job, payload = await self.client.submit_held(
+            job, payload, raw_claim = await self.client.submit_held(
                 body,
                 job_id=job_id,
                 priority=priority,
                 deadline_s=deadline_s,
                 fallback_models=fallbacks,
                 tenant=tenant_of(request),
+                claim_with=self.fast_path.claim_with(token),
             )
         except (RequestInvalid, BudgetExceeded, JobConflict, QuotaExceeded) as exc:
             self.fast_path.give()
@@ -351,10 +354,11 @@ class Gateway:
             self.fast_path.give()
             raise
         request.state.job_id = _plain(job)
-        if payload is None:
+        claim = parse_claim(raw_claim)
+        if claim.state_before != "queued":
             self.fast_path.give()  # queued behind others, or an existing job
             return job, None
-        return job, self.fast_path.start(job.job_id, payload)
+        return job, self.fast_path.start(job.job_id, payload, claim, token)
 
     def _headers(self, job: AsyncJob, *, ran_here: bool | None = None) -> dict[str, str]:
         headers = {JOB_ID_HEADER: _plain(job), "request-id": _plain(job)}

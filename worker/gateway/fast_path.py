@@ -28,6 +28,8 @@ for it as on the queue path.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import sys
 import threading
 import time
@@ -42,6 +44,7 @@ from worker.broker import task_message
 from worker.keys import Keys
 from worker.ratelimit.gate import JobPostponed
 from worker.runtime.context import Runtime, build_runtime
+from worker.runtime.job_store import Claim, claim_call
 from worker.runtime.leases import new_token
 from worker.runtime.runner import HandBack, JobRunner
 from worker.settings import Settings
@@ -103,6 +106,8 @@ class FastPath:
         self.enabled = settings.gateway_fast_path and same_redis
         self.capacity = settings.gateway_fast_path_jobs
         self.running = 0
+        #: As a worker names itself: the job hash's ``worker`` while the gateway runs a job.
+        self.hostname = f"{socket.gethostname()}:{os.getpid()}"
         self._rt: Runtime | None = None
         self._rt_lock = threading.Lock()
         if self.enabled:
@@ -126,7 +131,37 @@ class FastPath:
     def give(self) -> None:
         self.running -= 1
 
-    def start(self, job_id: str, payload: dict[str, Any]) -> asyncio.Future[Outcome]:
+    def claim_with(
+        self, token: str
+    ) -> Callable[[str, dict[str, Any]], tuple[list[str], list[Any]]]:
+        """The claim the gateway sends with a job's submit, under lease ``token``."""
+        settings = self.settings
+
+        def call(job_id: str, payload: dict[str, Any]) -> tuple[list[str], list[Any]]:
+            return claim_call(
+                self.keys,
+                job_id,
+                worker=self.hostname,
+                model=str(payload["request"]["model"]),
+                ttl_s=int(settings.job_deadline_s + settings.result_ttl_s),
+                token=token,
+                lease_ttl_s=settings.lease_ttl_s,
+                max_deliveries=settings.max_deliveries,
+                start_attempt=True,
+                result_ttl_s=settings.result_ttl_s,
+                submitted_at=payload.get("submitted_at"),
+                deadline_at=payload.get("deadline_at"),
+                held_in=self.keys.outbox(settings.queue),
+            )
+
+        return call
+
+    def new_token(self) -> str:
+        return new_token(self.hostname)
+
+    def start(
+        self, job_id: str, payload: dict[str, Any], claim: Claim, token: str
+    ) -> asyncio.Future[Outcome]:
         """Run the held job ``job_id`` in a thread: the future is its outcome, set as soon as
         the job ends (the outbox is tidied after it); its place is given back after that."""
         loop = asyncio.get_running_loop()
@@ -135,7 +170,9 @@ class FastPath:
         def tell(outcome: Outcome) -> None:
             loop.call_soon_threadsafe(_set_result, answer, outcome)
 
-        ran = asyncio.wrap_future(self._pool.submit(self._run, job_id, payload, tell), loop=loop)
+        ran = asyncio.wrap_future(
+            self._pool.submit(self._run, job_id, payload, claim, token, tell), loop=loop
+        )
         ran.add_done_callback(lambda _: self.give())
         return answer
 
@@ -145,16 +182,23 @@ class FastPath:
         with self._rt_lock:
             if self._rt is None:
                 self._rt = build_runtime(self.settings)
+                self._rt.hostname = self.hostname
             return self._rt
 
-    def _run(self, job_id: str, payload: dict[str, Any], tell: Callable[[Outcome], None]) -> None:
+    def _run(
+        self,
+        job_id: str,
+        payload: dict[str, Any],
+        claim: Claim,
+        token: str,
+        tell: Callable[[Outcome], None],
+    ) -> None:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(job_id=job_id, runner="gateway")
         outcome = Outcome(None)
         try:
             rt = self.runtime()
-            token = new_token(rt.hostname)
-            outcome = self._run_claimed(rt, job_id, payload, token)
+            outcome = self._run_claimed(rt, job_id, payload, claim, token)
         except Exception:
             # A bug of ours or Redis away: the job goes to a worker ("run twice rather than
             # never"); if even that fails, the lease lapses and a sweeper publishes it.
@@ -172,30 +216,13 @@ class FastPath:
                 log.warning("fast_path_outbox_not_cleared", error=type(exc).__name__)
 
     def _run_claimed(
-        self, rt: Runtime, job_id: str, payload: dict[str, Any], token: str
+        self, rt: Runtime, job_id: str, payload: dict[str, Any], claim: Claim, token: str
     ) -> Outcome:
-        settings = self.settings
         request = payload["request"]
         model = str(request["model"])
         structlog.contextvars.bind_contextvars(model=model)
         own = payload.get("fallback_models")
-        fallbacks = tuple(own) if own is not None else settings.fallbacks.get(model, ())
-        claim = rt.store.claim(
-            job_id,
-            worker=rt.hostname,
-            model=model,
-            ttl_s=int(settings.job_deadline_s + settings.result_ttl_s),
-            token=token,
-            lease_ttl_s=settings.lease_ttl_s,
-            max_deliveries=settings.max_deliveries,
-            start_attempt=True,
-            submitted_at=payload.get("submitted_at"),
-            deadline_at=payload.get("deadline_at"),
-        )
-        if claim.state_before not in {"queued", "missing"}:
-            # Ended already (a cancel came first), or someone else runs it: nothing of ours
-            # (an ended job's outbox entry goes with the sweeper's next look).
-            return Outcome(None)
+        fallbacks = tuple(own) if own is not None else self.settings.fallbacks.get(model, ())
         handle = rt.leases.register(job_id, token)
         runner = GatewayRunner(
             rt,

@@ -12,6 +12,9 @@
 --          the message predates them): a job whose record is gone is judged by its message
 -- ARGV[13] the queued set of the job's tenant (its quota, see submit.lua), or '': a delivered
 --          job is no longer queued, whatever comes next
+-- ARGV[14] an outbox key, or '': take only a queued job whose message that outbox holds
+--          (the gateway's fast path sends its claim with the submit; a job the submit queued,
+--          or one another request claimed first, answers 'not_held' and is left alone)
 -- Returns {state before, deliveries, attempts, last seq, cancel requested (0/1), deadline,
 --          lease wait ms, first start (1 when no worker had started the job before),
 --          type of the job's last event, started (1 when this call started an attempt; the
@@ -35,6 +38,12 @@ local function last_event()
   return 0, ''
 end
 
+if ARGV[14] and ARGV[14] ~= '' then
+  if not redis.call('ZSCORE', ARGV[14], ARGV[9])
+      or redis.call('HGET', KEYS[1], 'state') ~= 'queued' then
+    return {'not_held', 0, 0, 0, 0, '', 0}
+  end
+end
 if ARGV[13] and ARGV[13] ~= '' then
   redis.call('ZREM', ARGV[13], KEYS[1])
 end

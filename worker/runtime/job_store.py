@@ -73,6 +73,65 @@ class Spend:
     cost_pusd: int
 
 
+def claim_call(
+    keys: Keys,
+    job_id: str,
+    *,
+    worker: str,
+    model: str,
+    ttl_s: int,
+    token: str,
+    lease_ttl_s: float,
+    max_deliveries: int,
+    start_attempt: bool,
+    result_ttl_s: int,
+    submitted_at: float | None = None,
+    deadline_at: float | None = None,
+    held_in: str | None = None,
+) -> tuple[list[str], list[Any]]:
+    """``claim.lua``'s keys and arguments (see :meth:`WorkerStore.claim`). ``held_in``: an
+    outbox key; the claim then takes only a queued job whose message that outbox holds (the
+    gateway's fast path, whose claim is sent with the submit: see
+    :mod:`worker.gateway.fast_path`)."""
+    return (
+        [keys.job(job_id), keys.events(job_id), keys.channel(job_id)],
+        [
+            time.time(),
+            worker,
+            model,
+            ttl_s,
+            token,
+            int(lease_ttl_s * 1000),
+            max_deliveries,
+            1 if start_attempt else 0,
+            job_id,
+            result_ttl_s,
+            "" if submitted_at is None else submitted_at,
+            "" if deadline_at is None else deadline_at,
+            queued_key(keys, job_id),
+            held_in or "",
+        ],
+    )
+
+
+def parse_claim(raw: list[Any]) -> Claim:
+    """``claim.lua``'s reply as a :class:`Claim`."""
+    state, deliveries, attempts, seq, cancel, deadline, wait_ms = raw[:7]
+    deadline_text = text(deadline)
+    return Claim(
+        state_before=text(state),
+        deliveries=int(deliveries),
+        attempts=int(attempts),
+        last_seq=int(seq),
+        cancel_requested=bool(int(cancel)),
+        deadline_at=float(deadline_text) if deadline_text else None,
+        lease_wait_s=int(wait_ms) / 1000,
+        first_start=len(raw) > 7 and bool(int(raw[7])),
+        last_event_type=text(raw[8]) if len(raw) > 8 else "",
+        started=len(raw) > 9 and bool(int(raw[9])),
+    )
+
+
 class LeaseLost(LLMWorkerError):
     """Another worker holds this job's lease now: this one lost it without knowing (frozen
     past its TTL) and may neither extend nor end the job."""
@@ -131,38 +190,21 @@ class WorkerStore(JobStore):
         ``submitted_at`` and ``deadline_at`` come from the message: a job whose record is gone
         is judged by them (past its deadline, it ends ``expired`` without a call).
         """
-        raw = self._claim(
-            keys=[self.keys.job(job_id), self.keys.events(job_id), self.keys.channel(job_id)],
-            args=[
-                time.time(),
-                worker,
-                model,
-                ttl_s,
-                token,
-                int(lease_ttl_s * 1000),
-                max_deliveries,
-                1 if start_attempt else 0,
-                job_id,
-                self.result_ttl_s,
-                "" if submitted_at is None else submitted_at,
-                "" if deadline_at is None else deadline_at,
-                queued_key(self.keys, job_id),
-            ],
+        keys, args = claim_call(
+            self.keys,
+            job_id,
+            worker=worker,
+            model=model,
+            ttl_s=ttl_s,
+            token=token,
+            lease_ttl_s=lease_ttl_s,
+            max_deliveries=max_deliveries,
+            start_attempt=start_attempt,
+            result_ttl_s=self.result_ttl_s,
+            submitted_at=submitted_at,
+            deadline_at=deadline_at,
         )
-        state, deliveries, attempts, seq, cancel, deadline, wait_ms = raw[:7]
-        deadline_text = text(deadline)
-        return Claim(
-            state_before=text(state),
-            deliveries=int(deliveries),
-            attempts=int(attempts),
-            last_seq=int(seq),
-            cancel_requested=bool(int(cancel)),
-            deadline_at=float(deadline_text) if deadline_text else None,
-            lease_wait_s=int(wait_ms) / 1000,
-            first_start=len(raw) > 7 and bool(int(raw[7])),
-            last_event_type=text(raw[8]) if len(raw) > 8 else "",
-            started=len(raw) > 9 and bool(int(raw[9])),
-        )
+        return parse_claim(self._claim(keys=keys, args=args))
 
     def position(self, job_id: str) -> tuple[int, int]:
         """The job's last event ``seq`` and its attempts so far (0, 0 for an unknown job)."""
