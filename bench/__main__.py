@@ -167,8 +167,9 @@ def gateway_rows(g: dict[str, Any]) -> list[str]:
             "<= 2 ms added",
         ),
         _row(
-            "gateway: where the p50 goes, ms: to the job written; to a worker starting it; "
-            "the attempt (upstream call); from the job's end to the answer",
+            "gateway: where the p50 goes, ms: to the submit; submit -> started (the claim); "
+            "started -> ended (the upstream call; with the fast path also the write's round "
+            "trip); from the job's end to the answer",
             f"{m['to_written_ms']:.2f}; {m['written_to_started_ms']:.2f}; "
             f"{m['attempt_ms']:.2f}; {m['ended_to_answer_ms']:.2f}",
             "",

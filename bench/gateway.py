@@ -1,12 +1,13 @@
-"""Gateway: what ``llm-worker gateway`` (then the queue and a worker) adds to one request at a
-time, against the same request sent straight to the upstream, in the same round.
+"""Gateway: what ``llm-worker gateway`` adds to one request at a time, against the same request
+sent straight to the upstream, in the same round. At the defaults the gateway runs a lone
+request itself (its fast path, ``worker/gateway/fast_path.py``); a worker runs at its defaults
+beside it, for the jobs the fast path leaves to the queue.
 
 Requests go one after another (no concurrency), each alternating between the two paths so
 that drift hits both alike, over one kept-alive connection per path: a non-streamed
 ``/v1/messages`` of 10 output tokens from an upstream that answers at once, and the time to
 the first streamed ``content_block_delta`` of the same request with ``stream: true``. The
-job is written to Redis before the worker calls the upstream (durability is kept); the
-worker runs at its defaults.
+job is written to Redis before the upstream is called (durability is kept).
 """
 
 from __future__ import annotations
@@ -99,7 +100,9 @@ def _round(
 
 def _stages(stack: Stack, stages: list[tuple[str, float, float]]) -> dict[str, float]:
     """Where a gateway request's time goes (p50 ms), from the job's own clock readings: until
-    the job is written, until a worker started it (queue, dispatch, claim), the attempt (the
+    the submit (``submitted_at``, read just before the write is sent), until the job started
+    (the claim's clock: on the queue path the queue, dispatch and claim; on the fast path the
+    claim goes with the write, so its round trip falls in the next stage), the attempt (the
     upstream call), and from its end to the client's answer."""
     if not stages:
         return {}
