@@ -23,6 +23,11 @@ dies, its lease lapses (``LEASE_TTL_S``) and a worker's outbox sweeper publishes
 the limiter would make the job wait, or the gateway shuts down, or anything goes wrong here,
 the job is handed back (lease released, message pushed onto the queue) and the request waits
 for it as on the queue path.
+
+The message waits in the outbox rather than on the queue: queued, a worker would fetch,
+dispatch and claim it during the gateway's call (or claim it first), and park behind the
+gateway's lease until the job ended. The outbox costs the submit step it already is, one
+``ZREM``/``DEL`` after the end, and the sweepers' ticks.
 """
 
 from __future__ import annotations
