@@ -151,6 +151,7 @@ class Stack:
                 "LLM_WORKER_API_BASE_URL": self.sim_url,
                 "LLM_WORKER_API_KEY": API_KEY,
                 "LLM_WORKER_METRICS_PORT": str(free_port()),
+                "LLM_WORKER_GATEWAY_METRICS_PORT": str(free_port()),
                 "LLM_WORKER_LOG_LEVEL": "WARNING",
                 "LLM_WORKER_ALLOWED_MODELS": "",
                 # The baseline tasks read these (bench/baseline_app.py).

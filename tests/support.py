@@ -277,11 +277,14 @@ def sse_body(*events: dict[str, Any]) -> bytes:
 
 
 def start_gateway_process(
-    env: dict[str, str], log_path: Path | None = None
+    env: dict[str, str], log_path: Path | None = None, *, metrics_port: int | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
     """``llm-worker gateway`` in its own process with ``env``, on a free port, once it answers
-    ``/healthz``; its stderr to ``log_path`` (else kept for the error if it exits at start)."""
+    ``/healthz``; its stderr to ``log_path`` (else kept for the error if it exits at start).
+    Its ``/metrics`` on ``metrics_port``, else on another free port (gateways run side by
+    side)."""
     port = free_port()
+    env = {**env, "LLM_WORKER_GATEWAY_METRICS_PORT": str(metrics_port or free_port())}
     log = log_path.open("wb") if log_path else subprocess.PIPE
     proc = subprocess.Popen(
         [sys.executable, "-m", "worker.cli", "gateway", "--port", str(port)],

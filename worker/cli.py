@@ -347,7 +347,13 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     port = settings.gateway_port if args.port is None else args.port
     _console(stderr=True).print(f"gateway on http://{args.host}:{port}", markup=False)
-    serve(settings, host=args.host, port=port)
+    from worker.gateway.exporter import MetricsPortUnavailable
+
+    try:
+        serve(settings, host=args.host, port=port)
+    except MetricsPortUnavailable as exc:
+        err.print(f"llm-worker gateway: {exc}", markup=False)
+        return EXIT_USAGE
     return 0
 
 

@@ -165,7 +165,7 @@ SHORT_LATENCY_BUCKETS_S = (
 )
 
 KNOWN_STATUSES = frozenset(
-    {200, 400, 401, 403, 404, 408, 409, 413, 422, 429, 500, 502, 503, 504, 529}
+    {200, 400, 401, 403, 404, 408, 409, 413, 422, 429, 499, 500, 502, 503, 504, 529}
 )
 
 
@@ -348,6 +348,34 @@ DEAD_LETTERS = Gauge(
     "llm_worker_dead_letters",
     "Entries in the dead-letter stream, read from Redis when scraped.",
     multiprocess_mode="mostrecent",
+)
+GATEWAY_REQUESTS = ModelCounter(
+    "llm_worker_gateway_requests_total",
+    "Requests the gateway answered, by route (its handler's name), HTTP status (499: the "
+    "client left before an answer began) and tenant (401s: none). /healthz, /openapi.json "
+    "and /metrics are not counted.",
+    ["route", "status", "tenant"],
+)
+GATEWAY_REQUEST_DURATION = Histogram(
+    "llm_worker_gateway_request_duration_seconds",
+    "From a request's arrival to its end, by route: for a streamed answer or an event stream "
+    "the whole stream.",
+    ["route"],
+    # A lone answer takes milliseconds; a stream lasts as long as its job.
+    buckets=(0.001, 0.0025, *SHORT_LATENCY_BUCKETS_S, 300.0, 600.0, 900.0),
+)
+GATEWAY_JOBS = Counter(
+    "llm_worker_gateway_jobs_total",
+    "POST /v1/messages requests accepted, by the path of their job: gateway (its fast path "
+    "runs it) or queue (a worker does; an existing job id resubmitted counts here too).",
+    ["path"],
+)
+GATEWAY_OPEN = Gauge(
+    "llm_worker_gateway_open",
+    "Requests and event streams the gateway holds open now (what: requests, streams), against "
+    "LLM_WORKER_GATEWAY_MAX_REQUESTS and LLM_WORKER_GATEWAY_MAX_STREAMS.",
+    ["what"],
+    multiprocess_mode="livesum",
 )
 WORKER_READY = Gauge(
     "llm_worker_ready",

@@ -268,6 +268,8 @@ class Settings(BaseSettings):
     gateway_fast_path: bool = True
     gateway_fast_path_jobs: int = Field(default=64, ge=1, le=10_000)
     gateway_port: int = Field(default=8000, ge=0, le=65_535)
+    # The gateway's Prometheus /metrics, on a port of its own (0: not served).
+    gateway_metrics_port: int = Field(default=9465, ge=0, le=65_535)
 
     @field_validator("allowed_models", mode="before")
     @classmethod

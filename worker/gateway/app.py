@@ -45,6 +45,7 @@ from worker.errors import (
 from worker.gateway import relay
 from worker.gateway.auth import KeyRing
 from worker.gateway.batches import BatchStore, parse_requests
+from worker.gateway.exporter import start_exporter
 from worker.gateway.fast_path import FastPath, Outcome
 from worker.gateway.guard import (
     Busy,
@@ -335,6 +336,7 @@ class Gateway:
                 deadline_s=deadline_s,
                 fallbacks=fallbacks,
             )
+            m.GATEWAY_JOBS.labels("queue").inc()
             return job, None
         token = self.fast_path.new_token()
         try:
@@ -357,7 +359,9 @@ class Gateway:
         claim = parse_claim(raw_claim)
         if claim.state_before != "queued":
             self.fast_path.give()  # queued behind others, or an existing job
+            m.GATEWAY_JOBS.labels("queue").inc()
             return job, None
+        m.GATEWAY_JOBS.labels("gateway").inc()
         return job, self.fast_path.start(job.job_id, payload, claim, token)
 
     def _headers(self, job: AsyncJob, *, ran_here: bool | None = None) -> dict[str, str]:
@@ -610,6 +614,7 @@ def _sse(
 
 
 def create_app(settings: Settings) -> Starlette:
+    """The gateway's ASGI app; its :class:`Gateway` is ``app.state.gateway``."""
     gateway = Gateway(settings)
 
     @contextlib.asynccontextmanager
@@ -650,6 +655,7 @@ def create_app(settings: Settings) -> Starlette:
             Middleware(Guard, tenant_of_key=gateway.tenant_of_key, requests=gateway.requests)
         ],
     )
+    app.state.gateway = gateway
     return app
 
 
@@ -682,12 +688,22 @@ def serve(settings: Settings, *, host: str, port: int) -> None:
     from worker.logs import configure_logging
 
     configure_logging(settings)
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port,
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
-        timeout_keep_alive=75,
-    )
+    app = create_app(settings)
+    exporter = None
+    if settings.gateway_metrics_port:
+        gateway: Gateway = app.state.gateway
+        exporter = start_exporter(settings.gateway_metrics_port, gateway.requests, gateway.streams)
+    try:
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            timeout_keep_alive=75,
+        )
+    finally:
+        if exporter is not None:
+            exporter.shutdown()
+            exporter.server_close()

@@ -2,8 +2,9 @@
 
 :class:`Guard` (ASGI middleware) authenticates every request but the public ones, puts the
 caller's tenant in ``scope["state"]["tenant"]``, bounds the requests handled at once (per
-tenant: 429; overall: 503; both with ``retry-after``) and logs each request once it ends:
-tenant, route, method, status, job or batch id, duration. Never the key, never the body.
+tenant: 429; overall: 503; both with ``retry-after``), logs each request once it ends
+(tenant, route, method, status, job or batch id, duration; never the key, never the body)
+and counts it (``llm_worker_gateway_requests_total`` and the duration histogram).
 
 Open event streams have their own, lower bounds (:class:`Slots`, taken by the handlers that
 stream): a stream holds a Redis connection for as long as it is open.
@@ -21,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from worker import metrics as m
 from worker.client.batch_file import error_response
 
 log = structlog.get_logger("worker.gateway")
@@ -149,12 +151,16 @@ class Guard:
 
 def _log_request(scope: Scope, tenant: str | None, status: int, duration_s: float) -> None:
     state: dict[str, Any] = scope.get("state", {})
-    endpoint = scope.get("endpoint")
+    # The handler's name: a bounded label (unknown paths are "unmatched").
+    route = getattr(scope.get("endpoint"), "__name__", "unmatched")
+    status = status or 499  # 499: the client left before a response began
+    m.GATEWAY_REQUESTS.labels(route, m.status_label(status), tenant or "").inc()
+    m.GATEWAY_REQUEST_DURATION.labels(route).observe(duration_s)
     fields: dict[str, Any] = {
         "tenant": tenant,
         "method": scope.get("method"),
-        "route": getattr(endpoint, "__name__", "unmatched"),
-        "status": status or 499,  # 499: the client left before a response began
+        "route": route,
+        "status": status,
         "duration_s": round(duration_s, 4),
     }
     for name in ("job_id", "batch_id"):
