@@ -32,6 +32,8 @@ REQUIRED_PANELS = (
     "Spend against budget",
     "Cost (USD per hour",
     "Fallbacks",
+    "Gateway requests by status",
+    "Gateway /v1/messages duration",
 )
 
 

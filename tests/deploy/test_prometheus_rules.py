@@ -23,6 +23,7 @@ EXPECTED_ALERTS = {
     "LLMWorkerTenantBudgetNearlySpent",
     "LLMWorkerTenantBudgetReached",
     "LLMWorkerTenantWaiting",
+    "LLMWorkerGatewayErrors",
 }
 
 
@@ -71,6 +72,15 @@ def test_config_scrapes_the_worker_and_loads_the_alerts() -> None:
     (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "llm-worker"]
     assert job.get("metrics_path", "/metrics") == "/metrics"
     assert job["static_configs"] == [{"targets": ["worker:9464"]}]
+
+
+def test_config_scrapes_the_gateway_as_its_own_job() -> None:
+    """The gateway's /metrics (gateway:9465) is a job of its own: `up{job="llm-worker"}`
+    still counts workers only."""
+    config = _load("prometheus.yml")
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "llm-worker-gateway"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    assert job["static_configs"] == [{"targets": ["gateway:9465"]}]
 
 
 def test_alert_group_holds_the_expected_alerts() -> None:
