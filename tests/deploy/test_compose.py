@@ -18,7 +18,7 @@ DEFAULT_SHUTDOWN_GRACE_S = str(Settings.model_fields["shutdown_grace_s"].default
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
-CLI_SUBCOMMANDS = {"run", "simulate"}  # the `llm-worker` words the stack uses
+CLI_SUBCOMMANDS = {"run", "simulate", "gateway"}  # the `llm-worker` words the stack uses
 
 
 def compose_command() -> list[str] | None:
@@ -314,3 +314,117 @@ def test_sentinel_worker_finds_the_master_through_the_three_sentinels(
     assert settings.redis_min_replicas_ack == 0
     for name in ("sentinel-1", "sentinel-2", "sentinel-3", "redis-replica"):
         assert worker["depends_on"][name]["condition"] == "service_healthy"
+
+
+# -- profile "gateway" ------------------------------------------------------------------------
+
+GATEWAY_PAIRS = "team-a:sk-compose-gateway-key"
+KEYS_DIR_TARGET = "/etc/llm-worker/gateway"
+
+
+@pytest.fixture(scope="module")
+def gateway_config() -> dict[str, Any]:
+    """The documented gateway setup: --profile gateway with producer keys in the environment."""
+    return compose_config(
+        "--profile", "gateway", env={"LLM_WORKER_GATEWAY_API_KEYS": GATEWAY_PAIRS}
+    )
+
+
+def test_gateway_is_behind_its_profile(
+    config: dict[str, Any], gateway_config: dict[str, Any]
+) -> None:
+    """The gateway sits behind the `gateway` profile (a plain `up` starts what it did), and
+    the file validates with the profile on."""
+    assert config["services"]["gateway"]["profiles"] == ["gateway"]
+    for name in ("redis", "worker", "prometheus", "grafana"):
+        assert "profiles" not in config["services"][name], name
+    assert gateway_config["services"]["gateway"]["profiles"] == ["gateway"]
+
+
+def test_gateway_runs_llm_worker_gateway_on_a_published_port(
+    gateway_config: dict[str, Any],
+) -> None:
+    """The gateway runs the worker's image as `llm-worker gateway` on every interface of its
+    container, published on the host's loopback, after Redis is healthy."""
+    from worker.cli import build_parser, cmd_gateway
+
+    services = gateway_config["services"]
+    gateway = services["gateway"]
+    assert gateway["image"] == services["worker"]["image"]
+    args = build_parser().parse_args(command_words(gateway))
+    assert args.func is cmd_gateway
+    assert args.host == "0.0.0.0"
+    (published,) = gateway["ports"]
+    host_ip, host_port, target = str(published).removesuffix("/tcp").split(":")
+    assert host_ip == "127.0.0.1"
+    assert int(target) == args.port
+    assert host_port == "8000"
+    moved = compose_config("--profile", "gateway", env={"LLM_WORKER_GATEWAY_HOST_PORT": "18000"})
+    assert str(moved["services"]["gateway"]["ports"][0]).startswith("127.0.0.1:18000:")
+    assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert gateway["environment"]["LLM_WORKER_REDIS_URL"] == "redis://redis:6379/0"
+
+
+def test_gateway_healthcheck_probes_its_own_healthz(gateway_config: dict[str, Any]) -> None:
+    """The gateway's healthcheck GETs /healthz on the gateway's port (not the worker's 9464,
+    which the image's HEALTHCHECK probes), and it has a stop grace for open streams."""
+    gateway = gateway_config["services"]["gateway"]
+    port = str(build_port(gateway))
+    check = " ".join(gateway["healthcheck"]["test"])
+    assert gateway["healthcheck"]["test"][0] == "CMD"
+    assert f"127.0.0.1:{port}/healthz" in check
+    assert "9464" not in check
+    assert re.fullmatch(r"\d+s", gateway["stop_grace_period"])
+
+
+def build_port(service: dict[str, Any]) -> int:
+    """The --port a service's `llm-worker gateway` command gives."""
+    words = command_words(service)
+    return int(words[words.index("--port") + 1])
+
+
+def test_gateway_keys_come_from_the_environment_never_the_file(
+    config: dict[str, Any], gateway_config: dict[str, Any]
+) -> None:
+    """LLM_WORKER_GATEWAY_API_KEYS is taken from the environment (or .env) and is empty
+    otherwise (the gateway then refuses to start, saying so): docker-compose.yml holds no key;
+    the gateway's settings load from what compose resolves."""
+    from worker.settings import settings_from_env
+
+    assert config["services"]["gateway"]["environment"]["LLM_WORKER_GATEWAY_API_KEYS"] == ""
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["gateway"]["environment"]
+    assert raw["LLM_WORKER_GATEWAY_API_KEYS"] == "${LLM_WORKER_GATEWAY_API_KEYS:-}"
+    env = {k: str(v) for k, v in gateway_config["services"]["gateway"]["environment"].items()}
+    assert env["LLM_WORKER_GATEWAY_API_KEYS"] == GATEWAY_PAIRS
+    settings = settings_from_env(env)
+    assert [k.get_secret_value() for k in settings.gateway_api_keys] == [GATEWAY_PAIRS]
+    assert settings.gateway_api_keys_file is None
+
+
+def test_gateway_keys_file_directory_is_mounted_read_only() -> None:
+    """The keys directory (./deploy/gateway) is mounted read-only as a directory, so that a
+    keys file replaced by rename is seen inside; the documented path of the file in it loads,
+    the shipped example parses, and keys.txt itself is ignored by git."""
+    from worker.accounting.tenancy import parse_keys_file
+    from worker.settings import settings_from_env
+
+    path = f"{KEYS_DIR_TARGET}/keys.txt"
+    with_file = compose_config(
+        "--profile", "gateway", env={"LLM_WORKER_GATEWAY_API_KEYS_FILE": path}
+    )
+    gateway = with_file["services"]["gateway"]
+    mounts = [v for v in gateway["volumes"] if isinstance(v, str) and KEYS_DIR_TARGET in v]
+    (mount,) = mounts
+    source, target, mode = mount.split(":")
+    assert (target, mode) == (KEYS_DIR_TARGET, "ro")
+    assert Path(source) == REPO / "deploy" / "gateway"
+    assert Path(source).is_dir()
+    env = {k: str(v) for k, v in gateway["environment"].items()}
+    assert str(settings_from_env(env).gateway_api_keys_file) == path
+    example = (REPO / "deploy" / "gateway" / "keys.txt.example").read_text()
+    assert parse_keys_file(example) == []  # comments only: no working key is shipped
+    assert path in example
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", "deploy/gateway/keys.txt"], cwd=REPO, check=False
+    )
+    assert ignored.returncode == 0, "deploy/gateway/keys.txt must be ignored by git"
