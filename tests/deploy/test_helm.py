@@ -573,3 +573,482 @@ def test_bad_values_fail_with_a_clear_message(values: dict[str, Any], fragments:
     message = str(excinfo.value)
     for fragment in fragments:
         assert fragment in message, message
+
+
+# -- the gateway ----------------------------------------------------------------------------
+
+GATEWAY_KEY = "team-a:sk-gateway-inline-secret"
+GATEWAY_DIGEST = "0123456789abcdef" * 4
+# The gateway on, with both kinds of keys kept by the chart, a Sentinel Redis and extra env.
+GATEWAY_INLINE: dict[str, Any] = {
+    "apiKey": {"value": "sk-inline-secret-value"},
+    "redis": {
+        "url": "sentinel://s1:26379;sentinel://s2:26379",
+        "sentinel": {"master": "mymaster"},
+        "passwordSecret": {"name": "redis-auth"},
+    },
+    "extraEnv": [{"name": "LLM_WORKER_BROKER_URL", "value": "amqp://rabbitmq:5672//"}],
+    "gateway": {
+        "enabled": True,
+        "apiKeys": {"value": GATEWAY_KEY},
+        "keysFile": {"entries": [f"team-b:{GATEWAY_DIGEST}"]},
+        "extraEnv": [{"name": "LLM_WORKER_GATEWAY_MAX_STREAMS", "value": "300"}],
+    },
+}
+# The gateway on with its keys in the user's Secrets.
+GATEWAY_EXISTING: dict[str, Any] = {
+    "apiKey": {"existingSecret": "llm-api"},
+    "redis": {"existingSecret": "redis-conn", "key": "url"},
+    "gateway": {
+        "enabled": True,
+        "replicaCount": 3,
+        "port": 8080,
+        "apiKeys": {"existingSecret": "gw-keys", "key": "pairs"},
+        "keysFile": {"existingSecret": "gw-keys-file", "key": "lines"},
+        "podDisruptionBudget": {"maxUnavailable": None, "minAvailable": 2},
+    },
+}
+GATEWAY_SETS = {"gateway-inline": GATEWAY_INLINE, "gateway-existing": GATEWAY_EXISTING}
+
+
+@pytest.fixture(scope="module")
+def gateway_rendered() -> dict[str, list[dict[str, Any]]]:
+    """Each gateway value set rendered once for the module."""
+    return {name: render(values) for name, values in GATEWAY_SETS.items()}
+
+
+def gateway_pod(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """The gateway Deployment's pod spec."""
+    pod: dict[str, Any] = only(objects, "Deployment", "gateway")["spec"]["template"]["spec"]
+    return pod
+
+
+def gateway_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """The gateway container."""
+    (container,) = gateway_pod(objects)["containers"]
+    assert container["name"] == "gateway"
+    return container
+
+
+def components(objects: list[dict[str, Any]]) -> set[str]:
+    """The component labels of the rendered objects."""
+    return {o["metadata"]["labels"].get("app.kubernetes.io/component") for o in objects}
+
+
+@pytest.mark.parametrize("name", list(GATEWAY_SETS))
+def test_lint_strict_passes_with_the_gateway(name: str) -> None:
+    """helm lint --strict passes with the gateway on."""
+    report = helm.lint(CHART, GATEWAY_SETS[name], strict=True)
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+def test_gateway_objects_render_only_when_enabled(
+    rendered: dict[str, list[dict[str, Any]]], gateway_rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    """No gateway object by default (nor with every other option on); enabled, a Deployment,
+    a Service, a PDB and, for keys kept by the chart, two Secrets: the name:key pairs, and
+    the keys file apart so that it can change without a restart."""
+    for name in VALUE_SETS:
+        assert "gateway" not in components(rendered[name]), name
+    disabled = render({"gateway": {"enabled": False, "apiKeys": {"value": GATEWAY_KEY}}})
+    assert "gateway" not in components(disabled)
+
+    def gateway_kinds(objects: list[dict[str, Any]]) -> list[str]:
+        return sorted(
+            o["kind"]
+            for o in objects
+            if o["metadata"]["labels"].get("app.kubernetes.io/component") == "gateway"
+        )
+
+    assert gateway_kinds(gateway_rendered["gateway-inline"]) == [
+        "Deployment",
+        "PodDisruptionBudget",
+        "Secret",
+        "Secret",
+        "Service",
+    ]
+    assert gateway_kinds(gateway_rendered["gateway-existing"]) == [
+        "Deployment",
+        "PodDisruptionBudget",
+        "Service",
+    ]
+
+
+@pytest.mark.parametrize("name", list(GATEWAY_SETS))
+def test_every_gateway_object_has_standard_labels(
+    gateway_rendered: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    """The gateway's objects carry the standard labels, as every other object."""
+    for obj in gateway_rendered[name]:
+        labels = obj["metadata"].get("labels", {})
+        assert not [label for label in STANDARD_LABELS if not labels.get(label)], obj["kind"]
+
+
+@pytest.mark.parametrize("name", list(GATEWAY_SETS))
+def test_gateway_keys_never_reach_a_configmap_or_a_plain_env_value(
+    gateway_rendered: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    """LLM_WORKER_GATEWAY_API_KEYS comes from a secretKeyRef, the ConfigMap has no gateway
+    key, and the pairs appear in no rendered object but a Secret."""
+    objects = gateway_rendered[name]
+    env = env_by_name(gateway_container(objects))
+    keys_env = env["LLM_WORKER_GATEWAY_API_KEYS"]
+    assert set(keys_env) == {"name", "valueFrom"}
+    ref = keys_env["valueFrom"]["secretKeyRef"]
+    assert ref["name"]
+    assert ref["key"]
+    plain = {name for name, entry in env.items() if "value" in entry}
+    assert not plain & {
+        "LLM_WORKER_GATEWAY_API_KEYS",
+        "LLM_WORKER_API_KEY",
+        "LLM_WORKER_REDIS_URL",
+        "LLM_WORKER_REDIS_PASSWORD",
+        "LLM_WORKER_REDIS_SENTINEL_PASSWORD",
+    }
+    data = config_data(objects)
+    assert not {k for k in data if k.startswith("LLM_WORKER_GATEWAY_API_KEYS")}
+    outside_secrets = yaml.safe_dump_all([o for o in objects if o["kind"] != "Secret"])
+    assert GATEWAY_KEY not in outside_secrets
+    assert GATEWAY_KEY.split(":", 1)[1] not in outside_secrets
+
+
+def test_inline_gateway_keys_go_into_secrets_of_the_gateway(
+    gateway_rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """gateway.apiKeys.value is stored base64 in the gateway's Secret (not the workers', so
+    that changing it restarts no worker) and referenced; the keys file's lines in another."""
+    objects = gateway_rendered["gateway-inline"]
+    secrets = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Secret"}
+    env = env_by_name(gateway_container(objects))
+    ref = env["LLM_WORKER_GATEWAY_API_KEYS"]["valueFrom"]["secretKeyRef"]
+    pairs = base64.b64decode(secrets[ref["name"]]["data"][ref["key"]]).decode()
+    assert pairs == GATEWAY_KEY
+    worker_secret = only(objects, "Secret", "worker")
+    assert ref["name"] != worker_secret["metadata"]["name"]
+    worker_data = [base64.b64decode(v).decode() for v in worker_secret["data"].values()]
+    assert not any(GATEWAY_KEY in value for value in worker_data)
+    (volume,) = [v for v in gateway_pod(objects)["volumes"] if "secret" in v]
+    file_secret = secrets[volume["secret"]["secretName"]]
+    (item,) = volume["secret"]["items"]
+    lines = base64.b64decode(file_secret["data"][item["key"]]).decode()
+    assert lines == f"team-b:{GATEWAY_DIGEST}\n"
+
+
+def test_gateway_keys_from_existing_secrets_are_referenced(
+    gateway_rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """With existing Secrets the gateway references the given names and keys, and the chart
+    creates no Secret at all."""
+    objects = gateway_rendered["gateway-existing"]
+    assert "Secret" not in {o["kind"] for o in objects}
+    env = env_by_name(gateway_container(objects))
+    assert env["LLM_WORKER_GATEWAY_API_KEYS"]["valueFrom"]["secretKeyRef"] == {
+        "name": "gw-keys",
+        "key": "pairs",
+    }
+    (volume,) = [v for v in gateway_pod(objects)["volumes"] if "secret" in v]
+    assert volume["secret"]["secretName"] == "gw-keys-file"
+    assert volume["secret"]["items"] == [{"key": "lines", "path": "keys.txt"}]
+
+
+@pytest.mark.parametrize("name", list(GATEWAY_SETS))
+def test_gateway_keys_file_is_a_whole_secret_volume(
+    gateway_rendered: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    """The keys file is mounted read-only as a whole Secret volume (a subPath mount would
+    never see an update) and LLM_WORKER_GATEWAY_API_KEYS_FILE names the file in it."""
+    objects = gateway_rendered[name]
+    container = gateway_container(objects)
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    (volume,) = [v for v in gateway_pod(objects)["volumes"] if "secret" in v]
+    mount = mounts[volume["name"]]
+    assert mount["readOnly"] is True
+    assert "subPath" not in mount
+    path = env_by_name(container)["LLM_WORKER_GATEWAY_API_KEYS_FILE"]["value"]
+    (item,) = volume["secret"]["items"]
+    assert path == f"{mount['mountPath']}/{item['path']}"
+
+
+def test_gateway_without_a_keys_file_mounts_none() -> None:
+    """With name:key pairs only, no keys-file variable, volume or Secret."""
+    objects = render({"gateway": {"enabled": True, "apiKeys": {"value": GATEWAY_KEY}}})
+    container = gateway_container(objects)
+    assert "LLM_WORKER_GATEWAY_API_KEYS_FILE" not in env_by_name(container)
+    assert [m["mountPath"] for m in container["volumeMounts"]] == ["/tmp"]
+    assert len([o for o in objects if o["kind"] == "Secret"]) == 2  # the workers' and the pairs'
+
+
+def test_a_keys_file_change_keeps_the_pods_and_a_pairs_change_rolls_them() -> None:
+    """The keys file's Secret is outside the pod template's checksums (the kubelet updates
+    the mounted file, the gateway rereads it), while the name:key pairs, read at start, are in."""
+
+    def annotations(gateway: dict[str, Any]) -> dict[str, str]:
+        values = {"gateway": {"enabled": True, **gateway}}
+        deployment = only(render(values), "Deployment", "gateway")
+        result: dict[str, str] = deployment["spec"]["template"]["metadata"]["annotations"]
+        return result
+
+    base = {"apiKeys": {"value": GATEWAY_KEY}, "keysFile": {"entries": [f"a:{GATEWAY_DIGEST}"]}}
+    rotated_file = {**base, "keysFile": {"entries": [f"a:{'f' * 64}"]}}
+    rotated_pairs = {**base, "apiKeys": {"value": "team-a:sk-another-secret-key"}}
+    assert annotations(base) == annotations(rotated_file)
+    assert annotations(base) != annotations(rotated_pairs)
+
+
+@pytest.mark.parametrize("name", list(GATEWAY_SETS))
+def test_gateway_probes_hit_healthz_on_its_port(
+    gateway_rendered: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    """Liveness and readiness GET /healthz on the port named http, the container's port; the
+    Service targets it and selects gateway pods only (no worker Service or PDB selects them)."""
+    objects = gateway_rendered[name]
+    container = gateway_container(objects)
+    port = GATEWAY_SETS[name]["gateway"].get("port", 8000)
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": port}
+    service = only(objects, "Service", "gateway")
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    gateway_labels = only(objects, "Deployment", "gateway")["spec"]["template"]["metadata"][
+        "labels"
+    ]
+    worker_labels = only(objects, "Deployment", "worker")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= gateway_labels.items()
+    assert not service["spec"]["selector"].items() <= worker_labels.items()
+    for kind in ("Service", "PodDisruptionBudget"):
+        worker_obj = only(objects, kind, "worker")
+        selector = worker_obj["spec"]["selector"]
+        selector = selector.get("matchLabels", selector)
+        assert not selector.items() <= gateway_labels.items(), kind
+
+
+@pytest.mark.parametrize("name", list(GATEWAY_SETS))
+def test_gateway_command_is_one_the_cli_accepts(
+    gateway_rendered: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    """The container runs `llm-worker gateway` on every interface, on its container port, as
+    the CLI's own parser reads the arguments."""
+    from worker.cli import build_parser, cmd_gateway
+
+    container = gateway_container(gateway_rendered[name])
+    assert container["command"] == ["llm-worker"]
+    args = build_parser().parse_args(container["args"])
+    assert args.func is cmd_gateway
+    assert args.host == "0.0.0.0"
+    assert args.port == container["ports"][0]["containerPort"]
+
+
+@pytest.mark.parametrize("name", list(GATEWAY_SETS))
+def test_gateway_runs_locked_down_like_the_workers(
+    gateway_rendered: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    """The gateway pod has the workers' pod and container security contexts, service
+    account and image, with /tmp on an emptyDir under the read-only root."""
+    objects = gateway_rendered[name]
+    pod = gateway_pod(objects)
+    worker_pod = only(objects, "Deployment", "worker")["spec"]["template"]["spec"]
+    assert pod["securityContext"] == worker_pod["securityContext"]
+    assert pod["serviceAccountName"] == worker_pod["serviceAccountName"]
+    container = gateway_container(objects)
+    assert container["securityContext"] == worker_container(objects)["securityContext"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["image"] == worker_container(objects)["image"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert "emptyDir" in {v["name"]: v for v in pod["volumes"]}[mounts["/tmp"]]
+
+
+@pytest.mark.parametrize("name", list(GATEWAY_SETS))
+def test_gateway_shares_the_workers_config_and_redis_but_not_the_upstream_key(
+    gateway_rendered: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    """The gateway loads the workers' ConfigMap and their Redis env (URL Secret, Sentinel
+    master, password Secrets) and the top-level extraEnv, but not LLM_WORKER_API_KEY."""
+    objects = gateway_rendered[name]
+    container = gateway_container(objects)
+    assert container["envFrom"] == worker_container(objects)["envFrom"]
+    env = env_by_name(container)
+    worker_env = env_by_name(worker_container(objects))
+    assert "LLM_WORKER_API_KEY" not in env
+    redis_vars = {n for n in worker_env if n.startswith("LLM_WORKER_REDIS_")}
+    assert "LLM_WORKER_REDIS_URL" in redis_vars
+    for var in redis_vars:
+        assert env[var] == worker_env[var], var
+    for entry in GATEWAY_SETS[name].get("extraEnv", []):
+        assert env[entry["name"]] == entry
+    for entry in GATEWAY_SETS[name]["gateway"].get("extraEnv", []):
+        assert env[entry["name"]] == entry
+        assert entry["name"] not in worker_env
+
+
+def test_gateway_settings_load_from_what_the_chart_renders(
+    gateway_rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """The gateway's settings load from the rendered ConfigMap, Secret and env, and hold
+    the pairs of gateway.apiKeys and the keys file's path."""
+    from worker.settings import settings_from_env
+
+    objects = gateway_rendered["gateway-inline"]
+    env = env_by_name(gateway_container(objects))
+    secrets = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Secret"}
+
+    def resolve(entry: dict[str, Any]) -> str:
+        if "value" in entry:
+            return str(entry["value"])
+        ref = entry["valueFrom"]["secretKeyRef"]
+        if ref["name"] not in secrets:  # the user's own Secret (the Redis password)
+            return "from-the-users-secret"
+        return base64.b64decode(secrets[ref["name"]]["data"][ref["key"]]).decode()
+
+    loaded = settings_from_env(
+        {**config_data(objects), **{name: resolve(entry) for name, entry in env.items()}}
+    )
+    assert [k.get_secret_value() for k in loaded.gateway_api_keys] == [GATEWAY_KEY]
+    assert str(loaded.gateway_api_keys_file) == "/etc/llm-worker/gateway-keys/keys.txt"
+    assert loaded.redis_sentinel_master == "mymaster"
+    assert loaded.gateway_max_streams == 300
+
+
+@pytest.mark.parametrize("name", list(GATEWAY_SETS))
+def test_gateway_shuts_down_gracefully(
+    gateway_rendered: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    """A preStop sleep lets endpoints drop the pod before SIGTERM, within a grace period
+    that leaves open streams minutes to end; rollouts keep every old pod until a new one
+    is ready."""
+    objects = gateway_rendered[name]
+    deployment = only(objects, "Deployment", "gateway")
+    pod = gateway_pod(objects)
+    sleep = gateway_container(objects)["lifecycle"]["preStop"]["exec"]["command"]
+    assert sleep[0] == "sleep"
+    assert pod["terminationGracePeriodSeconds"] > int(sleep[1]) + 60
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    no_sleep = render(
+        {"gateway": {"enabled": True, "apiKeys": {"value": GATEWAY_KEY}, "preStopSleepSeconds": 0}}
+    )
+    assert "lifecycle" not in gateway_container(no_sleep)
+
+
+def test_gateway_replicas_and_disruption_budget(
+    gateway_rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """gateway.replicaCount sets the replicas; the gateway's PDB selects its pods only, with
+    maxUnavailable 1 by default, and can be switched off."""
+    inline = gateway_rendered["gateway-inline"]
+    existing = gateway_rendered["gateway-existing"]
+    assert only(inline, "Deployment", "gateway")["spec"]["replicas"] == 2
+    assert only(existing, "Deployment", "gateway")["spec"]["replicas"] == 3
+    for objects, field, value in ((inline, "maxUnavailable", 1), (existing, "minAvailable", 2)):
+        pdb = only(objects, "PodDisruptionBudget", "gateway")
+        assert pdb["spec"][field] == value
+        assert pdb["spec"]["selector"] == only(objects, "Deployment", "gateway")["spec"]["selector"]
+    off = render(
+        {
+            "gateway": {
+                "enabled": True,
+                "apiKeys": {"value": GATEWAY_KEY},
+                "podDisruptionBudget": {"enabled": False},
+            }
+        }
+    )
+    assert "gateway" not in {
+        o["metadata"]["labels"]["app.kubernetes.io/component"]
+        for o in off
+        if o["kind"] == "PodDisruptionBudget"
+    }
+
+
+def test_notes_show_how_to_reach_the_gateway() -> None:
+    """NOTES.txt names the gateway's Service and port when it is on, and not otherwise."""
+
+    def notes(values: dict[str, Any] | None) -> str:
+        with helm.Chart.load(CHART) as chart:
+            manifests = chart.render(values=values, name="rel", namespace="ns")
+        (text,) = [t for path, t in manifests.items() if path.endswith("NOTES.txt")]
+        return text
+
+    on = notes(GATEWAY_INLINE)
+    assert "svc/rel-llm-worker-gateway 8000:8000" in on
+    assert "/etc/llm-worker/gateway-keys/keys.txt" in on
+    assert GATEWAY_KEY not in on
+    assert "gateway" not in notes(None)
+
+
+GATEWAY_ON = {"enabled": True, "apiKeys": {"value": GATEWAY_KEY}}
+BAD_GATEWAY_VALUES = [
+    pytest.param(
+        {"gateway": {**GATEWAY_ON, "replicaCount": -1}},
+        ["/gateway/replicaCount", "minimum"],
+        id="gateway-negative-replicas",
+    ),
+    pytest.param(
+        {"gateway": {**GATEWAY_ON, "replicaCount": "two"}},
+        ["/gateway/replicaCount", "want integer"],
+        id="gateway-replicas-wrong-type",
+    ),
+    pytest.param(
+        {"gateway": {**GATEWAY_ON, "enabled": "yes"}},
+        ["/gateway/enabled", "want boolean"],
+        id="gateway-enabled-wrong-type",
+    ),
+    pytest.param(
+        {"gateway": {**GATEWAY_ON, "port": 70000}},
+        ["/gateway/port", "maximum"],
+        id="gateway-port-out-of-range",
+    ),
+    pytest.param(
+        {"gateway": {**GATEWAY_ON, "apiKey": "x"}},
+        ["/gateway", "additional properties 'apiKey'"],
+        id="gateway-unknown-key",
+    ),
+    pytest.param(
+        {"gateway": {**GATEWAY_ON, "keysFile": {"entries": [f"a:{GATEWAY_DIGEST}", "b:sk-oops"]}}},
+        ["gateway.keysFile.entries[1] is not name:sha256-of-key", "never the key"],
+        id="gateway-keys-file-line-holds-a-key",
+    ),
+    pytest.param(
+        {"gateway": {**GATEWAY_ON, "service": {"type": "Ingress"}}},
+        ["/gateway/service/type"],
+        id="gateway-service-type",
+    ),
+    pytest.param(
+        {"gateway": {"enabled": True}},
+        ["gateway.enabled needs producer keys"],
+        id="gateway-without-keys",
+    ),
+    pytest.param(
+        {"config": {"LLM_WORKER_GATEWAY_API_KEYS": "team-a:sk-oops"}},
+        ["config.LLM_WORKER_GATEWAY_API_KEYS is not allowed"],
+        id="gateway-keys-in-config",
+    ),
+    pytest.param(
+        {"config": {"LLM_WORKER_GATEWAY_API_KEYS_FILE": "/keys"}},
+        ["config.LLM_WORKER_GATEWAY_API_KEYS_FILE is not allowed"],
+        id="gateway-keys-file-in-config",
+    ),
+    pytest.param(
+        {"gateway": {**GATEWAY_ON, "podDisruptionBudget": {"minAvailable": 1}}},
+        ["gateway.podDisruptionBudget: set either minAvailable or maxUnavailable"],
+        id="gateway-pdb-both",
+    ),
+    pytest.param(
+        {"gateway": {**GATEWAY_ON, "terminationGracePeriodSeconds": 5}},
+        ["gateway.terminationGracePeriodSeconds (5) must be greater than"],
+        id="gateway-grace-within-prestop",
+    ),
+]
+
+
+@pytest.mark.parametrize(("values", "fragments"), BAD_GATEWAY_VALUES)
+def test_bad_gateway_values_fail_with_a_clear_message(
+    values: dict[str, Any], fragments: list[str]
+) -> None:
+    """A bad gateway value fails to render with a message naming it, and never echoes the
+    producer key."""
+    with pytest.raises(helm.HelmError) as excinfo:
+        render(values)
+    message = str(excinfo.value)
+    for fragment in fragments:
+        assert fragment in message, message
+    assert "sk-gateway-inline-secret" not in message
+    assert "sk-oops" not in message

@@ -41,6 +41,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: worker
 {{- end }}
 
+{{- define "llm-worker.gatewaySelectorLabels" -}}
+{{ include "llm-worker.selectorLabels" . }}
+app.kubernetes.io/component: gateway
+{{- end }}
+
 {{- define "llm-worker.redisSelectorLabels" -}}
 {{ include "llm-worker.selectorLabels" . }}
 app.kubernetes.io/component: redis
@@ -90,6 +95,76 @@ app.kubernetes.io/component: redis
 
 {{- define "llm-worker.redisSecretKey" -}}
 {{- if .Values.redis.existingSecret }}{{ .Values.redis.key }}{{ else }}redis-url{{ end }}
+{{- end }}
+
+{{/* The Redis env of every llm-worker container (workers and gateway): the URL from a Secret,
+the Sentinel service name, and the passwords from the user's Secrets. */}}
+{{- define "llm-worker.redisEnv" -}}
+- name: LLM_WORKER_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "llm-worker.redisSecretName" . }}
+      key: {{ include "llm-worker.redisSecretKey" . }}
+{{- with .Values.redis.sentinel.master }}
+- name: LLM_WORKER_REDIS_SENTINEL_MASTER
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.redis.sentinel.passwordSecret }}
+{{- if .name }}
+- name: LLM_WORKER_REDIS_SENTINEL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .name }}
+      key: {{ .key }}
+{{- end }}
+{{- end }}
+{{- with .Values.redis.passwordSecret }}
+{{- if .name }}
+- name: LLM_WORKER_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .name }}
+      key: {{ .key }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The gateway: its object names and where its producer keys come from. */}}
+{{- define "llm-worker.gatewayName" -}}
+{{- printf "%s-gateway" (include "llm-worker.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The chart's Secret for the gateway's name:key pairs (apart from the workers' Secret, so
+that changing producer keys restarts the gateway pods only). */}}
+{{- define "llm-worker.gatewayApiKeysSecretName" -}}
+{{- default (include "llm-worker.gatewayName" .) .Values.gateway.apiKeys.existingSecret }}
+{{- end }}
+
+{{- define "llm-worker.gatewayApiKeysSecretKey" -}}
+{{- if .Values.gateway.apiKeys.existingSecret }}{{ .Values.gateway.apiKeys.key }}{{ else }}gateway-api-keys{{ end }}
+{{- end }}
+
+{{/* Whether the gateway gets LLM_WORKER_GATEWAY_API_KEYS at all. */}}
+{{- define "llm-worker.gatewayHasApiKeys" -}}
+{{- if or .Values.gateway.apiKeys.existingSecret .Values.gateway.apiKeys.value }}true{{ end }}
+{{- end }}
+
+{{/* The keys file's Secret: not part of the pod template's checksum, so a change reaches the
+running pods through the kubelet's volume update, without a restart. */}}
+{{- define "llm-worker.gatewayKeysFileSecretName" -}}
+{{- default (printf "%s-keys-file" (include "llm-worker.gatewayName" .) | trunc 63 | trimSuffix "-") .Values.gateway.keysFile.existingSecret }}
+{{- end }}
+
+{{- define "llm-worker.gatewayKeysFileSecretKey" -}}
+{{- if .Values.gateway.keysFile.existingSecret }}{{ .Values.gateway.keysFile.key }}{{ else }}keys.txt{{ end }}
+{{- end }}
+
+{{- define "llm-worker.gatewayHasKeysFile" -}}
+{{- if or .Values.gateway.keysFile.existingSecret .Values.gateway.keysFile.entries }}true{{ end }}
+{{- end }}
+
+{{- define "llm-worker.gatewayKeysFilePath" -}}
+{{- printf "%s/keys.txt" (trimSuffix "/" .Values.gateway.keysFile.mountPath) }}
 {{- end }}
 
 {{- define "llm-worker.redisHost" -}}
@@ -175,6 +250,30 @@ Checks that the schema cannot express; each failure names the values to change.
 {{- end }}
 {{- if and .Values.autoscaling.hpa.enabled .Values.autoscaling.keda.enabled }}
 {{- fail "autoscaling.hpa.enabled and autoscaling.keda.enabled are mutually exclusive: enable at most one (KEDA creates its own HPA)" }}
+{{- end }}
+{{- if hasKey .Values.config "LLM_WORKER_GATEWAY_API_KEYS" }}
+{{- fail "config.LLM_WORKER_GATEWAY_API_KEYS is not allowed (a ConfigMap is not secret): set gateway.apiKeys.value or gateway.apiKeys.existingSecret" }}
+{{- end }}
+{{- if hasKey .Values.config "LLM_WORKER_GATEWAY_API_KEYS_FILE" }}
+{{- fail "config.LLM_WORKER_GATEWAY_API_KEYS_FILE is not allowed: set gateway.keysFile.entries or gateway.keysFile.existingSecret (the chart mounts the file and sets the variable)" }}
+{{- end }}
+{{- if .Values.gateway.enabled }}
+{{- if not (or (include "llm-worker.gatewayHasApiKeys" .) (include "llm-worker.gatewayHasKeysFile" .)) }}
+{{- fail "gateway.enabled needs producer keys (the gateway will not start without them): set gateway.apiKeys.value, gateway.apiKeys.existingSecret, gateway.keysFile.entries or gateway.keysFile.existingSecret" }}
+{{- end }}
+{{- range $i, $line := .Values.gateway.keysFile.entries }}
+{{- if not (regexMatch "^[A-Za-z0-9_.-]{1,64}:[0-9a-fA-F]{64}$" $line) }}
+{{- /* Never the line itself: it may be a key pasted in place of its digest. */}}
+{{- fail (printf "gateway.keysFile.entries[%d] is not name:sha256-of-key (a tenant name of 1-64 of A-Z a-z 0-9 _ . -, ':', 64 hex digits); put the key's sha256, never the key" $i) }}
+{{- end }}
+{{- end }}
+{{- $gwPdb := .Values.gateway.podDisruptionBudget }}
+{{- if and $gwPdb.enabled (not (kindIs "invalid" $gwPdb.minAvailable)) (not (kindIs "invalid" $gwPdb.maxUnavailable)) }}
+{{- fail "gateway.podDisruptionBudget: set either minAvailable or maxUnavailable, not both (set the other to null)" }}
+{{- end }}
+{{- if le (int .Values.gateway.terminationGracePeriodSeconds) (int .Values.gateway.preStopSleepSeconds) }}
+{{- fail (printf "gateway.terminationGracePeriodSeconds (%v) must be greater than gateway.preStopSleepSeconds (%v): the grace includes the preStop sleep" .Values.gateway.terminationGracePeriodSeconds .Values.gateway.preStopSleepSeconds) }}
+{{- end }}
 {{- end }}
 {{- if and .Values.podDisruptionBudget.enabled (not (kindIs "invalid" .Values.podDisruptionBudget.minAvailable)) (not (kindIs "invalid" .Values.podDisruptionBudget.maxUnavailable)) }}
 {{- fail "podDisruptionBudget: set either minAvailable or maxUnavailable, not both (set the other to null)" }}
