@@ -367,14 +367,29 @@ def test_gateway_runs_llm_worker_gateway_on_a_published_port(
 
 def test_gateway_healthcheck_probes_its_own_healthz(gateway_config: dict[str, Any]) -> None:
     """The gateway's healthcheck GETs /healthz on the gateway's port (not the worker's 9464,
-    which the image's HEALTHCHECK probes), and it has a stop grace for open streams."""
+    which the image's HEALTHCHECK probes), and its stop grace covers SHUTDOWN_GRACE_S."""
     gateway = gateway_config["services"]["gateway"]
     port = str(build_port(gateway))
     check = " ".join(gateway["healthcheck"]["test"])
     assert gateway["healthcheck"]["test"][0] == "CMD"
     assert f"127.0.0.1:{port}/healthz" in check
     assert "9464" not in check
-    assert re.fullmatch(r"\d+s", gateway["stop_grace_period"])
+    grace = re.fullmatch(r"(\d+)s", gateway["stop_grace_period"])
+    assert grace, gateway["stop_grace_period"]
+    shutdown_grace = gateway["environment"].get(
+        "LLM_WORKER_SHUTDOWN_GRACE_S", DEFAULT_SHUTDOWN_GRACE_S
+    )
+    assert int(grace.group(1)) > float(shutdown_grace) + 10  # the fast path's hand-back
+
+
+def test_gateway_calls_the_upstream_the_worker_calls(sim_config: dict[str, Any]) -> None:
+    """The gateway gets the worker's upstream URL and key (its fast path runs jobs itself):
+    with --profile sim and the documented variables, both call the simulator with its key."""
+    services = sim_config["services"]
+    gateway, worker = services["gateway"]["environment"], services["worker"]["environment"]
+    for name in ("LLM_WORKER_API_BASE_URL", "LLM_WORKER_API_KEY", "LLM_WORKER_BROKER_URL"):
+        assert gateway[name] == worker[name], name
+    assert gateway["LLM_WORKER_API_BASE_URL"] == "http://simulator:8080"
 
 
 def build_port(service: dict[str, Any]) -> int:

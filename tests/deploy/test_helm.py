@@ -859,17 +859,19 @@ def test_gateway_runs_locked_down_like_the_workers(
 
 
 @pytest.mark.parametrize("name", list(GATEWAY_SETS))
-def test_gateway_shares_the_workers_config_and_redis_but_not_the_upstream_key(
+def test_gateway_shares_the_workers_config_redis_and_upstream_key(
     gateway_rendered: dict[str, list[dict[str, Any]]], name: str
 ) -> None:
-    """The gateway loads the workers' ConfigMap and their Redis env (URL Secret, Sentinel
-    master, password Secrets) and the top-level extraEnv, but not LLM_WORKER_API_KEY."""
+    """The gateway loads the workers' ConfigMap, their Redis env (URL Secret, Sentinel
+    master, password Secrets), the upstream key's secretKeyRef (its fast path calls the
+    upstream) and the top-level extraEnv."""
     objects = gateway_rendered[name]
     container = gateway_container(objects)
     assert container["envFrom"] == worker_container(objects)["envFrom"]
     env = env_by_name(container)
     worker_env = env_by_name(worker_container(objects))
-    assert "LLM_WORKER_API_KEY" not in env
+    assert env["LLM_WORKER_API_KEY"] == worker_env["LLM_WORKER_API_KEY"]
+    assert "value" not in env["LLM_WORKER_API_KEY"]
     redis_vars = {n for n in worker_env if n.startswith("LLM_WORKER_REDIS_")}
     assert "LLM_WORKER_REDIS_URL" in redis_vars
     for var in redis_vars:
@@ -914,14 +916,17 @@ def test_gateway_shuts_down_gracefully(
     gateway_rendered: dict[str, list[dict[str, Any]]], name: str
 ) -> None:
     """A preStop sleep lets endpoints drop the pod before SIGTERM, within a grace period
-    that leaves open streams minutes to end; rollouts keep every old pod until a new one
-    is ready."""
+    that covers it and the SHUTDOWN_GRACE_S after which the fast path hands its jobs back;
+    rollouts keep every old pod until a new one is ready."""
     objects = gateway_rendered[name]
     deployment = only(objects, "Deployment", "gateway")
     pod = gateway_pod(objects)
     sleep = gateway_container(objects)["lifecycle"]["preStop"]["exec"]["command"]
     assert sleep[0] == "sleep"
-    assert pod["terminationGracePeriodSeconds"] > int(sleep[1]) + 60
+    shutdown_grace = float(
+        config_data(objects).get("LLM_WORKER_SHUTDOWN_GRACE_S", DEFAULT_SHUTDOWN_GRACE_S)
+    )
+    assert pod["terminationGracePeriodSeconds"] > int(sleep[1]) + shutdown_grace + 10
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     no_sleep = render(
         {"gateway": {"enabled": True, "apiKeys": {"value": GATEWAY_KEY}, "preStopSleepSeconds": 0}}
@@ -1032,11 +1037,44 @@ BAD_GATEWAY_VALUES = [
         id="gateway-pdb-both",
     ),
     pytest.param(
-        {"gateway": {**GATEWAY_ON, "terminationGracePeriodSeconds": 5}},
-        ["gateway.terminationGracePeriodSeconds (5) must be greater than"],
+        {
+            "config": {"LLM_WORKER_GATEWAY_FAST_PATH": "false"},
+            "gateway": {**GATEWAY_ON, "terminationGracePeriodSeconds": 5},
+        },
+        [
+            "gateway.terminationGracePeriodSeconds (5) must be greater than",
+            "preStopSleepSeconds (5)",
+        ],
         id="gateway-grace-within-prestop",
     ),
+    pytest.param(
+        {"gateway": {**GATEWAY_ON, "terminationGracePeriodSeconds": 310}},
+        [
+            "gateway.terminationGracePeriodSeconds (310) must be greater than",
+            "preStopSleepSeconds (5) + config.LLM_WORKER_SHUTDOWN_GRACE_S (300) + 10",
+            "fast path",
+        ],
+        id="gateway-grace-below-the-fast-path-shutdown",
+    ),
 ]
+
+
+def test_gateway_grace_follows_the_fast_path() -> None:
+    """With the fast path off, the gateway's grace need only cover the preStop sleep and its
+    streams; with it on (the default), a raised SHUTDOWN_GRACE_S needs a longer grace."""
+    short = {**GATEWAY_ON, "terminationGracePeriodSeconds": 60}
+    objects = render({"config": {"LLM_WORKER_GATEWAY_FAST_PATH": "False"}, "gateway": short})
+    assert gateway_pod(objects)["terminationGracePeriodSeconds"] == 60
+    with pytest.raises(helm.HelmError, match="fast path"):
+        render({"gateway": short})
+    with pytest.raises(helm.HelmError, match=r"SHUTDOWN_GRACE_S \(400\)"):
+        render(
+            {
+                "config": {"LLM_WORKER_SHUTDOWN_GRACE_S": "400"},
+                "terminationGracePeriodSeconds": 500,
+                "gateway": GATEWAY_ON,
+            }
+        )
 
 
 @pytest.mark.parametrize(("values", "fragments"), BAD_GATEWAY_VALUES)

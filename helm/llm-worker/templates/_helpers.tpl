@@ -271,7 +271,12 @@ Checks that the schema cannot express; each failure names the values to change.
 {{- if and $gwPdb.enabled (not (kindIs "invalid" $gwPdb.minAvailable)) (not (kindIs "invalid" $gwPdb.maxUnavailable)) }}
 {{- fail "gateway.podDisruptionBudget: set either minAvailable or maxUnavailable, not both (set the other to null)" }}
 {{- end }}
-{{- if le (int .Values.gateway.terminationGracePeriodSeconds) (int .Values.gateway.preStopSleepSeconds) }}
+{{- $gwGrace := float64 .Values.gateway.terminationGracePeriodSeconds }}
+{{- $preStop := float64 .Values.gateway.preStopSleepSeconds }}
+{{- $fastPath := not (has (index .Values.config "LLM_WORKER_GATEWAY_FAST_PATH" | default "true" | toString | lower | trim) (list "false" "0" "no" "off" "f" "n")) }}
+{{- if and $fastPath (le $gwGrace (addf $preStop $shutdownGrace 10)) }}
+{{- fail (printf "gateway.terminationGracePeriodSeconds (%v) must be greater than gateway.preStopSleepSeconds (%v) + config.LLM_WORKER_SHUTDOWN_GRACE_S (%v) + 10: the gateway's fast path runs jobs and hands them back to the queue after that grace (or set config.LLM_WORKER_GATEWAY_FAST_PATH to \"false\")" .Values.gateway.terminationGracePeriodSeconds .Values.gateway.preStopSleepSeconds $shutdownGrace) }}
+{{- else if le $gwGrace $preStop }}
 {{- fail (printf "gateway.terminationGracePeriodSeconds (%v) must be greater than gateway.preStopSleepSeconds (%v): the grace includes the preStop sleep" .Values.gateway.terminationGracePeriodSeconds .Values.gateway.preStopSleepSeconds) }}
 {{- end }}
 {{- end }}
