@@ -382,6 +382,26 @@ def test_gateway_healthcheck_probes_its_own_healthz(gateway_config: dict[str, An
     assert int(grace.group(1)) > float(shutdown_grace) + 10  # the fast path's hand-back
 
 
+def test_every_prometheus_target_is_a_service_port(gateway_config: dict[str, Any]) -> None:
+    """Each static target of deploy/prometheus/prometheus.yml is a compose service exposing
+    that port, with the metrics server on it: the worker on 9464, the gateway on 9465."""
+    prom_config = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    services = gateway_config["services"]
+    ports = {
+        "worker": "LLM_WORKER_METRICS_PORT",
+        "gateway": "LLM_WORKER_GATEWAY_METRICS_PORT",
+    }
+    seen = set()
+    for job in prom_config["scrape_configs"]:
+        for static in job.get("static_configs", []):
+            for target in static["targets"]:
+                host, port = target.split(":")
+                assert port in [str(p) for p in services[host].get("expose", [])], target
+                assert str(services[host]["environment"][ports[host]]) == port, target
+                seen.add(host)
+    assert seen == {"worker", "gateway"}
+
+
 def test_gateway_calls_the_upstream_the_worker_calls(sim_config: dict[str, Any]) -> None:
     """The gateway gets the worker's upstream URL and key (its fast path runs jobs itself):
     with --profile sim and the documented variables, both call the simulator with its key."""

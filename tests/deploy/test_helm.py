@@ -630,6 +630,18 @@ def gateway_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
     return container
 
 
+def gateway_service(objects: list[dict[str, Any]], port_name: str) -> dict[str, Any]:
+    """The gateway's Service that has a port of this name (``http`` or ``metrics``)."""
+    (service,) = [
+        o
+        for o in objects
+        if o["kind"] == "Service"
+        and o["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"
+        and any(p["name"] == port_name for p in o["spec"]["ports"])
+    ]
+    return service
+
+
 def components(objects: list[dict[str, Any]]) -> set[str]:
     """The component labels of the rendered objects."""
     return {o["metadata"]["labels"].get("app.kubernetes.io/component") for o in objects}
@@ -647,8 +659,9 @@ def test_gateway_objects_render_only_when_enabled(
     rendered: dict[str, list[dict[str, Any]]], gateway_rendered: dict[str, list[dict[str, Any]]]
 ) -> None:
     """No gateway object by default (nor with every other option on); enabled, a Deployment,
-    a Service, a PDB and, for keys kept by the chart, two Secrets: the name:key pairs, and
-    the keys file apart so that it can change without a restart."""
+    its public Service and its metrics Service, a PDB and, for keys kept by the chart, two
+    Secrets: the name:key pairs, and the keys file apart so that it can change without a
+    restart."""
     for name in VALUE_SETS:
         assert "gateway" not in components(rendered[name]), name
     disabled = render({"gateway": {"enabled": False, "apiKeys": {"value": GATEWAY_KEY}}})
@@ -667,10 +680,12 @@ def test_gateway_objects_render_only_when_enabled(
         "Secret",
         "Secret",
         "Service",
+        "Service",
     ]
     assert gateway_kinds(gateway_rendered["gateway-existing"]) == [
         "Deployment",
         "PodDisruptionBudget",
+        "Service",
         "Service",
     ]
 
@@ -807,9 +822,12 @@ def test_gateway_probes_hit_healthz_on_its_port(
     port = GATEWAY_SETS[name]["gateway"].get("port", 8000)
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": port}
-    service = only(objects, "Service", "gateway")
-    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
+        "http": port,
+        "metrics": 9465,
+    }
+    service = gateway_service(objects, "http")
+    assert [(p["name"], p["targetPort"]) for p in service["spec"]["ports"]] == [("http", "http")]
     gateway_labels = only(objects, "Deployment", "gateway")["spec"]["template"]["metadata"][
         "labels"
     ]
@@ -836,7 +854,7 @@ def test_gateway_command_is_one_the_cli_accepts(
     args = build_parser().parse_args(container["args"])
     assert args.func is cmd_gateway
     assert args.host == "0.0.0.0"
-    assert args.port == container["ports"][0]["containerPort"]
+    assert args.port == {p["name"]: p["containerPort"] for p in container["ports"]}["http"]
 
 
 @pytest.mark.parametrize("name", list(GATEWAY_SETS))
@@ -977,6 +995,44 @@ def test_notes_show_how_to_reach_the_gateway() -> None:
     assert "/etc/llm-worker/gateway-keys/keys.txt" in on
     assert GATEWAY_KEY not in on
     assert "gateway" not in notes(None)
+
+
+def test_gateway_metrics_are_served_apart_from_its_public_service() -> None:
+    """The gateway's /metrics port (LLM_WORKER_GATEWAY_METRICS_PORT, 9465) is a container port
+    named metrics behind a ClusterIP Service of its own, never on the public Service (the
+    series name every tenant); with serviceMonitor on, a ServiceMonitor scrapes it under the
+    job deploy/prometheus/prometheus.yml gives it; port 0 renders none of this."""
+    values: dict[str, Any] = {
+        "serviceMonitor": {"enabled": True, "labels": {"release": "kps"}},
+        "gateway": {**GATEWAY_ON, "service": {"type": "LoadBalancer"}},
+    }
+    objects = render(values)
+    ports = {p["name"]: p["containerPort"] for p in gateway_container(objects)["ports"]}
+    assert ports["metrics"] == 9465
+    public = gateway_service(objects, "http")
+    assert public["spec"]["type"] == "LoadBalancer"
+    assert [p["name"] for p in public["spec"]["ports"]] == ["http"]
+    metrics = gateway_service(objects, "metrics")
+    assert metrics["spec"]["type"] == "ClusterIP"
+    assert metrics["spec"]["ports"][0]["targetPort"] == "metrics"
+    monitor = only(objects, "ServiceMonitor", "gateway")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= metrics["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == "metrics"
+    assert {"action": "replace", "targetLabel": "job", "replacement": "llm-worker-gateway"} in (
+        endpoint["relabelings"]
+    )
+    assert monitor["metadata"]["labels"]["release"] == "kps"
+    prometheus = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in prometheus["scrape_configs"]}
+    assert jobs["llm-worker-gateway"]["static_configs"][0]["targets"] == ["gateway:9465"]
+    worker_selector = only(objects, "ServiceMonitor", "worker")["spec"]["selector"]["matchLabels"]
+    assert not worker_selector.items() <= metrics["metadata"]["labels"].items()
+    off = render({**values, "config": {"LLM_WORKER_GATEWAY_METRICS_PORT": "0"}})
+    assert "metrics" not in {p["name"] for p in gateway_container(off)["ports"]}
+    assert "gateway" not in components([o for o in off if o["kind"] == "ServiceMonitor"])
+    assert len([o for o in off if o["kind"] == "Service"]) == 2  # the workers' and the public
 
 
 GATEWAY_ON = {"enabled": True, "apiKeys": {"value": GATEWAY_KEY}}

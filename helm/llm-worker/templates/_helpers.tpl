@@ -167,6 +167,11 @@ running pods through the kubelet's volume update, without a restart. */}}
 {{- printf "%s/keys.txt" (trimSuffix "/" .Values.gateway.keysFile.mountPath) }}
 {{- end }}
 
+{{/* The gateway's /metrics port ("0": not served). */}}
+{{- define "llm-worker.gatewayMetricsPort" -}}
+{{- index .Values.config "LLM_WORKER_GATEWAY_METRICS_PORT" | default "9465" | toString }}
+{{- end }}
+
 {{- define "llm-worker.redisHost" -}}
 {{- printf "%s-redis" (include "llm-worker.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
