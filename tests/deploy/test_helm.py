@@ -815,12 +815,14 @@ def test_a_keys_file_change_keeps_the_pods_and_a_pairs_change_rolls_them() -> No
 def test_gateway_probes_hit_healthz_on_its_port(
     gateway_rendered: dict[str, list[dict[str, Any]]], name: str
 ) -> None:
-    """Liveness and readiness GET /healthz on the port named http, the container's port; the
-    Service targets it and selects gateway pods only (no worker Service or PDB selects them)."""
+    """Liveness is a TCP check of the port named http (a Redis outage must not restart the
+    gateways), readiness GET /healthz there; the Service targets it and selects gateway pods
+    only (no worker Service or PDB selects them)."""
     objects = gateway_rendered[name]
     container = gateway_container(objects)
     port = GATEWAY_SETS[name]["gateway"].get("port", 8000)
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["livenessProbe"]["tcpSocket"] == {"port": "http"}
+    assert "httpGet" not in container["livenessProbe"]
     assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
         "http": port,
@@ -1037,6 +1039,11 @@ def test_gateway_metrics_are_served_apart_from_its_public_service() -> None:
 
 GATEWAY_ON = {"enabled": True, "apiKeys": {"value": GATEWAY_KEY}}
 BAD_GATEWAY_VALUES = [
+    pytest.param(
+        {"gateway": {**GATEWAY_ON, "livenessProbe": {"periodSeconds": 5}}},
+        ["/gateway/livenessProbe"],
+        id="gateway-liveness-without-a-check",
+    ),
     pytest.param(
         {"gateway": {**GATEWAY_ON, "replicaCount": -1}},
         ["/gateway/replicaCount", "minimum"],
