@@ -1040,7 +1040,7 @@ def test_gateway_metrics_are_served_apart_from_its_public_service() -> None:
 GATEWAY_ON = {"enabled": True, "apiKeys": {"value": GATEWAY_KEY}}
 BAD_GATEWAY_VALUES = [
     pytest.param(
-        {"gateway": {**GATEWAY_ON, "livenessProbe": {"periodSeconds": 5}}},
+        {"gateway": {**GATEWAY_ON, "livenessProbe": {"tcpSocket": None, "periodSeconds": 5}}},
         ["/gateway/livenessProbe"],
         id="gateway-liveness-without-a-check",
     ),
