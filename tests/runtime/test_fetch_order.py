@@ -46,14 +46,16 @@ def push(r: redis.Redis[bytes], queue: str, name: str, **payload: Any) -> None:
     )
 
 
-def fetch(
+def fetch_many(
     r: redis.Redis[bytes],
     queue: str,
+    most: int,
     *,
     aging_s: float = 60,
     weights: dict[str, float] | None = None,
-) -> str | None:
-    """One fetch as the transport sends it; the job id it moved into the inbox, or None."""
+) -> list[str]:
+    """One fetch of up to ``most`` messages as the transport sends it; the job ids it moved
+    into the inbox, in the order served."""
     keys = [f"{queue}{suffix}" for suffix in PRIORITY_LISTS]
     inboxes = [f"{k}{QUEUE_SEP}inbox{QUEUE_SEP}test" for k in keys]
     base = TrafficKeys(queue).base
@@ -66,17 +68,34 @@ def fetch(
         orjson.dumps(weights or {}),
         FILE_LIMIT,
         *([base] * len(keys)),
+        most,
     )
     if not reply:
-        return None
-    key, item = reply[0].decode(), reply[1]
+        return []
+    key, items = reply[0].decode(), reply[1:]
     assert key == queue  # delivered as the queue's (its inbox, its routing)
-    assert r.lrange(inboxes[0], 0, -1) == [item]  # moved into the inbox, nowhere else
+    assert r.lrange(inboxes[0], 0, -1) == items[::-1]  # moved into the inbox, nowhere else
     r.delete(inboxes[0])
+    return [job_name(item) for item in items]
+
+
+def job_name(item: bytes) -> str:
     try:
         return str(orjson.loads(item)["headers"]["id"])
     except (orjson.JSONDecodeError, KeyError, TypeError):
         return item.decode()
+
+
+def fetch(
+    r: redis.Redis[bytes],
+    queue: str,
+    *,
+    aging_s: float = 60,
+    weights: dict[str, float] | None = None,
+) -> str | None:
+    """One fetch of one message; its job id, or None."""
+    served = fetch_many(r, queue, 1, aging_s=aging_s, weights=weights)
+    return served[0] if served else None
 
 
 def drain(r: redis.Redis[bytes], queue: str, **options: Any) -> list[str]:
@@ -192,6 +211,64 @@ def test_an_item_that_is_not_a_message_is_delivered_as_is(
     assert fetch(r, queue) == "not a message"
     assert fetch(r, queue) == "first"
     assert fetch(r, queue) is None
+
+
+def test_items_behind_one_that_is_not_a_message_stay_queued_in_order(
+    r: redis.Redis[bytes], queue: str
+) -> None:
+    """What came before the bad item is filed, what came after stays on the queue's list as it
+    was, and both are served in submission order afterwards."""
+    push(r, queue, "first")
+    r.lpush(queue, b"not a message")
+    push(r, queue, "second")
+    push(r, queue, "third")
+    assert fetch(r, queue) == "not a message"
+    assert [job_name(item) for item in r.lrange(queue, 0, -1)] == ["third", "second"]
+    assert drain(r, queue) == ["first", "second", "third"]
+
+
+def _mixed_backlog(r: redis.Redis[bytes], queue: str) -> None:
+    for i in range(6):
+        push(r, queue, f"a{i}", tenant="a", priority=2)
+        push(r, queue, f"b{i}", tenant="b", priority=2)
+        push(r, queue, f"h{i}", tenant="a", priority=8)
+        push(r, queue, f"n{i}", priority=5)
+    for i in range(4):
+        r.lpush(
+            f"{queue}{QUEUE_SEP}6",
+            task_message(f"k{i}", {"job_id": f"k{i}", "priority": 5, "tenant": "b"}, queue=queue),
+        )
+
+
+def test_a_batch_serves_what_as_many_single_fetches_would(
+    r: redis.Redis[bytes], queue: str
+) -> None:
+    """Up to N messages per fetch come out in the order, and leave the virtual clocks, of N
+    fetches of one: priorities, tenants, weights, aging and new arrivals between fetches."""
+    other = f"{queue}-batched"
+    weights = {"a": 2}
+    for q in (queue, other):
+        _mixed_backlog(r, q)
+        r.hset(TrafficKeys(q).clock, "since2", time.time() - 7 * 60 - 1)  # aged up to 9
+    singles = [fetch(r, queue, weights=weights) for _ in range(7)]
+    batched = fetch_many(r, other, 7, weights=weights)
+    assert batched == singles
+    assert "a0" in batched  # the aged priority was served once
+    for q in (queue, other):
+        push(r, q, "late", tenant="c", priority=8)
+    singles = drain(r, queue, weights=weights)
+    batched = []
+    while served := fetch_many(r, other, 5, weights=weights):
+        batched += served
+    assert batched == singles
+    assert len(singles) == 6 * 4 + 4 - 7 + 1
+
+    def virtual_times(q: str) -> dict[bytes, bytes]:
+        fields = r.hgetall(TrafficKeys(q).clock)
+        return {k: v for k, v in fields.items() if k.startswith(b"v")}
+
+    assert virtual_times(other) == virtual_times(queue)
+    assert set(r.hkeys(TrafficKeys(other).clock)) == set(r.hkeys(TrafficKeys(queue).clock))
 
 
 def test_class_gauges_report_depth_and_oldest_age(r: redis.Redis[bytes], queue: str) -> None:

@@ -8,8 +8,11 @@
 -- and would need one more round trip per job end to learn it. Redis allows undeclared keys
 -- outside Cluster; Redis Cluster does not (a script may touch only its KEYS, in one slot).
 -- The job scripts are single-Redis already: a job's own keys are in different slots.
-local function count_batch_end(job_key, counts_prefix, state, now, ttl)
-  local batch = redis.call('HGET', job_key, 'batch')
+-- `batch`: the job's `batch` field when the caller read it already (false: none), or nil.
+local function count_batch_end(job_key, counts_prefix, state, now, ttl, batch)
+  if batch == nil then
+    batch = redis.call('HGET', job_key, 'batch')
+  end
   if not batch then
     return
   end

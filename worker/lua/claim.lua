@@ -47,53 +47,58 @@ end
 if ARGV[13] and ARGV[13] ~= '' then
   redis.call('ZREM', ARGV[13], KEYS[1])
 end
-local state = redis.call('HGET', KEYS[1], 'state')
+-- Every field this step reads, in one command (one per field cost 7 of a job's commands).
+local job = redis.call('HMGET', KEYS[1], 'state', 'lease', 'lease_until', 'deliveries',
+  'attempts', 'cancel_requested', 'deadline_at', 'started_at',
+  'claim_before', 'claim_first', 'claim_started')
+local state = job[1]
 if state == 'completed' or state == 'failed' or state == 'cancelled' or state == 'expired' then
   return {state, 0, 0, 0, 0, '', 0}
 end
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local holder = redis.call('HGET', KEYS[1], 'lease')
+local holder = job[2]
 if holder and holder == ARGV[5] and state == 'running' then
-  local before = redis.call('HMGET', KEYS[1], 'claim_before', 'claim_first', 'claim_started',
-    'deliveries', 'attempts', 'cancel_requested', 'deadline_at')
   local seq, last_type = last_event()
-  return {before[1] or 'running', tonumber(before[4] or '0'), tonumber(before[5] or '0'), seq,
-    before[6] and 1 or 0, before[7] or '', 0, tonumber(before[2] or '0'), last_type,
-    tonumber(before[3] or '0')}
+  return {job[9] or 'running', tonumber(job[4] or '0'), tonumber(job[5] or '0'), seq,
+    job[6] and 1 or 0, job[7] or '', 0, tonumber(job[10] or '0'), last_type,
+    tonumber(job[11] or '0')}
 end
 if holder and holder ~= ARGV[5] then
-  local until_ms = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
+  local until_ms = tonumber(job[3] or '0')
   if until_ms > now_ms then
     return {'leased', 0, 0, 0, 0, '', until_ms - now_ms}
   end
 end
+local attempts = tonumber(job[5] or '0')
+local deadline = job[7] or ''
 if not state then
   -- The record is gone (expired, lost with a Redis that kept nothing, or a message pushed by
   -- hand): keep one, judged by what the message says. A message past its deadline ends
   -- expired; it never reaches the upstream.
   local submitted = ARGV[11] ~= '' and ARGV[11] or ARGV[1]
   redis.call('HSET', KEYS[1], 'submitted_at', submitted, 'model', ARGV[3], 'attempts', 0)
+  attempts = 0
   if ARGV[12] and ARGV[12] ~= '' then
     redis.call('HSET', KEYS[1], 'deadline_at', ARGV[12])
+    deadline = ARGV[12]
   end
   state = 'missing'
 end
 local deliveries = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
-local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
-local cancel = redis.call('HGET', KEYS[1], 'cancel_requested') and 1 or 0
-local deadline = redis.call('HGET', KEYS[1], 'deadline_at') or ''
+local cancel = job[6] and 1 or 0
 if deliveries > tonumber(ARGV[7]) then
   return {'poison', deliveries, attempts, 0, cancel, deadline, 0}
 end
-redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[2],
-  'lease', ARGV[5], 'lease_until', now_ms + tonumber(ARGV[6]))
+-- The job's fields this claim sets, written in one HSET at the end.
+local fields = {'state', 'running', 'worker', ARGV[2],
+  'lease', ARGV[5], 'lease_until', now_ms + tonumber(ARGV[6])}
 local first = 0
-if not redis.call('HGET', KEYS[1], 'started_at') then
-  redis.call('HSET', KEYS[1], 'started_at', ARGV[1])
+if not job[8] then
+  fields[#fields + 1] = 'started_at'
+  fields[#fields + 1] = ARGV[1]
   first = 1
 end
-redis.call('EXPIRE', KEYS[1], ARGV[4])
 local seq, last_type = last_event()
 local fresh = state == 'queued' or state == 'missing' or (state == 'running' and attempts == 0)
 local now = tonumber(ARGV[1])
@@ -107,7 +112,8 @@ if ARGV[8] == '1' and fresh and cancel == 0 and (not deadline_at or now < deadli
     .. attempts .. ',"type":"started","ts":' .. ARGV[1] .. '}'
   redis.call('XADD', KEYS[2], '*', 'data', data)
   redis.call('PUBLISH', KEYS[3], data)
-  redis.call('HSET', KEYS[1], 'attempts', attempts)
+  fields[#fields + 1] = 'attempts'
+  fields[#fields + 1] = attempts
   -- Until the job ends, its stream lives as long as the job could, plus the result TTL.
   local ttl = tonumber(ARGV[4])
   if deadline_at then
@@ -117,6 +123,13 @@ if ARGV[8] == '1' and fresh and cancel == 0 and (not deadline_at or now < deadli
   started = 1
   last_type = 'started'
 end
--- What this claim answered, for the same call retried after a lost reply.
-redis.call('HSET', KEYS[1], 'claim_before', state, 'claim_first', first, 'claim_started', started)
+-- With what this claim answered, for the same call retried after a lost reply.
+fields[#fields + 1] = 'claim_before'
+fields[#fields + 1] = state
+fields[#fields + 1] = 'claim_first'
+fields[#fields + 1] = first
+fields[#fields + 1] = 'claim_started'
+fields[#fields + 1] = started
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('EXPIRE', KEYS[1], ARGV[4])
 return {state, deliveries, attempts, seq, cancel, deadline, 0, first, last_type, started}

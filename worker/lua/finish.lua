@@ -16,12 +16,14 @@
 -- ARGV[22] the job tenant's queued set, or '' (see tenant_end.lua)
 -- Returns 1 when this call ended the job, 0 when it had ended before, -1 when another worker
 -- holds its lease now (this writer lost it without knowing: the job is not its to end).
-local state = redis.call('HGET', KEYS[1], 'state')
+-- The job's state, lease and batch in one read.
+local job = redis.call('HMGET', KEYS[1], 'state', 'lease', 'batch')
+local state = job[1]
 if state == 'completed' or state == 'failed' or state == 'cancelled' or state == 'expired' then
   return 0
 end
 if ARGV[9] ~= '' then
-  local holder = redis.call('HGET', KEYS[1], 'lease')
+  local holder = job[2]
   if holder and holder ~= ARGV[9] then
     return -1
   end
@@ -32,14 +34,23 @@ redis.call('PUBLISH', KEYS[4], ARGV[2])
 if ARGV[3] ~= '' then
   redis.call('SET', KEYS[5], ARGV[3], 'EX', ARGV[4])
 end
-redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', ARGV[5])
-if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'usage', ARGV[6]) end
-if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[7]) end
-if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'stop_reason', ARGV[8]) end
-if ARGV[15] ~= '' then redis.call('HSET', KEYS[1], 'answered_by', ARGV[15]) end
-if ARGV[16] ~= '' then redis.call('HSET', KEYS[1], 'cost_usd', ARGV[16]) end
+-- The final state and whichever of usage, error, stop_reason, answered_by, cost_usd were
+-- given, in one HSET.
+local fields = {'state', ARGV[1], 'finished_at', ARGV[5]}
+local function field(name, value)
+  if value ~= '' then
+    fields[#fields + 1] = name
+    fields[#fields + 1] = value
+  end
+end
+field('usage', ARGV[6])
+field('error', ARGV[7])
+field('stop_reason', ARGV[8])
+field('answered_by', ARGV[15])
+field('cost_usd', ARGV[16])
+redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('HDEL', KEYS[1], 'worker', 'lease', 'lease_until')
-count_batch_end(KEYS[1], ARGV[10], ARGV[1], ARGV[5], ARGV[4])
+count_batch_end(KEYS[1], ARGV[10], ARGV[1], ARGV[5], ARGV[4], job[3])
 tenant_end(KEYS[1], ARGV[22])
 if ARGV[12] ~= '' then
   -- In the same step as the end, so whoever sees the failure also finds its dead letter.
@@ -49,15 +60,21 @@ end
 if KEYS[7] then
   -- In the same step as the end, so a job's usage and cost are counted exactly once.
   local model = ARGV[17]
-  redis.call('HINCRBY', KEYS[7], model .. '|jobs', 1)
+  local jobs = redis.call('HINCRBY', KEYS[7], model .. '|jobs', 1)
   redis.call('HINCRBY', KEYS[7], model .. '|input_tokens', ARGV[18])
   redis.call('HINCRBY', KEYS[7], model .. '|output_tokens', ARGV[19])
   redis.call('HINCRBY', KEYS[7], model .. '|cost_pusd', ARGV[20])
   redis.call('HINCRBYFLOAT', KEYS[7], model .. '|cost_usd', ARGV[16])
-  redis.call('INCRBY', KEYS[8], ARGV[20])
-  redis.call('INCRBY', KEYS[9], ARGV[20])
+  local day = redis.call('INCRBY', KEYS[8], ARGV[20])
+  local month = redis.call('INCRBY', KEYS[9], ARGV[20])
+  -- A key this step created has no TTL yet. Only this script writes these keys, so a counter
+  -- that did not start from nothing here (a model's first job, a spend equal to this one's
+  -- cost) was created with its TTL: look only at the others (3 commands per job saved).
+  local created = {jobs == 1, day == tonumber(ARGV[20]), month == tonumber(ARGV[20])}
   for i = 7, 9 do
-    if redis.call('TTL', KEYS[i]) == -1 then redis.call('EXPIRE', KEYS[i], ARGV[21]) end
+    if created[i - 6] and redis.call('TTL', KEYS[i]) == -1 then
+      redis.call('EXPIRE', KEYS[i], ARGV[21])
+    end
   end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
