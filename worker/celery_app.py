@@ -96,6 +96,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         ),
         "broker_pool_limit": 10,
         "result_backend": None,
+        # No result backend: Celery's stand-in for none holds no state, so one instance can
+        # serve every greenlet. Left unsaid, Celery keeps one per thread, which under gevent
+        # is one per task: a new backend object for each job (4% of a short job's CPU).
+        "result_backend_thread_safe": True,
         "task_ignore_result": True,
         "task_serializer": "json",
         "result_serializer": "json",

@@ -121,12 +121,12 @@ def usd_to_pusd(usd: Decimal) -> int:
 
 def utc_day(ts: float) -> str:
     """The UTC day of a time, ``YYYY-MM-DD``: the period of day counters and budgets."""
-    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d")
+    return dt.datetime.fromtimestamp(ts, dt.UTC).date().isoformat()  # (strftime is slower)
 
 
 def utc_month(ts: float) -> str:
     """The UTC month of a time, ``YYYY-MM``."""
-    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m")
+    return dt.datetime.fromtimestamp(ts, dt.UTC).date().isoformat()[:7]
 
 
 def seconds_to_next_day(ts: float) -> float:

@@ -67,9 +67,10 @@ if KEYS[7] then
   redis.call('HINCRBYFLOAT', KEYS[7], model .. '|cost_usd', ARGV[16])
   local day = redis.call('INCRBY', KEYS[8], ARGV[20])
   local month = redis.call('INCRBY', KEYS[9], ARGV[20])
-  -- A key this step created has no TTL yet. Only this script writes these keys, so a counter
-  -- that did not start from nothing here (a model's first job, a spend equal to this one's
-  -- cost) was created with its TTL: look only at the others (3 commands per job saved).
+  -- A key this step created has no TTL yet. Only this script writes these keys, so one whose
+  -- counter did not start here (the model's first job of the day, a spend equal to this
+  -- job's cost, as it always is for a job that costs nothing) got its TTL when it was
+  -- created: the TTL is looked at only for the others (3 commands per paid job saved).
   local created = {jobs == 1, day == tonumber(ARGV[20]), month == tonumber(ARGV[20])}
   for i = 7, 9 do
     if created[i - 6] and redis.call('TTL', KEYS[i]) == -1 then

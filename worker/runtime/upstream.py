@@ -25,6 +25,7 @@ from httpcore._backends.sync import SyncStream
 from httpcore._exceptions import map_exceptions
 
 from worker.errors import PermanentUpstreamError, TransientUpstreamError, UpstreamError
+from worker.runtime.http_pool import linear_assignment
 from worker.runtime.retry_policy import error_from_response, error_from_stream_event
 from worker.runtime.sse import DONE, SSEDecoder, parse_event
 from worker.settings import Settings
@@ -246,6 +247,7 @@ class UpstreamClient:
         pool = getattr(self._transport, "_pool", None)
         if transport is None and isinstance(pool, httpcore.ConnectionPool):
             pool._network_backend = _ResolvingBackend()
+            linear_assignment(pool)
 
     def _send(
         self, request: dict[str, Any], *, stream: bool, deadline_at: float | None = None
