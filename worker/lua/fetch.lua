@@ -181,7 +181,7 @@ end
 -- File up to `limit` messages of each kombu list, from its consuming (right) end as RPOP
 -- would take them: one LRANGE reads them, one LTRIM takes them off.
 for i = 1, n do
-  local items = redis.call('LRANGE', KEYS[i], -limit, -1)
+  local items = limit > 0 and redis.call('LRANGE', KEYS[i], -limit, -1) or {}
   local taken = 0
   for j = #items, 1, -1 do
     local item = items[j]
