@@ -105,6 +105,7 @@ local function file(base, item, p, tenant)
   items[#items + 1] = item
 end
 local function push_filed()
+  -- (At most ARGV[3] items per kombu list are filed per call: unpack stays within Lua's stack.)
   for _, list in ipairs(filed_order) do
     redis.call('LPUSH', list, unpack(filed[list])) -- the first filed ends up first served
   end
