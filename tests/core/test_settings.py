@@ -112,6 +112,8 @@ def test_settings_are_frozen() -> None:
         ("LLM_WORKER_PROCESSES", "65"),
         ("LLM_WORKER_PROCESSES", "two"),
         ("LLM_WORKER_METRICS_PORT", "70000"),
+        ("LLM_WORKER_PUBLISH_LINGER_S", "-0.001"),
+        ("LLM_WORKER_PUBLISH_LINGER_S", "1"),
         ("LLM_WORKER_GATEWAY_METRICS_PORT", "-1"),
         ("LLM_WORKER_GATEWAY_METRICS_PORT", "nine"),
         ("LLM_WORKER_LOG_FORMAT", "xml"),

@@ -151,3 +151,34 @@ def test_pack_is_the_resp_that_redis_py_sends() -> None:
         pack(("SET", "k", None))
     with pytest.raises(TypeError):
         pack(("SET", "k", True))
+
+
+def test_posts_linger_for_company_and_a_waited_write_cuts_the_linger(
+    client: redis.Redis[bytes],
+) -> None:
+    """With a linger, posted chunk writes wait for more to join them; a write someone waits
+    for does not wait out the linger: it goes at once, with the posts queued before it, in
+    order."""
+    committer = GroupCommitter(client, linger_s=600)  # far longer than the test may take
+    key = f"gc-{uuid.uuid4().hex}"
+    posted = [committer.post([("RPUSH", key, i)]) for i in range(3)]
+    assert not any(p.done.is_set() for p in posted)  # lingering (600 s), not sent
+    done = threading.Event()
+
+    def waited() -> None:
+        committer.write([("RPUSH", key, "w")])
+        done.set()
+
+    threading.Thread(target=waited, daemon=True).start()
+    assert done.wait(30), "the waited write sat out the linger"
+    assert all(p.done.is_set() and p.error is None for p in posted)
+    assert client.lrange(key, 0, -1) == [b"0", b"1", b"2", b"w"]
+
+
+def test_a_lone_post_is_sent_once_its_linger_ends(client: redis.Redis[bytes]) -> None:
+    committer = GroupCommitter(client, linger_s=0.05)
+    key = f"gc-{uuid.uuid4().hex}"
+    pending = Pending()
+    pending.add(committer.post([("RPUSH", key, "a")]))
+    pending.settle()
+    assert client.lrange(key, 0, -1) == [b"a"]

@@ -186,7 +186,9 @@ class FastPath:
     def runtime(self) -> Runtime:
         with self._rt_lock:
             if self._rt is None:
-                self._rt = build_runtime(self.settings)
+                # No linger for its chunk writes: the gateway runs few jobs at once, and a
+                # streamed answer's first delta reaches its client through Redis.
+                self._rt = build_runtime(self.settings.model_copy(update={"publish_linger_s": 0}))
                 self._rt.hostname = self.hostname
             return self._rt
 

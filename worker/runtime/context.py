@@ -100,6 +100,7 @@ def build_runtime(settings: Settings) -> Runtime:
         dead_letters_max=settings.dead_letters_max,
         dead_letter_payload_bytes=settings.dead_letter_payload_bytes,
         replica_ack=connections.ReplicaAck.from_settings(settings),
+        publish_linger_s=settings.publish_linger_s,
     )
     clock = delivery_clock(settings, client)
     return Runtime(

@@ -156,6 +156,7 @@ class WorkerStore(JobStore):
         dead_letters_max: int = 10_000,
         dead_letter_payload_bytes: int = 65_536,
         replica_ack: ReplicaAck | None = None,
+        publish_linger_s: float = 0.0,
     ) -> None:
         super().__init__(client, keys, result_ttl_s=result_ttl_s, replica_ack=replica_ack)
         #: The dead-letter stream is bounded in entries and in each entry's payload, so its
@@ -166,7 +167,7 @@ class WorkerStore(JobStore):
         self._finish = client.register_script(ending_script("finish.lua"))
         self._renew = client.register_script(load_lua("renew.lua"))
         self._release = client.register_script(load_lua("release.lua"))
-        self._writer = GroupCommitter(client)
+        self._writer = GroupCommitter(client, linger_s=publish_linger_s)
         self._append_sha = self._writer.script(load_lua("append.lua"))
 
     def claim(
