@@ -290,31 +290,6 @@ class Gateway:
         job = await self._job(request, parsed[0])
         return self._anthropic_stream(request, job, after=parsed[1])
 
-    async def _submit(
-        self,
-        request: Request,
-        body: dict[str, Any],
-        *,
-        job_id: str | None,
-        priority: int | None,
-        deadline_s: float | None,
-        fallbacks: list[str] | None,
-    ) -> AsyncJob:
-        """The caller's job for ``body``, submitted as its tenant's; a 400, 409 or 429."""
-        try:
-            job = await self.client.submit(
-                body,
-                job_id=job_id,
-                priority=priority,
-                deadline_s=deadline_s,
-                fallback_models=fallbacks,
-                tenant=tenant_of(request),
-            )
-        except (RequestInvalid, BudgetExceeded, JobConflict, QuotaExceeded) as exc:
-            raise submit_problem(exc, job_id) from None
-        request.state.job_id = _plain(job)
-        return job
-
     async def _submit_and_run(
         self,
         request: Request,
@@ -325,40 +300,37 @@ class Gateway:
         deadline_s: float | None,
         fallbacks: list[str] | None,
     ) -> tuple[AsyncJob, asyncio.Future[Outcome] | None]:
-        """The caller's job, and its run by this gateway when the fast path took it
-        (:mod:`worker.gateway.fast_path`), else None: the queue runs it."""
-        if not self.fast_path.take():
-            job = await self._submit(
-                request,
-                body,
-                job_id=job_id,
-                priority=priority,
-                deadline_s=deadline_s,
-                fallbacks=fallbacks,
-            )
-            m.GATEWAY_JOBS.labels("queue").inc()
-            return job, None
-        token = self.fast_path.new_token()
+        """The caller's job for ``body``, submitted as its tenant's (a 400, 409 or 429), and
+        its run by this gateway when the fast path took it (:mod:`worker.gateway.fast_path`),
+        else None: the queue runs it."""
+        options: dict[str, Any] = {
+            "job_id": job_id,
+            "priority": priority,
+            "deadline_s": deadline_s,
+            "fallback_models": fallbacks,
+            "tenant": tenant_of(request),
+        }
+        fast = self.fast_path.take()
+        token = self.fast_path.new_token() if fast else ""
         try:
-            job, payload, raw_claim = await self.client.submit_held(
-                body,
-                job_id=job_id,
-                priority=priority,
-                deadline_s=deadline_s,
-                fallback_models=fallbacks,
-                tenant=tenant_of(request),
-                claim_with=self.fast_path.claim_with(token),
-            )
-        except (RequestInvalid, BudgetExceeded, JobConflict, QuotaExceeded) as exc:
-            self.fast_path.give()
-            raise submit_problem(exc, job_id) from None
-        except BaseException:
-            self.fast_path.give()
+            if fast:
+                claim_with = self.fast_path.claim_with(token)
+                job, payload, raw_claim = await self.client.submit_held(
+                    body, **options, claim_with=claim_with
+                )
+            else:
+                job = await self.client.submit(body, **options)
+        except BaseException as exc:
+            if fast:
+                self.fast_path.give()
+            if isinstance(exc, RequestInvalid | BudgetExceeded | JobConflict | QuotaExceeded):
+                raise submit_problem(exc, job_id) from None
             raise
         request.state.job_id = _plain(job)
-        claim = parse_claim(raw_claim)
-        if claim.state_before != "queued":
-            self.fast_path.give()  # queued behind others, or an existing job
+        claim = parse_claim(raw_claim) if fast else None
+        if claim is None or claim.state_before != "queued":
+            if fast:
+                self.fast_path.give()  # queued behind others, or an existing job
             m.GATEWAY_JOBS.labels("queue").inc()
             return job, None
         m.GATEWAY_JOBS.labels("gateway").inc()
