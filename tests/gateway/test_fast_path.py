@@ -5,7 +5,6 @@ it dies mid-call, is over the rate limit, or is told not to."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -30,7 +29,7 @@ from tests.support import (
     worker_env,
 )
 from worker import events as ev
-from worker.client.aio import AsyncClient
+from worker.client.core import prepare_submission
 from worker.client.sync import Client, Job
 from worker.gateway.app import JOB_ID_HEADER, PATH_HEADER, PRIORITY_HEADER
 from worker.keys import TrafficKeys
@@ -121,7 +120,7 @@ def test_the_gateway_runs_a_lone_request_and_keeps_every_record(
 ) -> None:
     """With nothing waiting, the gateway answers from its own run: the response says so, and
     the job's status and events are a worker's (one attempt, usage, cost, answered_by, one
-    terminal event); its kept message leaves the outbox."""
+    terminal event); its kept message left the outbox with the end, before the answer."""
     url, _ = gateway
     response = _post(url, make_request("hello fast", model=MODEL, max_tokens=16, stream=False))
     assert response.status_code == 200, response.text
@@ -137,7 +136,10 @@ def test_the_gateway_runs_a_lone_request_and_keeps_every_record(
     events = _events(job)
     assert [e["type"] for e in events] == [ev.STARTED, ev.COMPLETED]
     assert events[-1]["message"]["content"] == response.json()["content"]
-    wait_for(lambda: _outbox_empty(client, queue, job), 10, "the outbox entry to go")
+    assert _outbox_empty(client, queue, job)
+    record = client.redis.hgetall(client.keys.job(job.job_id))
+    assert b"held_in" not in record
+    assert b"held_msg" not in record
 
 
 def test_a_streamed_request_through_the_fast_path_streams_the_answer(
@@ -344,44 +346,40 @@ def test_only_waiting_jobs_of_equal_or_higher_priority_stop_the_fast_path(
     traffic = TrafficKeys(queue)
     body = make_request("held?", model=MODEL, stream=False)
 
-    async def run() -> list[bool]:
-        held = []
-        async with AsyncClient(settings) as producer:
-            r = producer.redis
+    held = []
+    with Client(settings) as producer:
+        r = producer.redis
 
-            def claim_with(job_id: str, payload: dict[str, Any]) -> tuple[list[str], list[Any]]:
-                return claim_call(
-                    producer.keys,
-                    job_id,
-                    worker="test:1",
-                    model=MODEL,
-                    ttl_s=60,
-                    token=uuid.uuid4().hex,
-                    lease_ttl_s=2,
-                    max_deliveries=5,
-                    start_attempt=True,
-                    result_ttl_s=60,
-                    held_in=producer.keys.outbox(queue),
-                )
+        def claim_with(job_id: str, payload: dict[str, Any]) -> tuple[list[str], list[Any]]:
+            return claim_call(
+                producer.keys,
+                job_id,
+                worker="test:1",
+                model=MODEL,
+                ttl_s=60,
+                token=uuid.uuid4().hex,
+                lease_ttl_s=2,
+                max_deliveries=5,
+                start_attempt=True,
+                result_ttl_s=60,
+                held_in=producer.keys.outbox(queue),
+            )
 
-            async def taken(priority: int) -> bool:
-                _job, _payload, raw = await producer.submit_held(
-                    body, priority=priority, claim_with=claim_with
-                )
-                return parse_claim(raw).state_before == "queued"
+        def taken(priority: int) -> bool:
+            submission = prepare_submission(settings, [body], None, None, priority=priority)
+            _id, _payload, raw, _new = producer.submit_held(submission, claim_with)
+            return parse_claim(raw).state_before == "queued"
 
-            await r.zadd(traffic.turns(2), {"": 0})
-            held.append(await taken(5))
-            await r.zadd(traffic.turns(9), {"": 0})
-            held.append(await taken(5))
-            queued = await r.llen(queue)  # the job just queued; a worker takes it:
-            await r.delete(traffic.turns(9), queue)
-            held.append(await taken(5))
-            await r.delete(traffic.turns(2))
-            await r.lpush(queue, b"{}")
-            held.append(await taken(0))
-            held.append(queued == 1 and await r.zcard(producer.keys.outbox(queue)) == 2)
-            await r.delete(queue, producer.keys.outbox(queue))
-        return held
-
-    assert asyncio.run(run()) == [True, False, True, False, True]
+        r.zadd(traffic.turns(2), {"": 0})
+        held.append(taken(5))
+        r.zadd(traffic.turns(9), {"": 0})
+        held.append(taken(5))
+        queued = r.llen(queue)  # the job just queued; a worker takes it:
+        r.delete(traffic.turns(9), queue)
+        held.append(taken(5))
+        r.delete(traffic.turns(2))
+        r.lpush(queue, b"{}")
+        held.append(taken(0))
+        held.append(queued == 1 and r.zcard(producer.keys.outbox(queue)) == 2)
+        r.delete(queue, producer.keys.outbox(queue))
+    assert held == [True, False, True, False, True]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -32,9 +32,6 @@ from worker.settings import Settings
 from worker.store import cancel_call, decode_hash, ending_script, load_lua, text
 
 log = logging.getLogger("worker.client")
-
-#: Builds a claim to send with a submit: ``(job_id, payload) -> (keys, args)`` of ``claim.lua``.
-ClaimWith = Callable[[str, dict[str, Any]], tuple[list[str], list[Any]]]
 
 
 class AsyncClient:
@@ -71,23 +68,13 @@ class AsyncClient:
         self._topology_checked = False
         self._submit = self.redis.register_script(load_lua("submit.lua"))
         self._cancel = self.redis.register_script(ending_script("cancel.lua"))
-        self._claim = self.redis.register_script(load_lua("claim.lua"))
         self._same_redis = settings.effective_broker_url == str(settings.redis_url)
         # With a broker elsewhere, messages go through the queue's outbox (client/outbox.py).
         # The publishers are synchronous (kombu's AMQP client): they run in a worker thread.
         self._publisher: Publisher | None = None
         self._outbox_keys = (self.keys.outbox(settings.queue), self.keys.outbox_message)
-        #: Writes a request does not wait for (see :meth:`submit_held`).
-        self._background: set[asyncio.Future[Any]] = set()
-
-    def _counted(self, task: asyncio.Future[Any]) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("submitted_count_failed error=%s", type(task.exception()).__name__)
 
     async def close(self) -> None:
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
         # types-redis predates aclose(); close() is its deprecated alias in redis-py 5+.
         await self.redis.aclose()  # type: ignore[attr-defined]
         if self._publisher is not None:
@@ -161,49 +148,14 @@ class AsyncClient:
             fallback_models=fallback_models,
             default_priority=default_priority,
         )
-        jobs, _payloads, _claim = await self._submit_prepared(submission, batch_id=batch_id)
-        return jobs
-
-    async def submit_held(
-        self,
-        request: Mapping[str, Any],
-        *,
-        job_id: str | None = None,
-        priority: int | None = None,
-        tenant: str | None = None,
-        deadline_s: float | None = None,
-        fallback_models: Sequence[str] | None = None,
-        claim_with: ClaimWith,
-    ) -> tuple[AsyncJob, dict[str, Any], Any]:
-        """As :meth:`submit`, in the gateway's fast-path form of ``submit.lua`` (only with
-        the broker on this Redis), and in the same round trip the claim ``claim_with(job_id,
-        payload)`` returns (``claim.lua``'s keys and arguments, guarded to take only a job
-        whose message the outbox holds): the job, its message payload and the claim's raw
-        reply (``not_held`` when the job was queued or existed already)."""
-        submission = p.prepare_submission(
-            self.settings,
-            [request],
-            [job_id],
-            None,
-            priority=priority,
-            tenant=tenant,
-            deadline_s=deadline_s,
-            fallback_models=None if fallback_models is None else [list(fallback_models)],
-            default_priority=p.DEFAULT_PRIORITY,
-        )
-        jobs, payloads, claim = await self._submit_prepared(
-            submission, fast_path=self._same_redis, claim_with=claim_with
-        )
-        return jobs[0], payloads[0], claim
+        return await self._submit_prepared(submission, batch_id=batch_id)
 
     async def _submit_prepared(
         self,
         submission: p.Submission,
         *,
         batch_id: str | None = None,
-        fast_path: bool = False,
-        claim_with: ClaimWith | None = None,
-    ) -> tuple[list[AsyncJob], list[dict[str, Any]], Any]:
+    ) -> list[AsyncJob]:
         if not self._topology_checked:  # once per client, before its first write
             await connections.async_refuse_cluster(self.redis)
             self._topology_checked = True
@@ -223,26 +175,17 @@ class AsyncClient:
             now=now,
             same_redis=self._same_redis,
             batch_id=batch_id,
-            fast_path=fast_path,
         )
-
-        claim = None if claim_with is None else claim_with(calls[0].job_id, calls[0].payload)
-
         # types-redis does not know AsyncScript.sha (redis-py computes it from the text).
-        submit_sha, claim_sha = getattr(self._submit, "sha"), getattr(self._claim, "sha")  # noqa: B009
+        submit_sha = getattr(self._submit, "sha")  # noqa: B009
 
         def fill(pipe: Any) -> None:
             for call in calls:
                 pipe.evalsha(submit_sha, len(call.keys), *call.keys, *call.args)
-            if claim is not None:
-                pipe.evalsha(claim_sha, len(claim[0]), *claim[0], *claim[1])
             self.replica_ack.add(pipe)
 
-        replies = await connections.async_execute_scripts(
-            self.redis, fill, [self._submit, self._claim]
-        )
+        replies = await connections.async_execute_scripts(self.redis, fill, [self._submit])
         results = self.replica_ack.check(replies, p.submission_name(len(calls)))
-        claimed = results.pop() if claim is not None else None
         created = p.created_flags(calls, results)
         new_jobs = [
             (request["model"], opts.tenant)
@@ -257,20 +200,13 @@ class AsyncClient:
             counts = self.redis.pipeline(transaction=False)
             for field, count in p.count_submitted(new_jobs).items():
                 counts.hincrby(self.keys.submitted_counts(self.settings.queue), field, count)
-            if fast_path:
-                # A metric's counter, not the job: not worth a round trip of the request's.
-                task = asyncio.ensure_future(counts.execute())
-                self._background.add(task)
-                task.add_done_callback(self._counted)
-            else:
-                await counts.execute()
+            await counts.execute()
         if not self._same_redis:
             await self._send_elsewhere(p.to_publish(calls, results, created))
         over_quota = p.quota_refusal(calls, results)
         if over_quota is not None:
             raise over_quota
-        payloads = [call.payload for call in calls]
-        return [AsyncJob(self, job_id) for job_id in submission.ids], payloads, claimed
+        return [AsyncJob(self, job_id) for job_id in submission.ids]
 
     async def _send_elsewhere(self, items: list[OutboxItem]) -> None:
         """As :meth:`worker.client.sync.Client._send_elsewhere`: publish, then take what the

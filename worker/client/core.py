@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +55,9 @@ MAX_DEADLINE_S = 7 * 86_400.0
 #: Fallback models one job may name.
 MAX_FALLBACK_MODELS = 8
 MAX_METADATA_BYTES = 16_384
+#: The gateway's claim sent with a fast-path submit: ``(job id, message payload) -> (keys,
+#: args)`` of ``claim.lua`` (see :mod:`worker.gateway.fast_path`).
+ClaimWith = Callable[[str, dict[str, Any]], tuple[list[str], list[Any]]]
 #: ``metadata["limit_key"]``, when given, is a rate-limit key: a non-blank string this long at
 #: most (what the limiter accepts; see docs/rate-limits.md).
 MAX_LIMIT_KEY_CHARS = 200

@@ -25,7 +25,7 @@ from worker.connections import clients as connections
 from worker.errors import JobNotFound
 from worker.keys import Keys
 from worker.settings import Settings
-from worker.store import JobStore
+from worker.store import JobStore, load_lua
 
 #: Producers log through the standard library: they run inside other people's applications.
 log = logging.getLogger("worker.client")
@@ -57,6 +57,7 @@ class Client:
             result_ttl_s=self.settings.result_ttl_s,
             replica_ack=self.replica_ack,
         )
+        self._claim = self.redis.register_script(load_lua("claim.lua"))
         self._topology_checked = False
         self._same_redis = self.settings.effective_broker_url == str(self.settings.redis_url)
         # With a broker elsewhere, messages go through the queue's outbox (worker.client.outbox);
@@ -133,9 +134,33 @@ class Client:
             fallback_models=fallback_models,
             default_priority=default_priority,
         )
-        return self._enqueue(submission)
+        ids, _payloads, _claim, new_jobs = self._enqueue(submission)
+        self.count_submitted(new_jobs)
+        return [Job(self, job_id) for job_id in ids]
 
-    def _enqueue(self, submission: p.Submission) -> list[Job]:
+    def submit_held(
+        self,
+        submission: p.Submission,
+        claim_with: p.ClaimWith,
+    ) -> tuple[str, dict[str, Any], Any, list[tuple[str, str | None]]]:
+        """The gateway's fast-path submit of one prepared job (only with the broker on this
+        Redis), as :meth:`worker.client.aio.AsyncClient.submit_held`, from a thread: the job's
+        id, its message payload, the claim's raw reply, and the new jobs to count with
+        :meth:`count_submitted` (left to the caller, off the request's path)."""
+        ids, payloads, claim, new_jobs = self._enqueue(
+            submission, fast_path=self._same_redis, claim_with=claim_with
+        )
+        return ids[0], payloads[0], claim, new_jobs
+
+    def _enqueue(
+        self,
+        submission: p.Submission,
+        *,
+        fast_path: bool = False,
+        claim_with: p.ClaimWith | None = None,
+    ) -> tuple[list[str], list[dict[str, Any]], Any, list[tuple[str, str | None]]]:
+        """Write the prepared jobs: their ids, message payloads, the claim's raw reply (with
+        ``claim_with``, sent in the same round trip) and the new jobs, not counted yet."""
         if not self._topology_checked:  # once per client, before its first write
             connections.refuse_cluster(self.redis)
             self._topology_checked = True
@@ -150,17 +175,30 @@ class Client:
             if refusal is not None:
                 raise refusal
         calls = p.submit_calls(
-            self.settings, self.keys, submission, now=now, same_redis=self._same_redis
+            self.settings,
+            self.keys,
+            submission,
+            now=now,
+            same_redis=self._same_redis,
+            fast_path=fast_path,
         )
-        script = self.store.submit_script()
+        claim = None if claim_with is None else claim_with(calls[0].job_id, calls[0].payload)
+        submit, claim_script = self.store.submit_script(), self._claim
+        # types-redis does not know Script.sha (redis-py computes it from the text).
+        submit_sha, claim_sha = getattr(submit, "sha"), getattr(claim_script, "sha")  # noqa: B009
 
         def fill(pipe: Any) -> None:
+            # EVALSHA straight away: a pipeline's registered scripts cost a SCRIPT EXISTS
+            # round trip before every execute (see connections.execute_scripts).
             for call in calls:
-                script(keys=call.keys, args=call.args, client=pipe)
+                pipe.evalsha(submit_sha, len(call.keys), *call.keys, *call.args)
+            if claim is not None:
+                pipe.evalsha(claim_sha, len(claim[0]), *claim[0], *claim[1])
             self.replica_ack.add(pipe)
 
-        replies = connections.execute_pipeline(self.redis, fill)
+        replies = connections.execute_scripts(self.redis, fill, [submit, claim_script])
         results = self.replica_ack.check(replies, p.submission_name(len(calls)))
+        claimed = results.pop() if claim is not None else None
         created = p.created_flags(calls, results)
         new_jobs = [
             (request["model"], opts.tenant)
@@ -171,21 +209,22 @@ class Client:
         ]
         for model, owner in new_jobs:
             m.JOBS_SUBMITTED.labels(model, owner or "").inc()
-        if new_jobs:
-            self._count_submitted(new_jobs)
         if not self._same_redis:
             self._send_elsewhere(p.to_publish(calls, results, created))
         over_quota = p.quota_refusal(calls, results)
         if over_quota is not None:
+            self.count_submitted(new_jobs)  # the jobs created before the refused one
             raise over_quota
-        return [Job(self, job_id) for job_id in submission.ids]
+        return list(submission.ids), [call.payload for call in calls], claimed, new_jobs
 
-    def _count_submitted(self, new_jobs: list[tuple[str, str | None]]) -> None:
+    def count_submitted(self, new_jobs: list[tuple[str, str | None]]) -> None:
         """Add to the Redis counter that workers export (llm_worker_queue_jobs_submitted_total).
 
         A separate round trip after the jobs exist: a producer that dies between the two
         under-counts by its last batch, which is the safe side for a counter.
         """
+        if not new_jobs:
+            return
         pipe = self.redis.pipeline(transaction=False)
         for field, count in p.count_submitted(new_jobs).items():
             pipe.hincrby(self.keys.submitted_counts(self.settings.queue), field, count)

@@ -312,6 +312,25 @@ def execute_pipeline(client: redis.Redis[Any], fill: Callable[[Any], None]) -> l
     raise AssertionError("unreachable")
 
 
+def execute_scripts(
+    client: redis.Redis[Any], fill: Callable[[Any], None], scripts: Sequence[Any]
+) -> list[Any]:
+    """The synchronous twin of :func:`async_execute_scripts`: ``fill`` queues ``EVALSHA``
+    calls of ``scripts`` directly (no ``SCRIPT EXISTS`` round trip before each execute), and
+    a ``NOSCRIPT`` loads them and runs the pipeline once more."""
+    for attempt in (1, 2):
+        pipe = client.pipeline(transaction=False)
+        fill(pipe)
+        try:
+            return list(pipe.execute())
+        except NoScriptError:
+            if attempt == 2:
+                raise
+            for script in scripts:
+                client.script_load(script.script)  # type: ignore[no-untyped-call]
+    raise AssertionError("unreachable")
+
+
 async def async_execute_pipeline(
     client: aredis.Redis[Any], fill: Callable[[Any], Awaitable[None]]
 ) -> list[Any]:

@@ -46,7 +46,7 @@ from worker.gateway import relay
 from worker.gateway.auth import KeyRing
 from worker.gateway.batches import BatchStore, parse_requests
 from worker.gateway.exporter import start_exporter
-from worker.gateway.fast_path import FastPath, Outcome
+from worker.gateway.fast_path import FastPath, Outcome, Run
 from worker.gateway.guard import (
     Busy,
     Guard,
@@ -55,7 +55,6 @@ from worker.gateway.guard import (
     tenant_of,
 )
 from worker.gateway.openapi import openapi_document
-from worker.runtime.job_store import parse_claim
 from worker.settings import Settings
 
 JOB_ID_HEADER = "llm-worker-job-id"
@@ -217,6 +216,7 @@ class Gateway:
             job, ran = await self._submit_and_run(
                 request,
                 body,
+                streamed=streamed,
                 job_id=job_id,
                 priority=priority,
                 deadline_s=deadline_s,
@@ -230,23 +230,26 @@ class Gateway:
             if ran is not None:
                 # The job runs here; the stream reads its events from Redis as for a queued
                 # job (their stream ids are what a client resumes from).
-                self._background.add(ran)
-                ran.add_done_callback(self._background.discard)
+                m.GATEWAY_JOBS.labels("gateway").inc()
+                self._background.add(ran.ended)
+                ran.ended.add_done_callback(self._background.discard)
             return self._anthropic_stream(
                 request, job, after="0-0", slot_taken=True, ran_here=ran is not None
             )
         return await self._answer(job, ran, wait_s)
 
-    async def _answer(
-        self, job: AsyncJob, ran: asyncio.Future[Outcome] | None, wait_s: float
-    ) -> Response:
+    async def _answer(self, job: AsyncJob, ran: Run | None, wait_s: float) -> Response:
         """A non-streamed request's answer: from the gateway's own run of the job when it
         ended it, else from the job's end as Redis tells it."""
         ran_here = False
         try:
             message = None
             if ran is not None:
-                outcome = await asyncio.shield(ran)
+                try:
+                    outcome = await asyncio.shield(ran.ended)
+                except (RequestInvalid, BudgetExceeded, JobConflict, QuotaExceeded) as exc:
+                    raise submit_problem(exc, _plain(job)) from None
+                m.GATEWAY_JOBS.labels("gateway" if outcome.held else "queue").inc()
                 if outcome.event is not None:
                     ran_here = True
                     message = p.outcome(job.job_id, outcome.event)
@@ -295,14 +298,16 @@ class Gateway:
         request: Request,
         body: dict[str, Any],
         *,
+        streamed: bool,
         job_id: str | None,
         priority: int | None,
         deadline_s: float | None,
         fallbacks: list[str] | None,
-    ) -> tuple[AsyncJob, asyncio.Future[Outcome] | None]:
+    ) -> tuple[AsyncJob, Run | None]:
         """The caller's job for ``body``, submitted as its tenant's (a 400, 409 or 429), and
         its run by this gateway when the fast path took it (:mod:`worker.gateway.fast_path`),
-        else None: the queue runs it."""
+        else None: the queue runs it. A fast-path submit is written by the fast path's thread;
+        a streamed request waits for it here, a non-streamed one with the job's end."""
         options: dict[str, Any] = {
             "job_id": job_id,
             "priority": priority,
@@ -310,31 +315,35 @@ class Gateway:
             "fallback_models": fallbacks,
             "tenant": tenant_of(request),
         }
-        fast = self.fast_path.take()
-        token = self.fast_path.new_token() if fast else ""
         try:
-            if fast:
-                claim_with = self.fast_path.claim_with(token)
-                job, payload, raw_claim = await self.client.submit_held(
-                    body, **options, claim_with=claim_with
-                )
-            else:
+            if not self.fast_path.take():
                 job = await self.client.submit(body, **options)
-        except BaseException as exc:
-            if fast:
+                request.state.job_id = _plain(job)
+                m.GATEWAY_JOBS.labels("queue").inc()
+                return job, None
+            try:
+                submission = p.prepare_submission(
+                    self.settings,
+                    [body],
+                    [job_id],
+                    None,
+                    priority=priority,
+                    tenant=options["tenant"],
+                    deadline_s=deadline_s,
+                    fallback_models=None if fallbacks is None else [fallbacks],
+                )
+            except BaseException:
                 self.fast_path.give()
-            if isinstance(exc, RequestInvalid | BudgetExceeded | JobConflict | QuotaExceeded):
-                raise submit_problem(exc, job_id) from None
-            raise
-        request.state.job_id = _plain(job)
-        claim = parse_claim(raw_claim) if fast else None
-        if claim is None or claim.state_before != "queued":
-            if fast:
-                self.fast_path.give()  # queued behind others, or an existing job
-            m.GATEWAY_JOBS.labels("queue").inc()
-            return job, None
-        m.GATEWAY_JOBS.labels("gateway").inc()
-        return job, self.fast_path.start(job.job_id, payload, claim, token)
+                raise
+            run = self.fast_path.start(submission, streamed=streamed)
+            job = AsyncJob(self.client, run.job_id)
+            request.state.job_id = _plain(job)
+            if run.submitted is not None and not await asyncio.shield(run.submitted):
+                m.GATEWAY_JOBS.labels("queue").inc()
+                return job, None
+        except (RequestInvalid, BudgetExceeded, JobConflict, QuotaExceeded) as exc:
+            raise submit_problem(exc, job_id) from None
+        return job, run
 
     def _headers(self, job: AsyncJob, *, ran_here: bool | None = None) -> dict[str, str]:
         headers = {JOB_ID_HEADER: _plain(job), "request-id": _plain(job)}

@@ -13,9 +13,9 @@ gateway runs it in-process with the worker's own code:
    event) and runs :class:`~worker.runtime.runner.JobRunner` in a thread: the shared rate
    limiter, events in the job's stream, retries, fallbacks, cancel, deadline, usage and cost,
    all as in a worker; its first reservation of the limiter does not wait;
-3. at the job's end the message leaves the outbox and the terminal event is handed to the
-   request, which answers from it (a streamed request reads the job's events from Redis as
-   on the queue path).
+3. the job's end (``finish.lua``) takes its message out of the outbox in the same step, and
+   the terminal event is handed to the request, which answers from it (a streamed request
+   reads the job's events from Redis as on the queue path).
 
 Durability: the job is written before the call, and its message is in Redis. If the gateway
 dies, its lease lapses (``LEASE_TTL_S``) and a worker's outbox sweeper publishes the message
@@ -26,8 +26,8 @@ for it as on the queue path.
 
 The message waits in the outbox rather than on the queue: queued, a worker would fetch,
 dispatch and claim it during the gateway's call (or claim it first), and park behind the
-gateway's lease until the job ended. The outbox costs the submit step it already is, one
-``ZREM``/``DEL`` after the end, and the sweepers' ticks.
+gateway's lease until the job ended. The outbox costs the submit step it already is, a
+``ZREM``/``DEL`` inside the end's script, and the sweepers' ticks.
 """
 
 from __future__ import annotations
@@ -46,10 +46,12 @@ from typing import Any
 import structlog
 
 from worker.broker import task_message
+from worker.client.core import ClaimWith, Submission
+from worker.client.sync import Client
 from worker.keys import Keys
 from worker.ratelimit.gate import JobPostponed
 from worker.runtime.context import Runtime, build_runtime
-from worker.runtime.job_store import Claim, claim_call
+from worker.runtime.job_store import Claim, claim_call, parse_claim
 from worker.runtime.leases import new_token
 from worker.runtime.runner import HandBack, JobRunner
 from worker.settings import Settings
@@ -64,10 +66,23 @@ SWITCH_INTERVAL_S = 0.0005
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """How a fast-path job left the gateway: ``event`` is its terminal event when the gateway
-    ended it; None when the job went to the queue or was ended by someone else (the request
-    then reads the end from Redis)."""
+    ended it; None when the job went to the queue (``held`` False: the submit queued it behind
+    others, or the id named an existing job; True: handed back) or was ended by someone else
+    (the request then reads the end from Redis)."""
 
     event: dict[str, Any] | None
+    held: bool = True
+
+
+@dataclass(slots=True)
+class Run:
+    """A request's job on the fast path, as the event loop sees it: ``submitted`` (streamed
+    requests only) is True once the job is written and held for the gateway, False when the
+    submit queued it; ``ended`` is its :class:`Outcome`. Both raise what the submit raised."""
+
+    job_id: str
+    ended: asyncio.Future[Outcome]
+    submitted: asyncio.Future[bool] | None
 
 
 class GatewayRunner(JobRunner):
@@ -113,7 +128,9 @@ class FastPath:
         self.running = 0
         #: As a worker names itself: the job hash's ``worker`` while the gateway runs a job.
         self.hostname = f"{socket.gethostname()}:{os.getpid()}"
+        self._places = threading.Lock()
         self._rt: Runtime | None = None
+        self._client: Client | None = None
         self._rt_lock = threading.Lock()
         if self.enabled:
             # The jobs' threads share the GIL with the event loop: at the default 5 ms a busy
@@ -124,21 +141,23 @@ class FastPath:
             max_workers=self.capacity, thread_name_prefix="llmw-fast-path"
         )
 
-    # -- places (on the event loop) ----------------------------------------------------------
+    # -- places ----------------------------------------------------------------------------
 
     def take(self) -> bool:
         """Take a place for one job; False when the fast path is off or full."""
-        if not self.enabled or self.running >= self.capacity:
+        if not self.enabled:
             return False
-        self.running += 1
-        return True
+        with self._places:
+            if self.running >= self.capacity:
+                return False
+            self.running += 1
+            return True
 
     def give(self) -> None:
-        self.running -= 1
+        with self._places:
+            self.running -= 1
 
-    def claim_with(
-        self, token: str
-    ) -> Callable[[str, dict[str, Any]], tuple[list[str], list[Any]]]:
+    def claim_with(self, token: str) -> ClaimWith:
         """The claim the gateway sends with a job's submit, under lease ``token``."""
         settings = self.settings
 
@@ -161,25 +180,25 @@ class FastPath:
 
         return call
 
-    def new_token(self) -> str:
-        return new_token(self.hostname)
-
-    def start(
-        self, job_id: str, payload: dict[str, Any], claim: Claim, token: str
-    ) -> asyncio.Future[Outcome]:
-        """Run the held job ``job_id`` in a thread: the future is its outcome, set as soon as
-        the job ends (the outbox is tidied after it); its place is given back after that."""
+    def start(self, submission: Submission, *, streamed: bool) -> Run:
+        """Submit the prepared job and, when it is held for the gateway, run it, all in a
+        thread of the fast path (whose place the caller took): one hand-off each way, and the
+        thread's synchronous Redis client, cheaper than the event loop's. Its place is given
+        back when the thread is done."""
         loop = asyncio.get_running_loop()
-        answer: asyncio.Future[Outcome] = loop.create_future()
-
-        def tell(outcome: Outcome) -> None:
-            loop.call_soon_threadsafe(_set_result, answer, outcome)
-
-        ran = asyncio.wrap_future(
-            self._pool.submit(self._run, job_id, payload, claim, token, tell), loop=loop
+        run = Run(
+            submission.ids[0], loop.create_future(), loop.create_future() if streamed else None
         )
-        ran.add_done_callback(lambda _: self.give())
-        return answer
+        self._pool.submit(self._submit_and_run, submission, run, loop)
+        return run
+
+    # -- the job (in a thread) ---------------------------------------------------------------
+
+    def client(self) -> Client:
+        with self._rt_lock:
+            if self._client is None:
+                self._client = Client(self.settings)
+            return self._client
 
     # -- the job (in a thread) ---------------------------------------------------------------
 
@@ -191,6 +210,43 @@ class FastPath:
                 self._rt = build_runtime(self.settings.model_copy(update={"publish_linger_s": 0}))
                 self._rt.hostname = self.hostname
             return self._rt
+
+    def _submit_and_run(
+        self, submission: Submission, run: Run, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        try:
+            self._submit_and_run_here(submission, run, loop)
+        finally:
+            self.give()
+
+    def _submit_and_run_here(
+        self, submission: Submission, run: Run, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        def tell(future: asyncio.Future[Any] | None, value: Any) -> None:
+            if future is not None:
+                loop.call_soon_threadsafe(_settle, future, value)
+
+        token = new_token(self.hostname)
+        client = self.client()
+        try:
+            job_id, payload, raw, new_jobs = client.submit_held(submission, self.claim_with(token))
+        except BaseException as exc:
+            tell(run.submitted, exc)
+            tell(run.ended, exc)
+            return
+        claim = parse_claim(raw)
+        held = claim is not None and claim.state_before == "queued"
+        tell(run.submitted, held)
+        if held:
+            assert claim is not None
+            self._run(job_id, payload, claim, token, lambda outcome: tell(run.ended, outcome))
+        else:  # queued behind others, or an existing job: the request reads its end
+            tell(run.ended, Outcome(None, held=False))
+        try:
+            # A metric's counter, not the job: after the answer, off the request's path.
+            client.count_submitted(new_jobs)
+        except Exception as exc:
+            log.warning("submitted_count_failed", error=type(exc).__name__)
 
     def _run(
         self,
@@ -216,11 +272,6 @@ class FastPath:
                 log.exception("fast_path_hand_back_failed")
         finally:
             tell(outcome)
-        if outcome.event is not None:
-            try:
-                self._done(rt, job_id)
-            except Exception as exc:  # the entry waits: a sweeper drops it (the job ended)
-                log.warning("fast_path_outbox_not_cleared", error=type(exc).__name__)
 
     def _run_claimed(
         self, rt: Runtime, job_id: str, payload: dict[str, Any], claim: Claim, token: str
@@ -253,13 +304,6 @@ class FastPath:
             return Outcome(None)  # someone else ended it (a cancel): the request reads it
         return Outcome(runner.terminal)
 
-    def _done(self, rt: Runtime, job_id: str) -> None:
-        """The job ended: its message leaves the outbox."""
-        pipe = rt.store.redis.pipeline(transaction=True)
-        pipe.zrem(self.keys.outbox(self.settings.queue), job_id)
-        pipe.delete(self.keys.outbox_message(job_id))
-        pipe.execute()
-
     def _hand_back(
         self,
         rt: Runtime,
@@ -291,11 +335,17 @@ class FastPath:
         self._pool.shutdown(wait=True)
         if rt is not None:
             rt.close()
+        if self._client is not None:
+            self._client.close()
 
 
-def _set_result(future: asyncio.Future[Outcome], outcome: Outcome) -> None:
-    if not future.done():
-        future.set_result(outcome)
+def _settle(future: asyncio.Future[Any], value: Any) -> None:
+    if future.done():
+        return
+    if isinstance(value, BaseException):
+        future.set_exception(value)
+    else:
+        future.set_result(value)
 
 
-__all__ = ["FastPath", "GatewayRunner", "Outcome"]
+__all__ = ["FastPath", "GatewayRunner", "Outcome", "Run"]

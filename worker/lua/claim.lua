@@ -15,6 +15,9 @@
 -- ARGV[14] an outbox key, or '': take only a queued job whose message that outbox holds
 --          (the gateway's fast path sends its claim with the submit; a job the submit queued,
 --          or one another request claimed first, answers 'not_held' and is left alone)
+-- ARGV[15] with ARGV[14]: the job's outbox message key; both are kept in the job hash
+--          (held_in, held_msg), so that the job's end (finish.lua) takes the message out of
+--          the outbox in the same step
 -- Returns {state before, deliveries, attempts, last seq, cancel requested (0/1), deadline,
 --          lease wait ms, first start (1 when no worker had started the job before),
 --          type of the job's last event, started (1 when this call started an attempt; the
@@ -93,6 +96,12 @@ end
 -- The job's fields this claim sets, written in one HSET at the end.
 local fields = {'state', 'running', 'worker', ARGV[2],
   'lease', ARGV[5], 'lease_until', now_ms + tonumber(ARGV[6])}
+if ARGV[14] and ARGV[14] ~= '' then
+  fields[#fields + 1] = 'held_in'
+  fields[#fields + 1] = ARGV[14]
+  fields[#fields + 1] = 'held_msg'
+  fields[#fields + 1] = ARGV[15]
+end
 local first = 0
 if not job[8] then
   fields[#fields + 1] = 'started_at'

@@ -14,10 +14,12 @@
 -- ARGV[17] model (usage field prefix)   ARGV[18] input tokens   ARGV[19] output tokens
 -- ARGV[20] cost in pico-dollars (integer)   ARGV[21] the usage keys' TTL when new
 -- ARGV[22] the job tenant's queued set, or '' (see tenant_end.lua)
+-- A job whose message an outbox holds while the gateway runs it (claim.lua's held_in and
+-- held_msg) leaves the outbox in the same step: no sweeper publishes a job that ended.
 -- Returns 1 when this call ended the job, 0 when it had ended before, -1 when another worker
 -- holds its lease now (this writer lost it without knowing: the job is not its to end).
--- The job's state, lease and batch in one read.
-local job = redis.call('HMGET', KEYS[1], 'state', 'lease', 'batch')
+-- The job's state, lease, batch and outbox entry in one read.
+local job = redis.call('HMGET', KEYS[1], 'state', 'lease', 'batch', 'held_in', 'held_msg')
 local state = job[1]
 if state == 'completed' or state == 'failed' or state == 'cancelled' or state == 'expired' then
   return 0
@@ -49,7 +51,11 @@ field('stop_reason', ARGV[8])
 field('answered_by', ARGV[15])
 field('cost_usd', ARGV[16])
 redis.call('HSET', KEYS[1], unpack(fields))
-redis.call('HDEL', KEYS[1], 'worker', 'lease', 'lease_until')
+redis.call('HDEL', KEYS[1], 'worker', 'lease', 'lease_until', 'held_in', 'held_msg')
+if job[4] then
+  redis.call('ZREM', job[4], ARGV[11])
+  redis.call('DEL', job[5])
+end
 count_batch_end(KEYS[1], ARGV[10], ARGV[1], ARGV[5], ARGV[4], job[3])
 tenant_end(KEYS[1], ARGV[22])
 if ARGV[12] ~= '' then

@@ -92,7 +92,7 @@ def claim_call(
     """``claim.lua``'s keys and arguments (see :meth:`WorkerStore.claim`). ``held_in``: an
     outbox key; the claim then takes only a queued job whose message that outbox holds (the
     gateway's fast path, whose claim is sent with the submit: see
-    :mod:`worker.gateway.fast_path`)."""
+    :mod:`worker.gateway.fast_path`), and the job's end takes the message out of it."""
     return (
         [keys.job(job_id), keys.events(job_id), keys.channel(job_id)],
         [
@@ -110,6 +110,7 @@ def claim_call(
             "" if deadline_at is None else deadline_at,
             queued_key(keys, job_id),
             held_in or "",
+            keys.outbox_message(job_id) if held_in else "",
         ],
     )
 
