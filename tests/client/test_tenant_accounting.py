@@ -4,6 +4,7 @@ counters in Redis are per tenant; metrics and `llm-worker usage` show them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -24,6 +25,8 @@ from tests.support import (
     worker_env,
 )
 from worker.accounting.pricing import utc_day
+from worker.client.aio import AsyncClient
+from worker.client.core import submitted_field
 from worker.client.sync import Client
 from worker.errors import QuotaExceeded
 from worker.settings import settings_from_env
@@ -159,3 +162,37 @@ def test_usage_counters_and_metrics_are_per_tenant(metered_worker: WorkerProcess
     assert table.returncode == 0, table.stderr
     assert METERED in table.stdout
     assert OTHER not in table.stdout
+
+
+def test_the_submitted_counter_counts_each_created_job_once(
+    metered_worker: WorkerProcess,
+) -> None:
+    """The Redis counter behind llm_worker_queue_jobs_submitted_total is written in the
+    submit's own step: created jobs count once each, a resubmitted id and a job the quota
+    refused count nothing, and the async producer counts the same way."""
+    with _unconsumed(metered_worker) as idle:
+        counts = idle.keys.submitted_counts(idle.settings.queue)
+        field = submitted_field(MODEL, METERED)
+
+        def added() -> int:
+            return int(idle.redis.hget(counts, field) or 0) - before
+
+        before = int(idle.redis.hget(counts, field) or 0)
+        jobs = idle.submit_many(
+            [make_request("a"), make_request("b")], job_ids=["a", "b"], tenant=METERED
+        )
+        idle.submit(make_request("a"), job_id="a", tenant=METERED)  # the same job again
+        with pytest.raises(QuotaExceeded):  # quota 3: c is created, d refused
+            idle.submit_many(
+                [make_request("c"), make_request("d")], job_ids=["c", "d"], tenant=METERED
+            )
+        assert added() == 3
+        assert jobs[0].cancel() is True
+
+        async def submit_async() -> None:
+            async with AsyncClient(idle.settings) as producer:
+                await producer.submit(make_request("b"), job_id="b", tenant=METERED)
+                await producer.submit(make_request("e"), job_id="e", tenant=METERED)
+
+        asyncio.run(submit_async())
+        assert added() == 4

@@ -367,7 +367,7 @@ def test_only_waiting_jobs_of_equal_or_higher_priority_stop_the_fast_path(
 
         def taken(priority: int) -> bool:
             submission = prepare_submission(settings, [body], None, None, priority=priority)
-            _id, _payload, raw, _new = producer.submit_held(submission, claim_with)
+            _id, _payload, raw = producer.submit_held(submission, claim_with)
             return parse_claim(raw).state_before == "queued"
 
         r.zadd(traffic.turns(2), {"": 0})

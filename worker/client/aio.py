@@ -196,11 +196,6 @@ class AsyncClient:
         ]
         for model, owner in new_jobs:
             m.JOBS_SUBMITTED.labels(model, owner or "").inc()
-        if new_jobs:
-            counts = self.redis.pipeline(transaction=False)
-            for field, count in p.count_submitted(new_jobs).items():
-                counts.hincrby(self.keys.submitted_counts(self.settings.queue), field, count)
-            await counts.execute()
         if not self._same_redis:
             await self._send_elsewhere(p.to_publish(calls, results, created))
         over_quota = p.quota_refusal(calls, results)

@@ -395,7 +395,7 @@ def submit_calls(
         if opts.fallback_models is not None:
             payload["fallback_models"] = list(opts.fallback_models)
         item = OutboxItem(job_id, payload, opts.priority)
-        fast_args: list[Any] = []
+        fast_args: list[Any] = ["", ""]
         if same_redis:
             script_keys = [keys.job(job_id), settings.queue]
             message = task_message(job_id, payload, queue=settings.queue)
@@ -430,6 +430,8 @@ def submit_calls(
                     job_id,
                     *quota_args(settings, keys, opts.tenant),
                     *fast_args,
+                    keys.submitted_counts(settings.queue),
+                    submitted_field(request["model"], opts.tenant),
                 ],
                 payload=payload,
                 item=item,
@@ -510,15 +512,6 @@ def parse_submitted_field(field: str) -> tuple[str, str]:
     """``(model label, tenant label)`` of a submitted-jobs hash field."""
     model, sep, tenant = field.partition("|")
     return model, (tenant if sep else m.NO_TENANT)
-
-
-def count_submitted(new_jobs: Iterable[tuple[str, str | None]]) -> dict[str, int]:
-    """Jobs per submitted-jobs hash field (:func:`submitted_field`), from ``(model, tenant)``."""
-    counts: dict[str, int] = {}
-    for model, tenant in new_jobs:
-        field = submitted_field(model, tenant)
-        counts[field] = counts.get(field, 0) + 1
-    return counts
 
 
 def count_by_model(models: Iterable[str]) -> dict[str, int]:

@@ -134,23 +134,24 @@ class Client:
             fallback_models=fallback_models,
             default_priority=default_priority,
         )
-        ids, _payloads, _claim, new_jobs = self._enqueue(submission)
-        self.count_submitted(new_jobs)
+        ids, _payloads, _claim = self._enqueue(submission)
         return [Job(self, job_id) for job_id in ids]
 
     def submit_held(
         self,
         submission: p.Submission,
         claim_with: p.ClaimWith,
-    ) -> tuple[str, dict[str, Any], Any, list[tuple[str, str | None]]]:
+    ) -> tuple[str, dict[str, Any], Any]:
         """The gateway's fast-path submit of one prepared job (only with the broker on this
-        Redis), as :meth:`worker.client.aio.AsyncClient.submit_held`, from a thread: the job's
-        id, its message payload, the claim's raw reply, and the new jobs to count with
-        :meth:`count_submitted` (left to the caller, off the request's path)."""
-        ids, payloads, claim, new_jobs = self._enqueue(
+        Redis; see :mod:`worker.gateway.fast_path`): ``submit.lua``'s fast-path form, and in
+        the same round trip the claim ``claim_with(job_id, payload)`` returns (``claim.lua``'s
+        keys and arguments, guarded to take only a job whose message the outbox holds). The
+        job's id, its message payload and the claim's raw reply (``not_held`` when the job was
+        queued or existed already)."""
+        ids, payloads, claim = self._enqueue(
             submission, fast_path=self._same_redis, claim_with=claim_with
         )
-        return ids[0], payloads[0], claim, new_jobs
+        return ids[0], payloads[0], claim
 
     def _enqueue(
         self,
@@ -158,9 +159,10 @@ class Client:
         *,
         fast_path: bool = False,
         claim_with: p.ClaimWith | None = None,
-    ) -> tuple[list[str], list[dict[str, Any]], Any, list[tuple[str, str | None]]]:
-        """Write the prepared jobs: their ids, message payloads, the claim's raw reply (with
-        ``claim_with``, sent in the same round trip) and the new jobs, not counted yet."""
+    ) -> tuple[list[str], list[dict[str, Any]], Any]:
+        """Write the prepared jobs (``submit.lua`` counts the new ones in the queue's
+        submitted-jobs hash): their ids, message payloads and the claim's raw reply (with
+        ``claim_with``, sent in the same round trip)."""
         if not self._topology_checked:  # once per client, before its first write
             connections.refuse_cluster(self.redis)
             self._topology_checked = True
@@ -213,22 +215,8 @@ class Client:
             self._send_elsewhere(p.to_publish(calls, results, created))
         over_quota = p.quota_refusal(calls, results)
         if over_quota is not None:
-            self.count_submitted(new_jobs)  # the jobs created before the refused one
             raise over_quota
-        return list(submission.ids), [call.payload for call in calls], claimed, new_jobs
-
-    def count_submitted(self, new_jobs: list[tuple[str, str | None]]) -> None:
-        """Add to the Redis counter that workers export (llm_worker_queue_jobs_submitted_total).
-
-        A separate round trip after the jobs exist: a producer that dies between the two
-        under-counts by its last batch, which is the safe side for a counter.
-        """
-        if not new_jobs:
-            return
-        pipe = self.redis.pipeline(transaction=False)
-        for field, count in p.count_submitted(new_jobs).items():
-            pipe.hincrby(self.keys.submitted_counts(self.settings.queue), field, count)
-        pipe.execute()
+        return list(submission.ids), [call.payload for call in calls], claimed
 
     def _send_elsewhere(self, items: list[OutboxItem]) -> None:
         """Publish what the submit left in the outbox, then take what the broker confirmed

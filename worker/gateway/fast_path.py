@@ -229,7 +229,7 @@ class FastPath:
         token = new_token(self.hostname)
         client = self.client()
         try:
-            job_id, payload, raw, new_jobs = client.submit_held(submission, self.claim_with(token))
+            job_id, payload, raw = client.submit_held(submission, self.claim_with(token))
         except BaseException as exc:
             tell(run.submitted, exc)
             tell(run.ended, exc)
@@ -242,11 +242,6 @@ class FastPath:
             self._run(job_id, payload, claim, token, lambda outcome: tell(run.ended, outcome))
         else:  # queued behind others, or an existing job: the request reads its end
             tell(run.ended, Outcome(None, held=False))
-        try:
-            # A metric's counter, not the job: after the answer, off the request's path.
-            client.count_submitted(new_jobs)
-        except Exception as exc:
-            log.warning("submitted_count_failed", error=type(exc).__name__)
 
     def _run(
         self,

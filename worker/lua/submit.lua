@@ -22,6 +22,9 @@
 -- ARGV[12] the job id (the outbox's member)
 -- ARGV[13] the tenant's queued-jobs set (Keys.tenant_queued), or '' (no quota)
 -- ARGV[14] the tenant's quota of queued jobs (with ARGV[13])
+-- ARGV[15], ARGV[16] the fast-path form's (see above; '' in the others)
+-- ARGV[17] the queue's submitted-jobs hash (Keys.submitted_counts), ARGV[18] the job's field
+--   in it (client.core.submitted_field): a created job counts there in the same step
 -- Returns {1} when created ({1, 1} in the fast-path form when the message was kept for the
 -- gateway, {1, 0} when it was queued), {0, existing sha, existing state, outbox message} (the last is
 -- the message of a job still queued and unconfirmed, '' otherwise, to be published again),
@@ -65,6 +68,9 @@ if ARGV[11] and ARGV[11] ~= '' then
   redis.call('HSET', KEYS[1], 'fallback_models', ARGV[11])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[5])
+if ARGV[17] and ARGV[17] ~= '' then
+  redis.call('HINCRBY', ARGV[17], ARGV[18], 1)
+end
 if fast then
   local SEP = '\6\22'
   local waiting = redis.call('LLEN', KEYS[2]) > 0
