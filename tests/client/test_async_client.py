@@ -98,6 +98,28 @@ def test_async_and_sync_readers_see_the_same_events(run: Any, client: Client) ->
     assert events == list(client.get(job_id).events(timeout=30))
 
 
+def test_event_batches_are_the_events_as_read_and_end_at_the_terminal(run: Any) -> None:
+    """event_batches gives what each read returned: flattened, exactly events(); read after
+    the job ended, one batch holding every event, the terminal last; read again from a
+    stream id, only what came after it."""
+
+    async def body(
+        ac: AsyncClient,
+    ) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]], list[list[dict[str, Any]]]]:
+        job = await ac.submit(make_request("Batches [[sim tokens=12]]"))
+        events = await _collect(job)
+        batches = [b async for b in job.event_batches(timeout=30)]
+        after = events[2]["stream_id"]
+        rest = [b async for b in job.event_batches(timeout=30, after=after)]
+        return events, batches, rest
+
+    events, batches, rest = run(body)
+    assert len(batches) == 1
+    assert batches[0] == events
+    assert ev.is_terminal(batches[0][-1])
+    assert [e for b in rest for e in b] == events[3:]
+
+
 def test_tool_use_job_returns_the_parsed_tool_input(run: Any) -> None:
     """A job with tools completes with a tool_use block holding the parsed input."""
     tool = {

@@ -293,6 +293,18 @@ class AsyncJob:
     ) -> AsyncIterator[dict[str, Any]]:
         """Every event of the job in order, from the start (or after the stream id ``after``),
         following it live until the terminal event. ``timeout`` bounds the whole wait."""
+        async for batch in self.event_batches(timeout=timeout, after=after):
+            for event in batch:
+                yield event
+
+    async def event_batches(
+        self,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+        after: str = "0-0",
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """As :meth:`events`, a list per read: the events that arrived together (a relay
+        sends them in one write, not one per event)."""
         r = self.client.redis
         keys = self.client.keys
         stream = keys.events(self.job_id)
@@ -315,14 +327,18 @@ class AsyncJob:
                     raise JobNotFound(self.job_id)
                 checked_exists = True
                 continue
+            batch = []
             for entry_id, fields in reply[0][1]:
                 event = p.event_from_entry(entry_id, fields)
                 last_id = event["stream_id"]
                 if p.is_repeat(event, seen):
                     continue
-                yield event
+                batch.append(event)
                 if ev.is_terminal(event):
+                    yield batch
                     return
+            if batch:
+                yield batch
 
     async def result(self, timeout: float | None = None) -> dict[str, Any]:  # noqa: ASYNC109
         """The final message; raises JobFailed (or JobCancelled, JobExpired) or TimeoutError."""

@@ -365,9 +365,15 @@ class Gateway:
             state = relay.AnthropicRelay(
                 _plain(job), sent_output=after != "0-0", upstream=self.settings.upstream_name
             )
-            async for event in job.events(timeout=self.wait_s, after=after):
-                for data in state.feed(event):
-                    yield data
+            # One write per read of the job's events, however many frames it makes.
+            async for batch in job.event_batches(timeout=self.wait_s, after=after):
+                out: list[bytes] = []
+                for event in batch:
+                    out.extend(state.feed(event))
+                    if state.done:
+                        break
+                if out:
+                    yield b"".join(out)
                 if state.done:
                     return
 
@@ -418,9 +424,13 @@ class Gateway:
         plain = _plain(job)
 
         async def frames() -> AsyncIterator[bytes]:
-            async for event in job.events(timeout=self.wait_s, after=after):
-                event["job_id"] = plain
-                yield relay.frame(event, event=event["type"], id_=event["stream_id"])
+            async for batch in job.event_batches(timeout=self.wait_s, after=after):
+                for event in batch:
+                    event["job_id"] = plain
+                yield b"".join(
+                    relay.frame(event, event=event["type"], id_=event["stream_id"])
+                    for event in batch
+                )
 
         return self._stream(request, frames(), self._headers(job))
 
