@@ -176,6 +176,9 @@ def test_the_producers_status_hides_the_lease_worker_and_request_hash() -> None:
         "claim_before": "queued",
         "claim_first": "1",
         "claim_started": "1",
+        "claim_started_id": "1-0",
+        "held_in": "llmw:outbox:llmw",
+        "held_msg": "llmw:outbox_message:team-a/j",
         "batch": "msgbatch_1",
     }
     status = p.parse_status("team-a/j", raw)

@@ -178,6 +178,8 @@ def test_a_claim_can_start_the_first_attempt_in_the_same_step(store: WorkerStore
     wait_for(lambda: pubsub.get_message(timeout=0.1), 5, "the subscription")
     claim = _claim(store, job_id, new_token("a"), start=True)
     assert (claim.started, claim.attempts, claim.last_seq) == (True, 1, 1)
+    [(stream_id, _)] = store.redis.xrange(store.keys.events(job_id))
+    assert claim.started_id == stream_id.decode()  # a reader can start after it
     [data] = _events(store, job_id)
     event = ev.loads(data)
     expected = ev.make_event(job_id, 1, 1, ev.STARTED)
@@ -232,6 +234,7 @@ def test_a_claim_retried_after_a_lost_reply_answers_as_the_first_did(store: Work
         True,
     )
     assert again == first
+    assert first.started_id
     assert store.job_hash("job")["deliveries"] == "1"  # type: ignore[index]
     assert [ev.loads(e)["type"] for e in _events(store, "job")] == [ev.STARTED]
 

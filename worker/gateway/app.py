@@ -233,8 +233,14 @@ class Gateway:
                 m.GATEWAY_JOBS.labels("gateway").inc()
                 self._background.add(ran.ended)
                 ran.ended.add_done_callback(self._background.discard)
+            # A job the gateway runs is read from after its `started` event, which the
+            # relay skips anyway: the first read waits for the answer's first chunk.
             return self._anthropic_stream(
-                request, job, after="0-0", slot_taken=True, ran_here=ran is not None
+                request,
+                job,
+                after=ran.after if ran is not None else "0-0",
+                slot_taken=True,
+                ran_here=ran is not None,
             )
         return await self._answer(job, ran, wait_s)
 
@@ -291,7 +297,7 @@ class Gateway:
         if parsed is None:
             raise HTTPProblem(400, "invalid_request_error", "Last-Event-ID is not ours")
         job = await self._job(request, parsed[0])
-        return self._anthropic_stream(request, job, after=parsed[1])
+        return self._anthropic_stream(request, job, after=parsed[1], resumed=True)
 
     async def _submit_and_run(
         self,
@@ -338,9 +344,12 @@ class Gateway:
             run = self.fast_path.start(submission, streamed=streamed)
             job = AsyncJob(self.client, run.job_id)
             request.state.job_id = _plain(job)
-            if run.submitted is not None and not await asyncio.shield(run.submitted):
-                m.GATEWAY_JOBS.labels("queue").inc()
-                return job, None
+            if run.submitted is not None:
+                after = await asyncio.shield(run.submitted)
+                if after is None:
+                    m.GATEWAY_JOBS.labels("queue").inc()
+                    return job, None
+                run.after = after
         except (RequestInvalid, BudgetExceeded, JobConflict, QuotaExceeded) as exc:
             raise submit_problem(exc, job_id) from None
         return job, run
@@ -357,13 +366,17 @@ class Gateway:
         job: AsyncJob,
         *,
         after: str,
+        resumed: bool = False,
         slot_taken: bool = False,
         ran_here: bool | None = None,
     ) -> Response:
+        """The job's events from after stream id ``after`` as the Anthropic stream;
+        ``resumed``: a client resuming a dropped stream (frames carry only chunk ids, so it
+        holds output already)."""
+
         async def frames() -> AsyncIterator[bytes]:
-            # Frames carry only chunk ids: a client resuming after one holds output already.
             state = relay.AnthropicRelay(
-                _plain(job), sent_output=after != "0-0", upstream=self.settings.upstream_name
+                _plain(job), sent_output=resumed, upstream=self.settings.upstream_name
             )
             # One write per read of the job's events, however many frames it makes.
             async for batch in job.event_batches(timeout=self.wait_s, after=after):

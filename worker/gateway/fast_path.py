@@ -77,12 +77,15 @@ class Outcome:
 @dataclass(slots=True)
 class Run:
     """A request's job on the fast path, as the event loop sees it: ``submitted`` (streamed
-    requests only) is True once the job is written and held for the gateway, False when the
-    submit queued it; ``ended`` is its :class:`Outcome`. Both raise what the submit raised."""
+    requests only) is set once the job is written: to the stream id of its ``started`` event
+    when it is held for the gateway (``0-0`` if unknown), None when the submit queued it;
+    ``ended`` is its :class:`Outcome`. Both raise what the submit raised."""
 
     job_id: str
     ended: asyncio.Future[Outcome]
-    submitted: asyncio.Future[bool] | None
+    submitted: asyncio.Future[str | None] | None
+    #: Where a streamed request reads the job's events from (what ``submitted`` said).
+    after: str = "0-0"
 
 
 class GatewayRunner(JobRunner):
@@ -235,12 +238,11 @@ class FastPath:
             tell(run.ended, exc)
             return
         claim = parse_claim(raw)
-        held = claim is not None and claim.state_before == "queued"
-        tell(run.submitted, held)
-        if held:
-            assert claim is not None
+        if claim is not None and claim.state_before == "queued":
+            tell(run.submitted, claim.started_id or "0-0")
             self._run(job_id, payload, claim, token, lambda outcome: tell(run.ended, outcome))
         else:  # queued behind others, or an existing job: the request reads its end
+            tell(run.submitted, None)
             tell(run.ended, Outcome(None, held=False))
 
     def _run(

@@ -21,8 +21,9 @@
 -- Returns {state before, deliveries, attempts, last seq, cancel requested (0/1), deadline,
 --          lease wait ms, first start (1 when no worker had started the job before),
 --          type of the job's last event, started (1 when this call started an attempt; the
---          attempts and last seq returned then include it)}. State before is queued, running (taken over from a worker that
--- died or let its lease lapse), missing, a terminal state, 'leased' (a live worker runs it:
+--          attempts and last seq returned then include it), the stream id of that
+--          `started` event ('' when none was written)}. State before is queued, running
+-- (taken over from a worker that died or let its lease lapse), missing, a terminal state, 'leased' (a live worker runs it:
 -- wait lease wait ms and ask again) or 'poison' (delivered more than the limit allows).
 -- The same call again with the same token (its reply was lost and the client retried it)
 -- answers what the first call did, without counting a second delivery.
@@ -53,7 +54,7 @@ end
 -- Every field this step reads, in one command (one per field cost 7 of a job's commands).
 local job = redis.call('HMGET', KEYS[1], 'state', 'lease', 'lease_until', 'deliveries',
   'attempts', 'cancel_requested', 'deadline_at', 'started_at',
-  'claim_before', 'claim_first', 'claim_started')
+  'claim_before', 'claim_first', 'claim_started', 'claim_started_id')
 local state = job[1]
 if state == 'completed' or state == 'failed' or state == 'cancelled' or state == 'expired' then
   return {state, 0, 0, 0, 0, '', 0}
@@ -65,7 +66,7 @@ if holder and holder == ARGV[5] and state == 'running' then
   local seq, last_type = last_event()
   return {job[9] or 'running', tonumber(job[4] or '0'), tonumber(job[5] or '0'), seq,
     job[6] and 1 or 0, job[7] or '', 0, tonumber(job[10] or '0'), last_type,
-    tonumber(job[11] or '0')}
+    tonumber(job[11] or '0'), job[12] or ''}
 end
 if holder and holder ~= ARGV[5] then
   local until_ms = tonumber(job[3] or '0')
@@ -113,13 +114,14 @@ local fresh = state == 'queued' or state == 'missing' or (state == 'running' and
 local now = tonumber(ARGV[1])
 local deadline_at = tonumber(deadline)
 local started = 0
+local started_id = ''
 if ARGV[8] == '1' and fresh and cancel == 0 and (not deadline_at or now < deadline_at) then
   attempts = attempts + 1
   seq = seq + 1
   -- The same bytes the worker's events.make_event + orjson would write.
   local data = '{"job_id":' .. cjson.encode(ARGV[9]) .. ',"seq":' .. seq .. ',"attempt":'
     .. attempts .. ',"type":"started","ts":' .. ARGV[1] .. '}'
-  redis.call('XADD', KEYS[2], '*', 'data', data)
+  started_id = redis.call('XADD', KEYS[2], '*', 'data', data)
   redis.call('PUBLISH', KEYS[3], data)
   fields[#fields + 1] = 'attempts'
   fields[#fields + 1] = attempts
@@ -139,6 +141,9 @@ fields[#fields + 1] = 'claim_first'
 fields[#fields + 1] = first
 fields[#fields + 1] = 'claim_started'
 fields[#fields + 1] = started
+fields[#fields + 1] = 'claim_started_id'
+fields[#fields + 1] = started_id
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-return {state, deliveries, attempts, seq, cancel, deadline, 0, first, last_type, started}
+return {state, deliveries, attempts, seq, cancel, deadline, 0, first, last_type, started,
+  started_id}

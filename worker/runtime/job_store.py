@@ -53,6 +53,8 @@ class Claim:
     #: The claim also started the next attempt (its ``started`` event is written, and
     #: ``attempts`` and ``last_seq`` include it); see ``start_attempt``.
     started: bool = False
+    #: The stream id of the ``started`` event this claim wrote ('' when it wrote none).
+    started_id: str = ""
 
     @property
     def already_ended(self) -> bool:
@@ -130,6 +132,7 @@ def parse_claim(raw: list[Any]) -> Claim:
         first_start=len(raw) > 7 and bool(int(raw[7])),
         last_event_type=text(raw[8]) if len(raw) > 8 else "",
         started=len(raw) > 9 and bool(int(raw[9])),
+        started_id=text(raw[10]) if len(raw) > 10 else "",
     )
 
 
