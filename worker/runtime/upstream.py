@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import select
 import socket
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -63,6 +64,56 @@ def _too_large(limit: int) -> PermanentUpstreamError:
         status_code=200,
         reason="response_too_large",
     )
+
+
+#: After a stream's ``message_stop``: how long to wait for the rest of its body (the chunked
+#: encoding's last chunk) so that the connection goes back to the pool, and how many reads
+#: that may take. Left unread, httpcore closes the connection: the next call connects (and
+#: negotiates TLS) again.
+BODY_END_WAIT_S = 0.005
+BODY_END_READS = 4
+
+
+def _h11_state(response: httpx.Response) -> Any:
+    """The h11 connection under a streamed response (httpx 0.28 and httpcore 1.0's private
+    layout), or None when that layout is not there."""
+    stream = getattr(getattr(response.stream, "_httpcore_stream", None), "_stream", None)
+    return getattr(getattr(stream, "_connection", None), "_h11_state", None)
+
+
+def _body_end_ready(response: httpx.Response, wait_s: float) -> bool:
+    """The body's next chunk is at hand: read already (in h11's buffer, past the last
+    chunk's closing CRLF) or on the socket within ``wait_s``."""
+    h11 = _h11_state(response)
+    trailing = getattr(h11, "trailing_data", None)
+    buffered = trailing[0] if isinstance(trailing, tuple) else b""
+    if isinstance(buffered, bytes | bytearray) and bytes(buffered).removeprefix(b"\r\n"):
+        return True
+    network_stream = response.extensions.get("network_stream")
+    sock = network_stream.get_extra_info("socket") if network_stream is not None else None
+    if sock is None:
+        return False
+    try:
+        # poll, not select: no FD_SETSIZE limit in a worker with hundreds of sockets (gevent
+        # patches both to wait cooperatively).
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(wait_s * 1000))
+    except (OSError, ValueError):  # closed meanwhile
+        return False
+
+
+def _read_body_end(response: httpx.Response, chunks: Iterator[bytes]) -> None:
+    """After ``message_stop``, read the body's end when it comes at once, so that the
+    connection is kept for the next call; otherwise leave it (the close discards it). Waits
+    only where h11's buffer can be seen (else a buffered end would cost the whole wait)."""
+    wait_s = BODY_END_WAIT_S if _h11_state(response) is not None else 0.0
+    with contextlib.suppress(httpx.HTTPError):
+        for _ in range(BODY_END_READS):
+            if not _body_end_ready(response, wait_s):
+                return
+            if next(chunks, None) is None:
+                return  # the body ended: httpcore keeps the connection
 
 
 #: Called with a function that aborts the call in progress (from any thread or greenlet).
@@ -367,7 +418,8 @@ class UpstreamClient:
         finished = started = False
         size = 0
         try:
-            for raw in response.iter_bytes():
+            chunks = response.iter_bytes()
+            for raw in chunks:
                 # A bound on the stream bounds the decoder's buffers and the message as well.
                 size += len(raw)
                 if size > self._max_response_bytes:
@@ -378,6 +430,7 @@ class UpstreamClient:
                 if error is not None:
                     raise error
                 if finished:
+                    _read_body_end(response, chunks)
                     return
             for sse in decoder.flush():
                 event = parse_event(sse)
