@@ -93,19 +93,14 @@ class GatewayRunner(JobRunner):
     rate limiter does not wait (a wait is the queue's to do: the job is handed back)."""
 
     terminal: dict[str, Any] | None = None
+    #: Told the terminal event as soon as it is stored (the request answers meanwhile).
+    on_end: Callable[[dict[str, Any]], None] | None = None
     _reserved_once = False
-    _last_event: dict[str, Any] | None = None
 
-    def _event(self, type_: str, attempt: int, **fields: Any) -> dict[str, Any]:
-        event = super()._event(type_, attempt, **fields)
-        self._last_event = event
-        return event
-
-    def _finish(self, type_: str, attempt: int, **kwargs: Any) -> bool:
-        ended = super()._finish(type_, attempt, **kwargs)
-        if ended:
-            self.terminal = self._last_event
-        return ended
+    def _stored_end(self, event: dict[str, Any]) -> None:
+        self.terminal = event
+        if self.on_end is not None:
+            self.on_end(event)
 
     def _reserve(self, attempt: int) -> Any:
         if self._reserved_once:
@@ -258,7 +253,7 @@ class FastPath:
         outcome = Outcome(None)
         try:
             rt = self.runtime()
-            outcome = self._run_claimed(rt, job_id, payload, claim, token)
+            outcome = self._run_claimed(rt, job_id, payload, claim, token, tell=tell)
         except Exception:
             # A bug of ours or Redis away: the job goes to a worker ("run twice rather than
             # never"); if even that fails, the lease lapses and a sweeper publishes it.
@@ -271,7 +266,14 @@ class FastPath:
             tell(outcome)
 
     def _run_claimed(
-        self, rt: Runtime, job_id: str, payload: dict[str, Any], claim: Claim, token: str
+        self,
+        rt: Runtime,
+        job_id: str,
+        payload: dict[str, Any],
+        claim: Claim,
+        token: str,
+        *,
+        tell: Callable[[Outcome], None],
     ) -> Outcome:
         request = payload["request"]
         model = str(request["model"])
@@ -289,6 +291,7 @@ class FastPath:
             payload=payload,
             fallbacks=fallbacks,
         )
+        runner.on_end = lambda event: tell(Outcome(event))
         try:
             runner.run()
         except (HandBack, JobPostponed) as exc:

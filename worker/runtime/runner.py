@@ -193,6 +193,7 @@ class JobRunner:
             spend=spend,
         )
         if ended:
+            self._stored_end(event)
             if cost:
                 m.COST_USD.labels(self.model, self.tenant).inc(cost / PICO_PER_USD)
             m.JOBS_FINISHED.labels(self.model, type_, self.tenant).inc()
@@ -203,6 +204,10 @@ class JobRunner:
         else:
             log.info("job_already_finished", outcome=type_)
         return ended
+
+    def _stored_end(self, event: dict[str, Any]) -> None:
+        """The job's terminal ``event`` is stored (this runner ended the job): called before
+        the end's metrics and log, for whoever answers from it (the gateway's fast path)."""
 
     def _spend(self, usage: dict[str, Any] | None, cost: int) -> Spend:
         now = time.time()
