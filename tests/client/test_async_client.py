@@ -293,3 +293,14 @@ def test_a_submit_after_redis_lost_its_scripts_loads_them_and_succeeds(run: Any)
     loaded, message = run(body)
     assert loaded
     assert message["type"] == "message"
+
+
+def test_the_sync_client_also_loads_lost_scripts_and_succeeds(client: Client) -> None:
+    """The sync client's submit calls its scripts by SHA as well: after a SCRIPT FLUSH the
+    submit loads them, runs once more, and the job is created once and runs."""
+    client.redis.script_flush()  # type: ignore[no-untyped-call]
+    job_id = f"flush-{uuid.uuid4().hex[:8]}"
+    job = client.submit(make_request("after a flush", stream=False, max_tokens=8), job_id=job_id)
+    assert client.redis.script_exists(getattr(client.store.submit_script(), "sha"))[0]  # noqa: B009
+    assert job.result(timeout=30)["type"] == "message"
+    assert client.get(job_id).status()["attempts"] == 1

@@ -191,14 +191,14 @@ class Client:
 
         def fill(pipe: Any) -> None:
             # EVALSHA straight away: a pipeline's registered scripts cost a SCRIPT EXISTS
-            # round trip before every execute (see connections.execute_scripts).
+            # round trip before every execute (see connections.execute_pipeline).
             for call in calls:
                 pipe.evalsha(submit_sha, len(call.keys), *call.keys, *call.args)
             if claim is not None:
                 pipe.evalsha(claim_sha, len(claim[0]), *claim[0], *claim[1])
             self.replica_ack.add(pipe)
 
-        replies = connections.execute_scripts(self.redis, fill, [submit, claim_script])
+        replies = connections.execute_pipeline(self.redis, fill, [submit, claim_script])
         results = self.replica_ack.check(replies, p.submission_name(len(calls)))
         claimed = results.pop() if claim is not None else None
         created = p.created_flags(calls, results)

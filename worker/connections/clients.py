@@ -296,28 +296,18 @@ def async_redis_client(
     return aredis.Redis(connection_pool=pool)
 
 
-def execute_pipeline(client: redis.Redis[Any], fill: Callable[[Any], None]) -> list[Any]:
-    """A pipeline (no transaction) that ``fill`` queues commands on, executed; built and run
-    once more on ``NOSCRIPT``. redis-py loads a pipeline's scripts before it sends them, and a
-    failover (or restart) in between reaches a master without them: then none of them ran
-    (measured: a submit failed with NoScriptError during a failover)."""
-    for attempt in (1, 2):
-        pipe = client.pipeline(transaction=False)
-        fill(pipe)
-        try:
-            return list(pipe.execute())
-        except NoScriptError:
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
-
-
-def execute_scripts(
-    client: redis.Redis[Any], fill: Callable[[Any], None], scripts: Sequence[Any]
+def execute_pipeline(
+    client: redis.Redis[Any], fill: Callable[[Any], None], scripts: Sequence[Any] = ()
 ) -> list[Any]:
-    """The synchronous twin of :func:`async_execute_scripts`: ``fill`` queues ``EVALSHA``
-    calls of ``scripts`` directly (no ``SCRIPT EXISTS`` round trip before each execute), and
-    a ``NOSCRIPT`` loads them and runs the pipeline once more."""
+    """A pipeline (no transaction) that ``fill`` queues commands on, executed; built and run
+    once more on ``NOSCRIPT``. redis-py loads a pipeline's registered scripts before it sends
+    them, and a failover (or restart) in between reaches a master without them: then none of
+    them ran (measured: a submit failed with NoScriptError during a failover).
+
+    ``scripts``: for a ``fill`` that queues ``EVALSHA`` calls of them directly (no ``SCRIPT
+    EXISTS`` round trip before each execute, as redis-py's registered scripts cost): a
+    ``NOSCRIPT`` loads them before the second run (the synchronous twin of
+    :func:`async_execute_scripts`)."""
     for attempt in (1, 2):
         pipe = client.pipeline(transaction=False)
         fill(pipe)
