@@ -438,7 +438,8 @@ def test_a_tenant_at_its_budget_is_a_429_while_another_still_submits(
     worker: WorkerProcess, client: Client
 ) -> None:
     """With UA's spend today at its daily budget, the gateway refuses UA's submit with a 429
-    rate_limit_error that names the budget, writes nothing, and still runs UB's request."""
+    rate_limit_error that names the budget (streamed or not: the fast path's thread finds
+    it, the request answers it), writes nothing, and still runs UB's request."""
     budgets = json.dumps({UA: {"usd_per_day": 1}, UB: {"usd_per_day": 1}})
     proc, url = start_gateway(worker, [UA, UB], LLM_WORKER_BUDGETS=budgets)
     try:
@@ -449,6 +450,9 @@ def test_a_tenant_at_its_budget_is_a_429_while_another_still_submits(
         assert refused.status_code == 429, refused.text
         assert refused.json()["error"]["type"] == "rate_limit_error"
         assert "budget" in refused.json()["error"]["message"]
+        streamed = call(url, UA, "POST", "/v1/messages", json=make_request("over", stream=True))
+        assert streamed.status_code == 429, streamed.text
+        assert "budget" in streamed.json()["error"]["message"]
         assert new_keys(client, before, queued) == set()
         served = call(url, UB, "POST", "/v1/messages", json=make_request("fine", stream=False))
         assert served.status_code == 200, served.text

@@ -79,7 +79,8 @@ class Run:
     """A request's job on the fast path, as the event loop sees it: ``submitted`` (streamed
     requests only) is set once the job is written: to the stream id of its ``started`` event
     when it is held for the gateway (``0-0`` if unknown), None when the submit queued it;
-    ``ended`` is its :class:`Outcome`. Both raise what the submit raised."""
+    ``ended`` is its :class:`Outcome`. What the submit raised is raised by ``submitted``
+    (a streamed request) or ``ended``."""
 
     job_id: str
     ended: asyncio.Future[Outcome]
@@ -187,7 +188,11 @@ class FastPath:
         run = Run(
             submission.ids[0], loop.create_future(), loop.create_future() if streamed else None
         )
-        self._pool.submit(self._submit_and_run, submission, run, loop)
+        try:
+            self._pool.submit(self._submit_and_run, submission, run, loop)
+        except RuntimeError:  # the gateway is shutting down: nothing was written
+            self.give()
+            raise
         return run
 
     # -- the job (in a thread) ---------------------------------------------------------------
@@ -224,13 +229,15 @@ class FastPath:
             if future is not None:
                 loop.call_soon_threadsafe(_settle, future, value)
 
+        structlog.contextvars.clear_contextvars()
         token = new_token(self.hostname)
-        client = self.client()
         try:
+            client = self.client()
             job_id, payload, raw = client.submit_held(submission, self.claim_with(token))
         except BaseException as exc:
-            tell(run.submitted, exc)
-            tell(run.ended, exc)
+            # Told once, to the future the request awaits first (a streamed one never awaits
+            # `ended` when its submit failed).
+            tell(run.submitted if run.submitted is not None else run.ended, exc)
             return
         claim = parse_claim(raw)
         if claim is not None and claim.state_before == "queued":
@@ -248,7 +255,6 @@ class FastPath:
         token: str,
         tell: Callable[[Outcome], None],
     ) -> None:
-        structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(job_id=job_id, runner="gateway")
         outcome = Outcome(None)
         try:
