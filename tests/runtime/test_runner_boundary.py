@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+import uuid
 from typing import Any
 
 import httpx
 import orjson
 import pytest
 
-from tests.support import MESSAGE_START, sse_body
+from tests.support import MESSAGE_START, sse_body, wait_for
 from worker import events as ev
 from worker.keys import Keys
 from worker.runtime.context import Runtime, redis_client
@@ -212,4 +214,69 @@ def test_a_crash_of_ours_reaches_the_producer_as_a_type_and_a_short_message(
     assert crashed
     assert crashed[0]["log_level"] == "error"
     assert crashed[0]["exc_info"] is True  # the traceback is rendered into the log line
+    rt.close()
+
+
+LINGER_S = 15.0
+
+
+def test_the_first_text_delta_is_stored_without_the_publishing_linger(redis_url: str) -> None:
+    """With a linger of 15 s, the chunks up to the first text delta are stored while the
+    upstream still holds the rest of the stream (well within the linger): they skip it (time
+    to first token); the job then completes with every chunk, the later ones after it."""
+    first = sse_body(
+        MESSAGE_START,
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "a"}},
+    )
+    rest = sse_body(
+        {"type": "content_block_stop", "index": 0},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn"},
+            "usage": {"output_tokens": 1},
+        },
+        {"type": "message_stop"},
+    )
+    release = threading.Event()
+
+    def body() -> Any:
+        yield first
+        release.wait(30)  # the upstream holds the rest until the test has seen the delta
+        yield rest
+
+    transport = httpx.MockTransport(
+        lambda _request: httpx.Response(
+            200, headers={"content-type": "text/event-stream"}, content=body()
+        )
+    )
+    rt = _runtime(redis_url, transport)
+    store = rt.store
+    rt.store = WorkerStore(store.redis, store.keys, result_ttl_s=60, publish_linger_s=LINGER_S)
+    job_id = f"urgent-{uuid.uuid4().hex[:8]}"
+    request = {
+        "model": "m",
+        "max_tokens": 5,
+        "stream": True,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    runner = _runner(rt, job_id, request)
+    done = threading.Thread(target=runner.run, daemon=True)
+    done.start()
+    try:
+
+        def delta_stored() -> bool:
+            return any(
+                e["type"] == ev.CHUNK and e["event"]["type"] == "content_block_delta"
+                for e in _events(rt, job_id)
+            )
+
+        wait_for(delta_stored, LINGER_S / 2, "the first text delta in the job's stream")
+    finally:
+        release.set()
+        done.join(LINGER_S * 4)
+    assert not done.is_alive()
+    events = _events(rt, job_id)
+    assert events[-1]["type"] == ev.COMPLETED
+    assert [e["event"]["type"] for e in events if e["type"] == ev.CHUNK][-1] == "message_stop"
     rt.close()

@@ -246,10 +246,12 @@ class WorkerStore(JobStore):
         hash_fields: dict[str, Any] | None = None,
         expire_s: int | None = None,
         pending: Pending | None = None,
+        urgent: bool = False,
     ) -> None:
         """Append events to the job's stream and channel while ``token`` holds its lease
         (``append.lua``); returns once they are stored, or at once with ``pending`` (the job
-        settles it before its end). A writer that lost the lease gets a ``LEASE_LOST``
+        settles it before its end; ``urgent``: without the publishing linger). A writer that
+        lost the lease gets a ``LEASE_LOST``
         :class:`redis.ResponseError` (:func:`is_lease_lost`), now or when it settles.
 
         The round trip is shared with every other job of the process that writes at the same
@@ -273,7 +275,7 @@ class WorkerStore(JobStore):
         if pending is None:
             self._writer.write([command])
         else:
-            pending.add(self._writer.post([command]))
+            pending.add(self._writer.post([command], urgent=urgent))
 
     def finish(
         self,

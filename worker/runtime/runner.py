@@ -138,9 +138,15 @@ class JobRunner:
         return ev.make_event(self.job_id, self.seq, attempt, type_, **fields)
 
     def _publish(
-        self, events: list[dict[str, Any]], *, wait: bool = True, **hash_fields: Any
+        self,
+        events: list[dict[str, Any]],
+        *,
+        wait: bool = True,
+        urgent: bool = False,
+        **hash_fields: Any,
     ) -> None:
-        """Write events; ``wait=False`` returns before they are stored (chunks only)."""
+        """Write events; ``wait=False`` returns before they are stored (chunks only), and
+        ``urgent`` posts them without the publishing linger."""
         if wait:
             self._pending.settle()
         expire = None
@@ -155,6 +161,7 @@ class JobRunner:
             hash_fields=hash_fields or None,
             expire_s=expire,
             pending=None if wait else self._pending,
+            urgent=urgent,
         )
 
     def _finish(
@@ -625,6 +632,9 @@ class JobRunner:
         as chunks, their text deltas coalesced (:mod:`worker.runtime.coalesce`), in one round
         trip."""
         self._response_arrived = True
+        # Up to the first text delta the chunks skip the publishing linger: what a reader
+        # waits for first (time to first token) is not held back for company.
+        urgent = first_token
         if not self._answer_started:
             self._answer_started = any(e.get("type") in ANSWER_EVENTS for e in batch)
         for upstream_event in batch:
@@ -640,7 +650,11 @@ class JobRunner:
                 m.TIME_TO_FIRST_TOKEN.labels(self.model).observe(time.monotonic() - sent_at)
                 first_token = False
         chunks = coalesce(batch)
-        self._publish([self._event(ev.CHUNK, attempt, event=chunk) for chunk in chunks], wait=False)
+        self._publish(
+            [self._event(ev.CHUNK, attempt, event=chunk) for chunk in chunks],
+            wait=False,
+            urgent=urgent,
+        )
         if self._chunks_published is None or self._chunks_published[0] != self.model:
             # Bound once per model (a fallback changes it): labels() per network read was 10%
             # of a burst's CPU.
