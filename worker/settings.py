@@ -157,13 +157,13 @@ class Settings(BaseSettings):
     # One upstream response read at most this far: a non-streamed body, or a whole stream (which
     # bounds the SSE decoder's buffers and the message); past it the call fails, not the worker.
     max_response_bytes: int = Field(default=16 * 1_048_576, ge=65_536)
-    # The dead-letter stream (llmw:dlq) keeps at most this many entries (approximately, the
-    # oldest go first), each payload at most this many bytes (past it: its length, sha256 and
-    # head), so its memory is bounded under noeviction.
     # How long a worker's writer lets chunk writes of different streams gather into one round
     # trip to Redis (a write someone waits for goes at once): CPU per stream against chunk
     # delay (docs/performance.md). 0: each flush as soon as the last round trip ended.
     publish_linger_s: float = Field(default=0.001, ge=0, le=0.05)
+    # The dead-letter stream (llmw:dlq) keeps at most this many entries (approximately, the
+    # oldest go first), each payload at most this many bytes (past it: its length, sha256 and
+    # head), so its memory is bounded under noeviction.
     dead_letters_max: int = Field(default=10_000, ge=1)
     dead_letter_payload_bytes: int = Field(default=65_536, ge=1024)
 

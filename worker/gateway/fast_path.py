@@ -203,8 +203,6 @@ class FastPath:
                 self._client = Client(self.settings)
             return self._client
 
-    # -- the job (in a thread) ---------------------------------------------------------------
-
     def runtime(self) -> Runtime:
         with self._rt_lock:
             if self._rt is None:
@@ -239,11 +237,11 @@ class FastPath:
             # `ended` when its submit failed).
             tell(run.submitted if run.submitted is not None else run.ended, exc)
             return
-        claim = parse_claim(raw)
-        if claim is not None and claim.state_before == "queued":
+        claim = parse_claim(raw)  # `not_held`: the submit queued it, or the job existed
+        if claim.state_before == "queued":
             tell(run.submitted, claim.started_id or "0-0")
             self._run(job_id, payload, claim, token, lambda outcome: tell(run.ended, outcome))
-        else:  # queued behind others, or an existing job: the request reads its end
+        else:  # the request reads the job's end from Redis
             tell(run.submitted, None)
             tell(run.ended, Outcome(None, held=False))
 

@@ -23,8 +23,9 @@
 --          type of the job's last event, started (1 when this call started an attempt; the
 --          attempts and last seq returned then include it), the stream id of that
 --          `started` event ('' when none was written)}. State before is queued, running
--- (taken over from a worker that died or let its lease lapse), missing, a terminal state, 'leased' (a live worker runs it:
--- wait lease wait ms and ask again) or 'poison' (delivered more than the limit allows).
+-- (taken over from a worker that died or let its lease lapse), missing, a terminal state,
+-- 'leased' (a live worker runs it: wait lease wait ms and ask again) or 'poison' (delivered
+-- more than the limit allows).
 -- The same call again with the same token (its reply was lost and the client retried it)
 -- answers what the first call did, without counting a second delivery.
 -- The seq and type of the job's last event (0, '' when it has none).

@@ -81,10 +81,9 @@ def _h11_state(response: httpx.Response) -> Any:
     return getattr(getattr(stream, "_connection", None), "_h11_state", None)
 
 
-def _body_end_ready(response: httpx.Response, wait_s: float) -> bool:
-    """The body's next chunk is at hand: read already (in h11's buffer, past the last
+def _body_end_ready(response: httpx.Response, h11: Any, wait_s: float) -> bool:
+    """The body's next chunk is at hand: read already (in ``h11``'s buffer, past the last
     chunk's closing CRLF) or on the socket within ``wait_s``."""
-    h11 = _h11_state(response)
     trailing = getattr(h11, "trailing_data", None)
     buffered = trailing[0] if isinstance(trailing, tuple) else b""
     if isinstance(buffered, bytes | bytearray) and bytes(buffered).removeprefix(b"\r\n"):
@@ -107,10 +106,11 @@ def _read_body_end(response: httpx.Response, chunks: Iterator[bytes]) -> None:
     """After ``message_stop``, read the body's end when it comes at once, so that the
     connection is kept for the next call; otherwise leave it (the close discards it). Waits
     only where h11's buffer can be seen (else a buffered end would cost the whole wait)."""
-    wait_s = BODY_END_WAIT_S if _h11_state(response) is not None else 0.0
+    h11 = _h11_state(response)
+    wait_s = BODY_END_WAIT_S if h11 is not None else 0.0
     with contextlib.suppress(httpx.HTTPError):
         for _ in range(BODY_END_READS):
-            if not _body_end_ready(response, wait_s):
+            if not _body_end_ready(response, h11, wait_s):
                 return
             if next(chunks, None) is None:
                 return  # the body ended: httpcore keeps the connection
