@@ -146,24 +146,43 @@ def test_a_streamed_request_through_the_fast_path_streams_the_answer(
     gateway: tuple[str, int], client: Client
 ) -> None:
     """A streamed request the gateway runs: the client gets the upstream's events, ending in
-    message_stop, and the job completes with the same text."""
+    message_stop, and the job completes with the same text. The frames are relayed from the
+    run as they are made, named by the events' places (``{job}/{attempt}.{seq}``), and a
+    client that resumes from one gets the rest of the answer from Redis, nothing twice."""
     url, _ = gateway
     body = make_request("stream fast", model=MODEL, max_tokens=16, stream=True)
+    headers = {"x-api-key": KEY, "anthropic-version": "2023-06-01"}
     with httpx.stream(
-        "POST",
-        f"{url}/v1/messages",
-        json=body,
-        headers={"x-api-key": KEY, "anthropic-version": "2023-06-01"},
-        timeout=60,
+        "POST", f"{url}/v1/messages", json=body, headers=headers, timeout=60
     ) as response:
         assert response.headers[PATH_HEADER] == "gateway"
-        data = [
-            orjson.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")
-        ]
+        frames = _frames(response)
         job = _job(client, response)
+    data = [d for _, d in frames]
     assert data[-1]["type"] == "message_stop"
     text = "".join(d["delta"].get("text", "") for d in data if d["type"] == "content_block_delta")
     assert job.result(timeout=10)["content"][0]["text"] == text
+    plain = response.headers[JOB_ID_HEADER]
+    chunks = [e for e in _events(job) if e["type"] == ev.CHUNK]
+    assert [id_ for id_, _ in frames] == [f"{plain}/{e['attempt']}.{e['seq']}" for e in chunks]
+    with httpx.stream(
+        "POST",
+        f"{url}/v1/messages",
+        headers={**headers, "last-event-id": frames[1][0]},
+        timeout=60,
+    ) as response:
+        assert [d for _, d in _frames(response)] == data[2:]
+
+
+def _frames(response: httpx.Response) -> list[tuple[str, dict[str, Any]]]:
+    """``(id, data)`` of each SSE frame."""
+    out, id_ = [], ""
+    for line in response.iter_lines():
+        if line.startswith("id: "):
+            id_ = line[4:]
+        elif line.startswith("data: "):
+            out.append((id_, orjson.loads(line[6:])))
+    return out
 
 
 def test_a_waiting_job_of_equal_or_higher_priority_sends_the_request_to_the_queue(
@@ -229,12 +248,15 @@ def test_cancelling_a_job_the_gateway_runs_ends_it_cancelled(
 
 
 def test_a_gateway_killed_mid_call_leaves_the_job_to_a_worker(
-    env: dict[str, str], fp_worker: WorkerProcess, client: Client
+    env: dict[str, str], fp_worker: WorkerProcess, client: Client, gateway: tuple[str, int]
 ) -> None:
     """SIGKILL the gateway while it streams a job's answer: its lease lapses, a worker's
     sweeper publishes the kept message and a worker runs the job to the end: completed, one
-    terminal event, the dead run's chunks voided by a worker_lost retry."""
+    terminal event, the dead run's chunks voided by a worker_lost retry. The client, resuming
+    on another gateway from the last frame it got, is told its partial answer is void (an
+    error event), never handed the new attempt's answer as the rest of the old one."""
     proc, url = start_gateway_process(env)
+    last_id = ""
     try:
         body = make_request(SLOW, model=MODEL, max_tokens=200, stream=True)
         with httpx.stream(
@@ -246,8 +268,11 @@ def test_a_gateway_killed_mid_call_leaves_the_job_to_a_worker(
         ) as response:
             assert response.headers[PATH_HEADER] == "gateway"
             job = _job(client, response)
-            lines = response.iter_lines()
-            next(line for line in lines if '"content_block_delta"' in line)
+            for line in response.iter_lines():
+                if line.startswith("id: "):
+                    last_id = line[4:]
+                if '"content_block_delta"' in line:
+                    break
             assert _runner_of(client, job).endswith(f":{proc.pid}")
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
@@ -256,6 +281,16 @@ def test_a_gateway_killed_mid_call_leaves_the_job_to_a_worker(
     finally:
         if proc.poll() is None:
             stop_process(proc)
+    with httpx.stream(
+        "POST",
+        f"{gateway[0]}/v1/messages",
+        headers={"x-api-key": KEY, "anthropic-version": "2023-06-01", "last-event-id": last_id},
+        timeout=60,
+    ) as response:
+        resumed = [d for _, d in _frames(response)]
+    assert resumed[-1]["type"] == "error"
+    assert "void" in resumed[-1]["error"]["message"]
+    assert not any(d["type"] == "message_start" for d in resumed)
     message = job.result(timeout=60)
     assert message["stop_reason"] in {"end_turn", "max_tokens"}
     events = _events(job)

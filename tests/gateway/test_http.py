@@ -270,7 +270,10 @@ def _sse_ids_and_events(response: httpx.Response) -> list[tuple[str, str]]:
 
 
 def test_streams_resume_with_last_event_id(gateway_url: str, client: Client) -> None:
-    """Messages and job streams carry ids; Last-Event-ID replays only what came after."""
+    """Messages and job streams carry ids; Last-Event-ID replays only what came after. A
+    stream the gateway relays from its own run names its frames by the events' places
+    (``{job}/{attempt}.{seq}``, sent before Redis stored them); a resumed stream, read from
+    Redis, by stream ids; both resume alike, on both routes."""
     headers = {"x-api-key": GATEWAY_KEY}
     body = make_request("resume me [[sim tokens=10]]", max_tokens=50)
     with httpx.stream("POST", f"{gateway_url}/v1/messages", json=body, headers=headers) as r:
@@ -281,10 +284,19 @@ def test_streams_resume_with_last_event_id(gateway_url: str, client: Client) -> 
     assert full[-1][1] == "message_stop"
     cut = full[2][0]
     assert cut.startswith(f"{job_id}/")
-    with httpx.stream(
-        "POST", f"{gateway_url}/v1/messages", headers={**headers, "last-event-id": cut}
-    ) as r:
-        assert _sse_ids_and_events(r) == full[3:]
+
+    def resume(last_event_id: str) -> list[tuple[str, str]]:
+        with httpx.stream(
+            "POST",
+            f"{gateway_url}/v1/messages",
+            headers={**headers, "last-event-id": last_event_id},
+        ) as r:
+            return _sse_ids_and_events(r)
+
+    resumed = resume(cut)
+    assert [kind for _, kind in resumed] == [kind for _, kind in full[3:]]
+    assert all(id_.startswith(f"{job_id}/") for id_, _ in resumed)
+    assert resume(resumed[0][0]) == resumed[1:]  # the resumed stream's own ids resume too
     status = httpx.get(f"{gateway_url}/v1/jobs/{job_id}", headers=headers).json()
     assert status["state"] == "completed"
     with httpx.stream("GET", f"{gateway_url}/v1/jobs/{job_id}/events", headers=headers) as r:
@@ -292,6 +304,13 @@ def test_streams_resume_with_last_event_id(gateway_url: str, client: Client) -> 
     assert events[0][1] == "started"
     assert events[-1][1] == "completed"
     assert len(events) == len(list(client.get(job_id, tenant=GATEWAY_TENANT).events(timeout=5)))
+    # The job's own events after the messages-route cut: one chunk per frame after it, and
+    # the end.
+    with httpx.stream(
+        "GET", f"{gateway_url}/v1/jobs/{job_id}/events", headers={**headers, "last-event-id": cut}
+    ) as r:
+        after_cut = [kind for _, kind in _sse_ids_and_events(r)]
+    assert after_cut == ["chunk"] * len(full[3:]) + ["completed"]
     with httpx.stream(
         "GET",
         f"{gateway_url}/v1/jobs/{job_id}/events",

@@ -241,6 +241,7 @@ class Gateway:
                 after=ran.after if ran is not None else "0-0",
                 slot_taken=True,
                 ran_here=ran is not None,
+                live=ran.live if ran is not None else None,
             )
         return await self._answer(job, ran, wait_s)
 
@@ -297,7 +298,8 @@ class Gateway:
         if parsed is None:
             raise HTTPProblem(400, "invalid_request_error", "Last-Event-ID is not ours")
         job = await self._job(request, parsed[0])
-        return self._anthropic_stream(request, job, after=parsed[1], resumed=True)
+        after, place = relay.resume_point(parsed[1])
+        return self._anthropic_stream(request, job, after=after, resumed=True, place=place)
 
     async def _submit_and_run(
         self,
@@ -369,24 +371,38 @@ class Gateway:
         resumed: bool = False,
         slot_taken: bool = False,
         ran_here: bool | None = None,
+        place: relay.Place | None = None,
+        live: asyncio.Queue[list[dict[str, Any]] | None] | None = None,
     ) -> Response:
-        """The job's events from after stream id ``after`` as the Anthropic stream;
-        ``resumed``: a client resuming a dropped stream (frames carry only chunk ids, so it
-        holds output already)."""
+        """The job's events from after stream id ``after`` (and after ``place``, when given)
+        as the Anthropic stream; ``resumed``: a client resuming a dropped stream (frames carry
+        only chunk ids, so it holds output already). ``live``: the events of the gateway's
+        own run of the job, relayed as they are made; Redis is read once that run is over
+        without having ended the job."""
 
         async def frames() -> AsyncIterator[bytes]:
             state = relay.AnthropicRelay(
-                _plain(job), sent_output=resumed, upstream=self.settings.upstream_name
+                _plain(job), sent_output=resumed, upstream=self.settings.upstream_name, place=place
             )
-            # One write per read of the job's events, however many frames it makes.
-            async for batch in job.event_batches(timeout=self.wait_s, after=after):
+
+            def write(batch: list[dict[str, Any]]) -> bytes:
                 out: list[bytes] = []
                 for event in batch:
                     out.extend(state.feed(event))
                     if state.done:
                         break
-                if out:
-                    yield b"".join(out)
+                return b"".join(out)
+
+            if live is not None:
+                while (events := await live.get()) is not None:
+                    if data := write(events):
+                        yield data
+                    if state.done:
+                        return
+            # One write per read of the job's events, however many frames it makes.
+            async for batch in job.event_batches(timeout=self.wait_s, after=after):
+                if data := write(batch):
+                    yield data
                 if state.done:
                     return
 
@@ -431,19 +447,27 @@ class Gateway:
         job = await self._job(request, request.path_params["job_id"])
         after = request.headers.get("last-event-id") or request.query_params.get("after", "0-0")
         parsed = relay.parse_message_id(after)
-        after = parsed[1] if parsed else after.strip()
+        # A messages-route id names a stream id or, for a frame relayed before it was
+        # stored, an event's place: read from the start, skipping what the client holds.
+        after, place = relay.resume_point(parsed[1]) if parsed else (after.strip(), None)
         if not relay.valid_stream_id(after):
             raise HTTPProblem(400, "invalid_request_error", "Last-Event-ID is not a stream id")
         plain = _plain(job)
 
         async def frames() -> AsyncIterator[bytes]:
+            last = place
             async for batch in job.event_batches(timeout=self.wait_s, after=after):
+                out = []
                 for event in batch:
+                    at = relay.event_place(event)
+                    if last is not None and at is not None:
+                        if relay.held(at, last):
+                            continue
+                        last = None  # past what the client holds
                     event["job_id"] = plain
-                yield b"".join(
-                    relay.frame(event, event=event["type"], id_=event["stream_id"])
-                    for event in batch
-                )
+                    out.append(relay.frame(event, event=event["type"], id_=event["stream_id"]))
+                if out:
+                    yield b"".join(out)
 
         return self._stream(request, frames(), self._headers(job))
 

@@ -14,8 +14,12 @@ gateway runs it in-process with the worker's own code:
    limiter, events in the job's stream, retries, fallbacks, cancel, deadline, usage and cost,
    all as in a worker; its first reservation of the limiter does not wait;
 3. the job's end (``finish.lua``) takes its message out of the outbox in the same step, and
-   the terminal event is handed to the request, which answers from it (a streamed request
-   reads the job's events from Redis as on the queue path).
+   the terminal event is handed to the request, which answers from it. A streamed request
+   is handed each event as the runner makes it (a chunk as it is posted to Redis, not once
+   stored: time to first token does not wait for a round trip and two thread hand-offs);
+   its frames are named by the events' places (attempt, ``seq``), which a client resumes
+   from as from a stream id. If the run ends without the job's end (handed back, ended by
+   someone else), the request reads the rest from Redis, skipping what it relayed.
 
 Durability: the job is written before the call, and its message is in Redis. If the gateway
 dies, its lease lapses (``LEASE_TTL_S``) and a worker's outbox sweeper publishes the message
@@ -80,11 +84,13 @@ class Run:
     requests only) is set once the job is written: to the stream id of its ``started`` event
     when it is held for the gateway (``0-0`` if unknown), None when the submit queued it;
     ``ended`` is its :class:`Outcome`. What the submit raised is raised by ``submitted``
-    (a streamed request) or ``ended``."""
+    (a streamed request) or ``ended``. ``live`` (streamed requests): the events of the
+    gateway's run, a list per write, as they are made; None once the run is over."""
 
     job_id: str
     ended: asyncio.Future[Outcome]
     submitted: asyncio.Future[str | None] | None
+    live: asyncio.Queue[list[dict[str, Any]] | None] | None = None
     #: Where a streamed request reads the job's events from (what ``submitted`` said).
     after: str = "0-0"
 
@@ -96,10 +102,26 @@ class GatewayRunner(JobRunner):
     terminal: dict[str, Any] | None = None
     #: Told the terminal event as soon as it is stored (the request answers meanwhile).
     on_end: Callable[[dict[str, Any]], None] | None = None
+    #: Told the job's events as they are written (a chunk as soon as it is posted).
+    on_events: Callable[[list[dict[str, Any]]], None] | None = None
     _reserved_once = False
+
+    def _publish(
+        self,
+        events: list[dict[str, Any]],
+        *,
+        wait: bool = True,
+        urgent: bool = False,
+        **hash_fields: Any,
+    ) -> None:
+        super()._publish(events, wait=wait, urgent=urgent, **hash_fields)
+        if self.on_events is not None:
+            self.on_events(events)
 
     def _stored_end(self, event: dict[str, Any]) -> None:
         self.terminal = event
+        if self.on_events is not None:
+            self.on_events([event])
         if self.on_end is not None:
             self.on_end(event)
 
@@ -186,7 +208,10 @@ class FastPath:
         back when the thread is done."""
         loop = asyncio.get_running_loop()
         run = Run(
-            submission.ids[0], loop.create_future(), loop.create_future() if streamed else None
+            submission.ids[0],
+            loop.create_future(),
+            loop.create_future() if streamed else None,
+            asyncio.Queue() if streamed else None,
         )
         try:
             self._pool.submit(self._submit_and_run, submission, run, loop)
@@ -240,7 +265,16 @@ class FastPath:
         claim = parse_claim(raw)  # `not_held`: the submit queued it, or the job existed
         if claim.state_before == "queued":
             tell(run.submitted, claim.started_id or "0-0")
-            self._run(job_id, payload, claim, token, lambda outcome: tell(run.ended, outcome))
+            live = None
+            if run.live is not None:
+                put = run.live.put_nowait
+
+                def live(events: list[dict[str, Any]] | None) -> None:
+                    loop.call_soon_threadsafe(put, events)
+
+            self._run(
+                job_id, payload, claim, token, lambda outcome: tell(run.ended, outcome), live=live
+            )
         else:  # the request reads the job's end from Redis
             tell(run.submitted, None)
             tell(run.ended, Outcome(None, held=False))
@@ -252,12 +286,14 @@ class FastPath:
         claim: Claim,
         token: str,
         tell: Callable[[Outcome], None],
+        *,
+        live: Callable[[list[dict[str, Any]] | None], None] | None = None,
     ) -> None:
         structlog.contextvars.bind_contextvars(job_id=job_id, runner="gateway")
         outcome = Outcome(None)
         try:
             rt = self.runtime()
-            outcome = self._run_claimed(rt, job_id, payload, claim, token, tell=tell)
+            outcome = self._run_claimed(rt, job_id, payload, claim, token, tell=tell, live=live)
         except Exception:
             # A bug of ours or Redis away: the job goes to a worker ("run twice rather than
             # never"); if even that fails, the lease lapses and a sweeper publishes it.
@@ -267,6 +303,8 @@ class FastPath:
             except Exception:
                 log.exception("fast_path_hand_back_failed")
         finally:
+            if live is not None:
+                live(None)  # the run is over: the request reads anything further from Redis
             tell(outcome)
 
     def _run_claimed(
@@ -278,6 +316,7 @@ class FastPath:
         token: str,
         *,
         tell: Callable[[Outcome], None],
+        live: Callable[[list[dict[str, Any]] | None], None] | None = None,
     ) -> Outcome:
         request = payload["request"]
         model = str(request["model"])
@@ -296,6 +335,7 @@ class FastPath:
             fallbacks=fallbacks,
         )
         runner.on_end = lambda event: tell(Outcome(event))
+        runner.on_events = live
         try:
             runner.run()
         except (HandBack, JobPostponed) as exc:

@@ -1,9 +1,12 @@
 """Job events as Server-Sent Events (pure): Anthropic's stream for ``/v1/messages``, and our
 own event JSON for ``/v1/jobs/{id}/events``.
 
-An SSE ``id`` names a position in a job's Redis stream, so a dropped client can resume with
+An SSE ``id`` names a position in a job's events, so a dropped client can resume with
 ``Last-Event-ID``: ``{job_id}/{stream_id}`` on the messages route (the job is not in its
-URL), the bare stream id on the jobs route. Job ids cannot contain ``/``.
+URL), the bare stream id on the jobs route. A stream the gateway relays from its own run of
+the job (its fast path) sends each event as it is made, before Redis has stored it and named
+its stream id: its frames say ``{job_id}/{attempt}.{seq}`` instead, the event's attempt and
+``seq``, which every event carries. Job ids cannot contain ``/``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ from worker.client.batch_file import client_error, error_response
 
 #: A Redis stream id: ASCII digits only (``str.isdigit`` also takes other scripts' digits).
 _STREAM_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}\Z")
+#: An event's place by its attempt and ``seq`` (frames relayed before the event was stored).
+_EVENT_PLACE = re.compile(r"^([0-9]{1,9})\.([0-9]{1,20})\Z")
+
+Place = tuple[int, int]
 #: Chunk types that are part of an answer: once one is sent, a retry cannot be hidden. A ping
 #: or an event type the SDK does not know changes nothing for the client (the SDK skips it).
 ANSWER_EVENTS = frozenset(
@@ -47,12 +54,41 @@ def message_id(job_id: str, stream_id: str) -> str:
     return f"{job_id}/{stream_id}"
 
 
+def place_id(event: Mapping[str, Any]) -> str:
+    """The ``{attempt}.{seq}`` id of an event not yet stored (see the module's docstring)."""
+    return f"{event.get('attempt')}.{event.get('seq')}"
+
+
 def parse_message_id(value: str) -> tuple[str, str] | None:
-    """``(job_id, stream_id)`` from a messages-route ``Last-Event-ID``; None if malformed."""
-    job_id, sep, stream_id = value.strip().partition("/")
-    if not sep or not job_id or not _is_stream_id(stream_id):
+    """``(job_id, position)`` from a messages-route ``Last-Event-ID``, the position a stream
+    id or an ``{attempt}.{seq}`` place (:func:`resume_point`); None if malformed."""
+    job_id, sep, position = value.strip().partition("/")
+    if not sep or not job_id or not (_is_stream_id(position) or _EVENT_PLACE.match(position)):
         return None
-    return job_id, stream_id
+    return job_id, position
+
+
+def resume_point(position: str) -> tuple[str, Place | None]:
+    """Where to read a job's stream from for ``position`` (a stream id or a place), and the
+    place of the last event the client holds, when it is one: events up to it are skipped."""
+    place = _EVENT_PLACE.match(position)
+    if place is None:
+        return position, None
+    return "0-0", (int(place[1]), int(place[2]))
+
+
+def held(place: Place, last: Place) -> bool:
+    """An event at ``place`` is one a client holding up to ``last`` has: no later ``seq`` and
+    no later attempt (an event of a later attempt is new whatever its ``seq``: a runner
+    that died with events unstored is followed by one that numbers from what was stored)."""
+    return place[0] <= last[0] and place[1] <= last[1]
+
+
+def event_place(event: Mapping[str, Any]) -> Place | None:
+    attempt, seq = event.get("attempt"), event.get("seq")
+    if type(attempt) is not int or type(seq) is not int:
+        return None
+    return attempt, seq
 
 
 def _is_stream_id(value: str) -> bool:
@@ -71,11 +107,22 @@ class AnthropicRelay:
     output was sent cannot be hidden, since the client already holds part of an answer
     that the next attempt replaces, so the stream ends with an ``error`` event instead.
     A job that completed without chunks (a non-streamed job followed here) is replayed
-    from its final message.
+    from its final message. Output of a later attempt than the one the client holds part of
+    (a runner that died mid-answer, taken over without a ``retry`` event) ends the stream
+    with the same error.
+
+    Events at or before :attr:`place` (``seq`` no later, attempt no later) are skipped: the
+    client holds them (a stream relayed from the gateway's own run, read from Redis after the
+    run, or resumed from a place).
     """
 
     def __init__(
-        self, job_id: str, *, sent_output: bool = False, upstream: str = "the upstream"
+        self,
+        job_id: str,
+        *,
+        sent_output: bool = False,
+        upstream: str = "the upstream",
+        place: Place | None = None,
     ) -> None:
         self.job_id = job_id
         #: The client holds part of the answer: from here a retry cannot be passed through,
@@ -83,13 +130,37 @@ class AnthropicRelay:
         self.sent_output = sent_output
         self.upstream = upstream
         self.done = False
+        #: The last event the client holds, by place; None: not known.
+        self.place = place
+        #: The attempt whose output the client holds (when known).
+        self._answer_attempt: int | None = place[0] if place is not None and sent_output else None
 
     def feed(self, event: Mapping[str, Any]) -> Iterator[bytes]:
-        id_ = message_id(self.job_id, str(event.get("stream_id", "")))
+        """The frames for ``event``, named by its stream id, or by its place when it has
+        none (an event of the gateway's own run, relayed before Redis stored it)."""
+        place = event_place(event)
+        if place is not None and self.place is not None and held(place, self.place):
+            return
+        if place is not None:
+            self.place = place
+        stream_id = event.get("stream_id")
+        id_ = message_id(self.job_id, str(stream_id) if stream_id else place_id(event))
         kind = event.get("type")
+        attempt = place[0] if place is not None else None
+        if (
+            self.sent_output
+            and kind in (ev.CHUNK, ev.STARTED)
+            and attempt is not None
+            and self._answer_attempt is not None
+            and attempt > self._answer_attempt
+        ):
+            kind = ev.RETRY  # a later attempt's output: what the client holds is void
         if kind == ev.CHUNK:
             upstream = event.get("event") or {}
-            self.sent_output = self.sent_output or upstream.get("type") in ANSWER_EVENTS
+            if upstream.get("type") in ANSWER_EVENTS:
+                self.sent_output = True
+                if self._answer_attempt is None:
+                    self._answer_attempt = attempt
             yield frame(upstream, event=str(upstream.get("type", "message")), id_=id_)
         elif kind == ev.RETRY and self.sent_output:
             self.done = True
