@@ -46,7 +46,7 @@ from worker.gateway import relay
 from worker.gateway.auth import KeyRing
 from worker.gateway.batches import BatchStore, parse_requests
 from worker.gateway.exporter import start_exporter
-from worker.gateway.fast_path import FastPath, Outcome, Run
+from worker.gateway.fast_path import FastPath, Outcome, Run, is_text_delta
 from worker.gateway.guard import (
     Busy,
     Guard,
@@ -241,7 +241,7 @@ class Gateway:
                 after=ran.after if ran is not None else "0-0",
                 slot_taken=True,
                 ran_here=ran is not None,
-                live=ran.live if ran is not None else None,
+                run=ran,
             )
         return await self._answer(job, ran, wait_s)
 
@@ -372,12 +372,12 @@ class Gateway:
         slot_taken: bool = False,
         ran_here: bool | None = None,
         place: relay.Place | None = None,
-        live: asyncio.Queue[list[dict[str, Any]] | None] | None = None,
+        run: Run | None = None,
     ) -> Response:
         """The job's events from after stream id ``after`` (and after ``place``, when given)
         as the Anthropic stream; ``resumed``: a client resuming a dropped stream (frames carry
-        only chunk ids, so it holds output already). ``live``: the events of the gateway's
-        own run of the job, relayed as they are made; Redis is read once that run is over
+        only chunk ids, so it holds output already). ``run``: the gateway's own run of the
+        job, whose events are relayed as they are made; Redis is read once that run is over
         without having ended the job."""
 
         async def frames() -> AsyncIterator[bytes]:
@@ -393,12 +393,19 @@ class Gateway:
                         break
                 return b"".join(out)
 
-            if live is not None:
-                while (events := await live.get()) is not None:
-                    if data := write(events):
-                        yield data
-                    if state.done:
-                        return
+            if run is not None and run.live is not None:
+                answered = run.answered
+                try:
+                    while (events := await run.live.get()) is not None:
+                        if data := write(events):
+                            yield data
+                            if answered is not None and any(map(is_text_delta, events)):
+                                answered.set()  # the job's thread waits for it (DELTA_HOLD_S)
+                        if state.done:
+                            return
+                finally:
+                    if answered is not None:
+                        answered.set()
             # One write per read of the job's events, however many frames it makes.
             async for batch in job.event_batches(timeout=self.wait_s, after=after):
                 if data := write(batch):
