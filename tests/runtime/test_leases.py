@@ -21,11 +21,15 @@ from worker.settings import load_settings
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def store(redis_url: str) -> Iterator[WorkerStore]:
+@pytest.fixture(params=[True, False], ids=["shared-round-trips", "own-round-trips"])
+def store(redis_url: str, request: pytest.FixtureRequest) -> Iterator[WorkerStore]:
+    """A worker's store, its claims and ends sent through the group committer (a worker's
+    way) or each in its own round trip (the gateway's): every test holds for both."""
     settings = load_settings(redis_url=redis_url, key_prefix=f"llmw-lease-{uuid.uuid4().hex[:6]}")
     client = redis_client(settings)
-    yield WorkerStore(client, Keys(settings.key_prefix), result_ttl_s=60)
+    yield WorkerStore(
+        client, Keys(settings.key_prefix), result_ttl_s=60, shared_round_trips=request.param
+    )
     client.close()
 
 

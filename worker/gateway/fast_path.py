@@ -253,9 +253,13 @@ class FastPath:
     def runtime(self) -> Runtime:
         with self._rt_lock:
             if self._rt is None:
-                # No linger for its chunk writes: the gateway runs few jobs at once, and a
-                # streamed job's end (which ends its client's stream) waits for them.
-                self._rt = build_runtime(self.settings.model_copy(update={"publish_linger_s": 0}))
+                # No linger for its chunk writes, and its claims and ends sent by the job's
+                # thread: the gateway runs few jobs at once, and a streamed job's end (which
+                # ends its client's stream) waits for them.
+                self._rt = build_runtime(
+                    self.settings.model_copy(update={"publish_linger_s": 0}),
+                    shared_round_trips=False,
+                )
                 self._rt.hostname = self.hostname
             return self._rt
 

@@ -90,7 +90,8 @@ class DeliveryClock:
         self.client.zadd(UNACKED_INDEX_KEY, dict.fromkeys(tags, time.time()), xx=True)
 
 
-def build_runtime(settings: Settings) -> Runtime:
+def build_runtime(settings: Settings, *, shared_round_trips: bool = True) -> Runtime:
+    """A worker's runtime; ``shared_round_trips``: see :class:`WorkerStore`."""
     client = redis_client(settings)
     connections.refuse_cluster(client)
     store = WorkerStore(
@@ -101,6 +102,7 @@ def build_runtime(settings: Settings) -> Runtime:
         dead_letter_payload_bytes=settings.dead_letter_payload_bytes,
         replica_ack=connections.ReplicaAck.from_settings(settings),
         publish_linger_s=settings.publish_linger_s,
+        shared_round_trips=shared_round_trips,
     )
     clock = delivery_clock(settings, client)
     return Runtime(
