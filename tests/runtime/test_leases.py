@@ -146,6 +146,29 @@ def test_keeper_notices_a_lost_lease(store: WorkerStore) -> None:
         keeper.close()
 
 
+def test_a_lease_gone_while_the_job_writes_its_end_is_not_taken_for_lost(
+    store: WorkerStore,
+) -> None:
+    """The end (``finish.lua``) drops the lease; a renewal that runs between the end being
+    stored and the job unregistering finds it gone: that is no takeover to warn of or stop."""
+    keeper = LeaseKeeper(store, lease_ttl_s=60)  # no renewal of its own during the test
+    token = new_token("a")
+    _claim(store, "job", token, ttl_s=60)
+    ending = keeper.register("job", token)
+    other_token = new_token("b")
+    _claim(store, "other", other_token, ttl_s=60)
+    other = keeper.register("other", other_token)
+    try:
+        ending.ending = True
+        store.redis.hdel(store.keys.job("job"), "lease")  # as the end's script does
+        store.redis.hset(store.keys.job("other"), "lease", "someone-else")
+        keeper.renew_once()
+        assert ending.stop_reason is None
+        assert other.stop_reason == "lease_lost"
+    finally:
+        keeper.close()
+
+
 def test_drain_wakes_waiters_at_once_and_stops_running_jobs_after_the_grace(
     store: WorkerStore,
 ) -> None:

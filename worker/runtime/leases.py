@@ -59,6 +59,9 @@ class JobHandle:
         self.deadline_at: float | None = None
         self.stop_reason: StopReason | None = None
         self.draining = False
+        #: The job's end is being written: a renewal that finds the lease gone meanwhile sees
+        #: the end's doing (``finish.lua`` drops it), not another worker's takeover.
+        self.ending = False
         self._wake = threading.Event()
         self._interrupt: Callable[[], None] | None = None
         self._lock = threading.Lock()
@@ -218,6 +221,8 @@ class LeaseKeeper:
                 if self._jobs.get(handle.job_id) is not handle:
                     continue  # it ended while we asked: its lease is gone for that reason
             if result == 0:
+                if handle.ending:
+                    continue  # its end, stored meanwhile, released the lease
                 log.warning("lease_lost", job_id=handle.job_id)
                 handle.stop("lease_lost")
                 continue

@@ -186,6 +186,7 @@ class JobRunner:
             spend = self._spend(usage, cost)
         self._pending.settle()  # the terminal event comes after every chunk
         event = self._event(type_, attempt, **fields)
+        self.handle.ending = True  # the keeper no longer takes a missing lease for a takeover
         ended = self.rt.store.finish(
             self.job_id,
             event,
