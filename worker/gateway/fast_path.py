@@ -37,6 +37,7 @@ gateway's lease until the job ended. The outbox costs the submit step it already
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import socket
 import sys
@@ -101,6 +102,18 @@ class Run:
     answered: threading.Event | None = None
     #: Where a streamed request reads the job's events from (what ``submitted`` said).
     after: str = "0-0"
+
+
+@dataclass(frozen=True, slots=True)
+class _Told:
+    """What the request is told of its job's run, from the job's thread: ``ended`` its
+    :class:`Outcome` (the end as soon as it is stored, again when the run is over);
+    ``events`` (streamed requests) each write's events as they are made, None once the run is
+    over; ``hold``: set once the request sent the first text delta (``DELTA_HOLD_S``)."""
+
+    ended: Callable[[Outcome], None]
+    events: Callable[[list[dict[str, Any]] | None], None] | None = None
+    hold: threading.Event | None = None
 
 
 class GatewayRunner(JobRunner):
@@ -291,22 +304,16 @@ class FastPath:
         claim = parse_claim(raw)  # `not_held`: the submit queued it, or the job existed
         if claim.state_before == "queued":
             tell(run.submitted, claim.started_id or "0-0")
-            live = None
-            if run.live is not None:
-                put = run.live.put_nowait
+            queue = run.live
 
-                def live(events: list[dict[str, Any]] | None) -> None:
-                    loop.call_soon_threadsafe(put, events)
+            def events(batch: list[dict[str, Any]] | None) -> None:
+                assert queue is not None
+                loop.call_soon_threadsafe(queue.put_nowait, batch)
 
-            self._run(
-                job_id,
-                payload,
-                claim,
-                token,
-                lambda outcome: tell(run.ended, outcome),
-                live=live,
-                hold=run.answered,
+            told = _Told(
+                functools.partial(tell, run.ended), None if queue is None else events, run.answered
             )
+            self._run(job_id, payload, claim, token, told)
         else:  # the request reads the job's end from Redis
             tell(run.submitted, None)
             tell(run.ended, Outcome(None, held=False))
@@ -317,18 +324,13 @@ class FastPath:
         payload: dict[str, Any],
         claim: Claim,
         token: str,
-        tell: Callable[[Outcome], None],
-        *,
-        live: Callable[[list[dict[str, Any]] | None], None] | None = None,
-        hold: threading.Event | None = None,
+        told: _Told,
     ) -> None:
         structlog.contextvars.bind_contextvars(job_id=job_id, runner="gateway")
         outcome = Outcome(None)
         try:
             rt = self.runtime()
-            outcome = self._run_claimed(
-                rt, job_id, payload, claim, token, tell=tell, live=live, hold=hold
-            )
+            outcome = self._run_claimed(rt, job_id, payload, claim, token, told=told)
         except Exception:
             # A bug of ours or Redis away: the job goes to a worker ("run twice rather than
             # never"); if even that fails, the lease lapses and a sweeper publishes it.
@@ -338,9 +340,9 @@ class FastPath:
             except Exception:
                 log.exception("fast_path_hand_back_failed")
         finally:
-            if live is not None:
-                live(None)  # the run is over: the request reads anything further from Redis
-            tell(outcome)
+            if told.events is not None:
+                told.events(None)  # the run is over: the request reads the rest from Redis
+            told.ended(outcome)
 
     def _run_claimed(
         self,
@@ -350,9 +352,7 @@ class FastPath:
         claim: Claim,
         token: str,
         *,
-        tell: Callable[[Outcome], None],
-        live: Callable[[list[dict[str, Any]] | None], None] | None = None,
-        hold: threading.Event | None = None,
+        told: _Told,
     ) -> Outcome:
         request = payload["request"]
         model = str(request["model"])
@@ -370,9 +370,9 @@ class FastPath:
             payload=payload,
             fallbacks=fallbacks,
         )
-        runner.on_end = lambda event: tell(Outcome(event))
-        runner.on_events = live
-        runner.hold = hold
+        runner.on_end = lambda event: told.ended(Outcome(event))
+        runner.on_events = told.events
+        runner.hold = told.hold
         try:
             runner.run()
         except (HandBack, JobPostponed) as exc:
