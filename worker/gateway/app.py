@@ -394,18 +394,22 @@ class Gateway:
                 return b"".join(out)
 
             if run is not None and run.live is not None:
-                answered = run.answered
+                delta_sent = run.delta_sent
                 try:
                     while (events := await run.live.get()) is not None:
                         if data := write(events):
                             yield data
-                            if answered is not None and any(map(is_text_delta, events)):
-                                answered.set()  # the job's thread waits for it (DELTA_HOLD_S)
+                            if (
+                                delta_sent is not None
+                                and not delta_sent.is_set()
+                                and any(map(is_text_delta, events))
+                            ):
+                                delta_sent.set()  # the job's thread waits for it (DELTA_HOLD_S)
                         if state.done:
                             return
                 finally:
-                    if answered is not None:
-                        answered.set()
+                    if delta_sent is not None:
+                        delta_sent.set()
             # One write per read of the job's events, however many frames it makes.
             async for batch in job.event_batches(timeout=self.wait_s, after=after):
                 if data := write(batch):

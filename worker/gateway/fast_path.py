@@ -99,7 +99,7 @@ class Run:
     submitted: asyncio.Future[str | None] | None
     live: asyncio.Queue[list[dict[str, Any]] | None] | None = None
     #: Set once a streamed request has sent its first text delta (see ``DELTA_HOLD_S``).
-    answered: threading.Event | None = None
+    delta_sent: threading.Event | None = None
     #: Where a streamed request reads the job's events from (what ``submitted`` said).
     after: str = "0-0"
 
@@ -109,11 +109,11 @@ class _Told:
     """What the request is told of its job's run, from the job's thread: ``ended`` its
     :class:`Outcome` (the end as soon as it is stored, again when the run is over);
     ``events`` (streamed requests) each write's events as they are made, None once the run is
-    over; ``hold``: set once the request sent the first text delta (``DELTA_HOLD_S``)."""
+    over; ``delta_sent``: set once the request sent the first text delta (``DELTA_HOLD_S``)."""
 
     ended: Callable[[Outcome], None]
     events: Callable[[list[dict[str, Any]] | None], None] | None = None
-    hold: threading.Event | None = None
+    delta_sent: threading.Event | None = None
 
 
 class GatewayRunner(JobRunner):
@@ -126,7 +126,7 @@ class GatewayRunner(JobRunner):
     #: Told the job's events as they are written (a chunk as soon as it is posted).
     on_events: Callable[[list[dict[str, Any]]], None] | None = None
     #: Waited for (at most ``DELTA_HOLD_S``) once the first text delta is handed over.
-    hold: threading.Event | None = None
+    delta_sent: threading.Event | None = None
     _reserved_once = False
     _held = False
 
@@ -138,19 +138,18 @@ class GatewayRunner(JobRunner):
         urgent: bool = False,
         **hash_fields: Any,
     ) -> None:
-        if self.on_events is None:
-            super()._publish(events, wait=wait, urgent=urgent, **hash_fields)
-        elif not self._held and any(map(is_text_delta, events)):
+        tell = self.on_events
+        if tell is not None and not self._held and any(map(is_text_delta, events)):
             # The first text delta: to the request first, its write once the loop has sent it
             # (the committer's thread would otherwise take the GIL from the loop meanwhile).
-            self.on_events(events)
             self._held = True
-            if self.hold is not None:
-                self.hold.wait(DELTA_HOLD_S)
-            super()._publish(events, wait=wait, urgent=urgent, **hash_fields)
-        else:
-            super()._publish(events, wait=wait, urgent=urgent, **hash_fields)
-            self.on_events(events)
+            tell(events)
+            if self.delta_sent is not None:
+                self.delta_sent.wait(DELTA_HOLD_S)
+            tell = None
+        super()._publish(events, wait=wait, urgent=urgent, **hash_fields)
+        if tell is not None:
+            tell(events)
 
     def _stored_end(self, event: dict[str, Any]) -> None:
         self.terminal = event
@@ -311,7 +310,9 @@ class FastPath:
                 loop.call_soon_threadsafe(queue.put_nowait, batch)
 
             told = _Told(
-                functools.partial(tell, run.ended), None if queue is None else events, run.answered
+                functools.partial(tell, run.ended),
+                None if queue is None else events,
+                run.delta_sent,
             )
             self._run(job_id, payload, claim, token, told)
         else:  # the request reads the job's end from Redis
@@ -372,7 +373,7 @@ class FastPath:
         )
         runner.on_end = lambda event: told.ended(Outcome(event))
         runner.on_events = told.events
-        runner.hold = told.hold
+        runner.delta_sent = told.delta_sent
         try:
             runner.run()
         except (HandBack, JobPostponed) as exc:
